@@ -1,0 +1,13 @@
+"""Core's own components. They register through the same hook, and the same entry point
+group, as any third-party plugin."""
+
+from __future__ import annotations
+
+from mtrun.hookspecs import hookimpl
+
+
+@hookimpl
+def mtrun_register_components(registry) -> None:
+    from mtrun.train.trainer import DefaultTrainer
+
+    registry.trainer("default", DefaultTrainer)

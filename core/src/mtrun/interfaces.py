@@ -1,0 +1,300 @@
+"""The contracts between components.
+
+Every component is a class with a nested attrs ``Config`` and a constructor
+``Component(config, *, dependency: Interface, ...)``; the recipe loader builds the config and
+injects the dependencies by keyword. Plugins satisfy these protocols structurally and never
+need to import or inherit from this module (they may, for type checking). Components that hold
+parameters are ``torch.nn.Module`` subclasses.
+
+The protocols are deliberately small but cover the four reproduced systems:
+
+* FLAP drops audio tokens inside the encoder: ``AudioEncoder.forward(keep_index=...)`` and the
+  ``token_grid`` declaration that masking augmenters read.
+* DuET-MC aggregates all MERT layers: ``output_hidden_states=True`` fills
+  ``EncoderOutput.hidden_states``.
+* SLAP's BYOL objective owns predictor and EMA target modules (objectives are modules) and
+  updates targets after each optimizer step (``Objective.on_step_end``).
+* MuLaP's MLM/MAM/ATM objectives read token sequences (``EncoderOutput.tokens``) and the
+  masked inputs that token/feature augmenters leave in the ``Batch``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Sequence, runtime_checkable
+
+import attrs
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "AUGMENT_STAGES",
+    "AudioEncoder",
+    "AugmentContext",
+    "Augmenter",
+    "Batch",
+    "DataSource",
+    "EncoderOutput",
+    "EvalTask",
+    "Objective",
+    "ObjectiveOutput",
+    "Projector",
+    "Sample",
+    "StepOutputs",
+    "TextEncoder",
+    "Trainer",
+]
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+@attrs.define
+class Sample:
+    """One music-text item as a data source yields it.
+
+    Attributes:
+        id: Stable identifier, unique within the source.
+        audio: A float waveform tensor shaped ``[channels, time]`` or ``[time]``, or a path to
+            an audio file that the loader decodes.
+        sample_rate: Rate of ``audio`` when it is a tensor; ``None`` for paths.
+        captions: Zero or more captions (Clotho and AudioCaps have five per clip).
+        tags: Labels by category, e.g. ``{"genre": ["reel"], "instrument": ["fiddle"]}``.
+        group: Items sharing a group (a track cut into clips) are not negatives of each other.
+        extra: Anything else a source wants to carry (licence, region, bpm, ...).
+    """
+
+    id: str
+    audio: Any
+    sample_rate: int | None = None
+    captions: list[str] = attrs.field(factory=list)
+    tags: dict[str, list[str]] = attrs.field(factory=dict)
+    group: str | None = None
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """A collection of samples organised in named splits (``train``, ``val``, ``test``).
+
+    ``load`` returns a sequence (``len`` and integer indexing), which makes the position in an
+    epoch a plain integer: resuming a run continues at exactly the next batch.
+    """
+
+    def splits(self) -> Sequence[str]: ...
+
+    def load(self, split: str) -> Sequence[Sample]: ...
+
+
+class Batch(dict):
+    """A training or evaluation batch: a dict with attribute access.
+
+    Keys the core collate function fills: ``ids`` (list[str]), ``waveforms`` (float
+    ``[B, T]`` at the audio encoder's rate), ``texts`` (list[str], one chosen text per item),
+    ``tags`` (list of tag dicts), ``groups`` (list[str | None]), ``text_inputs`` (the text
+    encoder's tokenizer output). Augmenters and the model add more (``features``,
+    ``audio_keep_index``, ``hard_negative_texts``, ``mlm_labels``, ...); each documents its keys.
+    """
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+
+# -------------------------------------------------------------------------------- encoders
+
+
+@attrs.define
+class EncoderOutput:
+    """What an encoder returns.
+
+    Attributes:
+        tokens: Token sequence ``[B, N, D]``.
+        pooled: One vector per item ``[B, D]`` (the encoder's own pooling).
+        mask: ``[B, N]`` bool, True where ``tokens`` holds a real (non-padding) token.
+        hidden_states: Per-layer sequences when asked for with ``output_hidden_states``.
+        keep_index: ``[B, N]`` indices of the kept tokens in the full grid when tokens were
+            dropped (FLAP masking), so a reconstruction decoder can restore their order.
+    """
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+    mask: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    keep_index: torch.Tensor | None = None
+
+
+@runtime_checkable
+class AudioEncoder(Protocol):
+    """Audio model: waveform -> features -> tokens.
+
+    Attributes:
+        sample_rate: The rate waveforms must have; the data pipeline resamples to it.
+        output_dim: Width ``D`` of ``tokens`` and ``pooled``.
+        token_grid: ``(time, freq)`` shape of the token grid for encoders that accept
+            ``keep_index`` (patch-based ViTs); ``None`` for encoders that cannot drop tokens.
+    """
+
+    sample_rate: int
+    output_dim: int
+    token_grid: tuple[int, int] | None
+
+    def preprocess(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """Turn mono waveforms ``[B, T]`` into model input (fbank, mel, or raw samples).
+
+        Runs on the training device, vectorised over the batch.
+        """
+        ...
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        *,
+        keep_index: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        """Encode; ``keep_index`` ``[B, N']`` keeps only those grid tokens (after positions)."""
+        ...
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Text model with its tokenizer.
+
+    ``tokenize`` must be picklable: it runs inside DataLoader workers.
+    """
+
+    output_dim: int
+    max_length: int
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Return at least ``input_ids`` and ``attention_mask``, padded to a common length."""
+        ...
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        output_hidden_states: bool = False,
+    ) -> EncoderOutput: ...
+
+
+@runtime_checkable
+class Projector(Protocol):
+    """Maps an encoder's output to the joint embedding space.
+
+    Constructed with ``in_features`` (the encoder's ``output_dim``) injected by the assembler.
+    """
+
+    output_dim: int
+
+    def forward(self, encoded: EncoderOutput) -> torch.Tensor:
+        """Return ``[B, output_dim]`` (un-normalised; objectives normalise as they need)."""
+        ...
+
+
+# ------------------------------------------------------------------------------ objectives
+
+
+@attrs.define
+class StepOutputs:
+    """Everything the model computed for one batch, handed to every objective."""
+
+    batch: Batch
+    audio: EncoderOutput
+    text: EncoderOutput
+    audio_embedding: torch.Tensor
+    text_embedding: torch.Tensor
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define
+class ObjectiveOutput:
+    """A scalar loss to minimise and metrics to log (floats or 0-d tensors)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, Any] = attrs.field(factory=dict)
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A training loss. Objectives are modules and may own parameters (MAE decoder, BYOL
+    predictors, co-attention heads); the trainer optimises them with the model.
+
+    Optional hooks, called when defined:
+        ``on_step_end(step: int, total_steps: int)`` after every optimizer step (EMA targets).
+    """
+
+    def forward(self, outputs: StepOutputs) -> ObjectiveOutput: ...
+
+
+# ------------------------------------------------------------------------------ augmenters
+
+AUGMENT_STAGES = ("sample", "waveform", "features", "audio_tokens", "text_tokens", "batch")
+"""Where an augmenter acts, in pipeline order.
+
+* ``sample``: a :class:`Sample` in a DataLoader worker (view dropout, tag-to-caption).
+* ``waveform``: the ``[B, T]`` waveform tensor on the device.
+* ``features``: the preprocessed audio input (SpecAugment, masked audio modelling).
+* ``audio_tokens``: receives the batch and returns it with ``audio_keep_index`` set
+  (FLAP 1-D/2-D masking); reads the encoder's ``token_grid`` from ``batch.token_grid``.
+* ``text_tokens``: receives the batch after tokenisation (MLM masking).
+* ``batch``: the whole collated batch (TextSwap hard negatives).
+"""
+
+
+@attrs.frozen
+class AugmentContext:
+    """Where training is, so augmenters can follow a schedule and draw reproducible noise."""
+
+    step: int
+    epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    training: bool
+    generator: Any = None  # torch.Generator seeded per step; None in DataLoader workers
+
+    @property
+    def epoch_float(self) -> float:
+        """Fractional epoch, for schedules written in epochs."""
+        return self.step / max(self.steps_per_epoch, 1)
+
+
+@runtime_checkable
+class Augmenter(Protocol):
+    """Changes the input of one stage. ``stage`` is one of :data:`AUGMENT_STAGES`.
+
+    Augmenters run in training only unless ``applies_in_eval`` is True.
+    """
+
+    stage: ClassVar[Literal["sample", "waveform", "features", "audio_tokens", "text_tokens", "batch"]]
+
+    def __call__(self, value: Any, context: AugmentContext) -> Any: ...
+
+
+# ------------------------------------------------------------------------- trainer and eval
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """Runs training. Constructed with the assembled ``system``, the ``data`` source and the
+    ``run`` (folder, seed, resolved recipe) injected; ``fit`` returns the final metrics."""
+
+    def fit(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class EvalTask(Protocol):
+    """An evaluation (retrieval, zero-shot, probe, modality gap) over one split.
+
+    ``evaluate`` receives the system (with ``embed_audio``/``embed_text``) and the samples;
+    returns flat metric names to numbers.
+    """
+
+    def evaluate(self, system: Any, samples: Sequence[Sample]) -> dict[str, float]: ...

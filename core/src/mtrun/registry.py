@@ -1,0 +1,158 @@
+"""The component registry: classes keyed by (kind, name), checked as they are registered."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterator
+
+import attrs
+
+from mtrun.errors import RegistrationError
+from mtrun.interfaces import AUGMENT_STAGES
+
+__all__ = ["KINDS", "Component", "PluginInfo", "Registry", "suggest"]
+
+KINDS: dict[str, tuple[str, ...]] = {
+    # kind -> methods a class of that kind must define
+    "audio_encoder": ("preprocess", "forward"),
+    "text_encoder": ("tokenize", "forward"),
+    "projector": ("forward",),
+    "objective": ("forward",),
+    "augmenter": ("__call__",),
+    "trainer": ("fit",),
+    "data": ("splits", "load"),
+    "eval": ("evaluate",),
+}
+"""Every component kind with the methods its interface requires."""
+
+
+@attrs.frozen
+class PluginInfo:
+    """Where a component came from: the entry point's name and its distribution."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+
+    def describe(self) -> str:
+        if self.distribution:
+            return f"plugin '{self.name}' (distribution {self.distribution} {self.version or ''})".replace(" )", ")")
+        return f"plugin '{self.name}'"
+
+
+@attrs.frozen
+class Component:
+    kind: str
+    name: str
+    cls: type
+    plugin: PluginInfo
+
+    @property
+    def config_class(self) -> type:
+        return self.cls.Config
+
+    @property
+    def summary(self) -> str:
+        """First line of the class docstring."""
+        doc = (self.cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+def suggest(name: str, choices: Any) -> str | None:
+    """The closest of ``choices`` to ``name``, for did-you-mean hints."""
+    matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+class Registry:
+    """Holds the registered components. Plugins receive it in ``mtrun_register_components``.
+
+    The plugin manager sets :attr:`current_plugin` before calling each plugin's hook, so a name
+    clash can name both plugins involved.
+    """
+
+    def __init__(self) -> None:
+        self._components: dict[tuple[str, str], Component] = {}
+        self.current_plugin = PluginInfo(name="<direct>")
+
+    # ------------------------------------------------------------------ registration
+
+    def add(self, kind: str, name: str, cls: type) -> None:
+        """Register ``cls`` as the component ``name`` of ``kind``; checks the contract."""
+        where = self.current_plugin.describe()
+        if kind not in KINDS:
+            hint = suggest(kind, KINDS)
+            raise RegistrationError(
+                f"{where} registers {name!r} under unknown kind {kind!r}"
+                + (f" (did you mean {hint!r}?)" if hint else "")
+                + f"; kinds are: {', '.join(KINDS)}"
+            )
+        if not isinstance(name, str) or not name:
+            raise RegistrationError(f"{where} registers a {kind} with an empty or non-string name")
+        config = getattr(cls, "Config", None)
+        if config is None or not attrs.has(config):
+            raise RegistrationError(
+                f"{where}: {kind} {name!r} ({cls.__qualname__}) has no attrs `Config` class; "
+                "declare one with @attrs.frozen (it may have no fields)"
+            )
+        missing = [m for m in KINDS[kind] if not callable(getattr(cls, m, None))]
+        if missing:
+            raise RegistrationError(
+                f"{where}: {kind} {name!r} ({cls.__qualname__}) lacks the interface method(s) "
+                f"{', '.join(missing)}"
+            )
+        if kind == "augmenter" and getattr(cls, "stage", None) not in AUGMENT_STAGES:
+            raise RegistrationError(
+                f"{where}: augmenter {name!r} declares stage {getattr(cls, 'stage', None)!r}; "
+                f"expected one of {', '.join(AUGMENT_STAGES)}"
+            )
+        existing = self._components.get((kind, name))
+        if existing is not None and existing.cls is not cls:
+            raise RegistrationError(
+                f"{kind} {name!r} is registered twice: by {existing.plugin.describe()} "
+                f"({existing.cls.__module__}.{existing.cls.__qualname__}) and by {where} "
+                f"({cls.__module__}.{cls.__qualname__}); disable one with MTRUN_DISABLE_PLUGINS"
+            )
+        self._components[(kind, name)] = Component(kind, name, cls, self.current_plugin)
+
+    def audio_encoder(self, name: str, cls: type) -> None:
+        self.add("audio_encoder", name, cls)
+
+    def text_encoder(self, name: str, cls: type) -> None:
+        self.add("text_encoder", name, cls)
+
+    def projector(self, name: str, cls: type) -> None:
+        self.add("projector", name, cls)
+
+    def objective(self, name: str, cls: type) -> None:
+        self.add("objective", name, cls)
+
+    def augmenter(self, name: str, cls: type) -> None:
+        self.add("augmenter", name, cls)
+
+    def trainer(self, name: str, cls: type) -> None:
+        self.add("trainer", name, cls)
+
+    def data(self, name: str, cls: type) -> None:
+        self.add("data", name, cls)
+
+    def eval(self, name: str, cls: type) -> None:
+        self.add("eval", name, cls)
+
+    # ------------------------------------------------------------------------ lookup
+
+    def get(self, kind: str, name: str) -> Component:
+        """The component, or KeyError (use :meth:`names` to explain what exists)."""
+        return self._components[(kind, name)]
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(n for k, n in self._components if k == kind)
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._components
+
+    def __iter__(self) -> Iterator[Component]:
+        return iter(sorted(self._components.values(), key=lambda c: (c.kind, c.name)))
+
+    def __len__(self) -> int:
+        return len(self._components)

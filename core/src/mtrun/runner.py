@@ -1,0 +1,93 @@
+"""`mtrun RECIPE`: read and check the recipe, prepare the run folder, build, train."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from mtrun.errors import MtrunError
+
+__all__ = ["prepare", "train"]
+
+log = logging.getLogger("mtrun")
+
+RECIPE_FILE = "recipe.toml"
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    ckpts = run_dir / "checkpoints"
+    return ckpts.is_dir() and any(p.name.startswith("step-") and ".tmp" not in p.name for p in ckpts.iterdir())
+
+
+def _write_recipe(run_dir: Path, text: str) -> None:
+    """Write the resolved recipe; a different one from an earlier start is kept, not overwritten."""
+    path = run_dir / RECIPE_FILE
+    if path.exists():
+        if path.read_text() == text:
+            return
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path.rename(run_dir / f"recipe.{stamp}.toml")
+    tmp = run_dir / f".{RECIPE_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare(
+    recipe_path: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    profile: str | None = None,
+    resume: bool = False,
+    registry: Any = None,
+):
+    """Resolve the recipe and decide the run folder; returns ``(resolved, run)``.
+
+    Refuses to start a fresh run in a folder that already holds checkpoints (that would mix
+    two trajectories and overwrite the first); ``--resume`` or a new ``run.name`` is needed.
+    """
+    from mtrun.plugins import get_plugins
+    from mtrun.recipe import load_recipe, resolve_recipe
+    from mtrun.run import Run
+
+    source = str(recipe_path)
+    data = load_recipe(recipe_path, overrides=overrides, profile=profile)
+    if resume:
+        data.setdefault("run", {})["resume"] = "latest"
+    resolved = resolve_recipe(data, registry if registry is not None else get_plugins().registry, source)
+    run_dir = Path(resolved.run.output_dir) / resolved.run.name
+    if resolved.run.resume == "latest" and not _has_checkpoints(run_dir):
+        log.warning("resume requested but %s has no checkpoint yet; starting from step 0", run_dir)
+        data["run"]["resume"] = ""
+        resolved = resolve_recipe(data, registry if registry is not None else get_plugins().registry, source)
+    elif not resolved.run.resume and _has_checkpoints(run_dir):
+        raise MtrunError(
+            f"{source}: run folder {run_dir} already holds checkpoints of an earlier run. "
+            f"Continue it with `mtrun {source} --resume`, or start another with run.name=NEW_NAME."
+        )
+    run = Run(dir=run_dir, config=resolved.run, loader=resolved.loader, recipe=resolved.data, recipe_path=source)
+    return resolved, run
+
+
+def train(
+    recipe_path: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    profile: str | None = None,
+    resume: bool = False,
+    registry: Any = None,
+) -> dict[str, float]:
+    """Train as the recipe says; returns the trainer's final metrics."""
+    import torch
+
+    from mtrun.assemble import assemble
+    from mtrun.recipe import dump_recipe
+
+    resolved, run = prepare(recipe_path, overrides, profile, resume, registry)
+    if int(os.environ.get("RANK", "0")) == 0:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        _write_recipe(run.dir, dump_recipe(resolved.data))
+    torch.manual_seed(run.config.seed)  # parameter initialisation is part of the trajectory
+    built = assemble(resolved, run)
+    metrics = built.trainer.fit()
+    return metrics

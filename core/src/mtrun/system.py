@@ -1,0 +1,149 @@
+"""The assembled joint model: two encoders, two projectors, the objectives and augmenters.
+
+A :class:`System` runs one training step's forward pass in a fixed order that every system in
+the project fits into::
+
+    batch augmenters -> waveform augmenters -> preprocess -> feature augmenters
+      -> audio-token augmenters (keep_index) -> text-token augmenters
+      -> encoders -> projectors -> objectives (weighted sum)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from mtrun.interfaces import (
+    AudioEncoder,
+    AugmentContext,
+    Augmenter,
+    Batch,
+    Objective,
+    Projector,
+    StepOutputs,
+    TextEncoder,
+)
+
+__all__ = ["System", "WeightedObjective"]
+
+
+class WeightedObjective(nn.Module):
+    """An objective with its recipe weight and the name its metrics are logged under."""
+
+    def __init__(self, name: str, weight: float, objective: Objective):
+        super().__init__()
+        self.name = name
+        self.weight = float(weight)
+        self.objective = objective
+
+
+class System(nn.Module):
+    """Everything with parameters that a trainer optimises and checkpoints.
+
+    Args:
+        audio_encoder, text_encoder, audio_projector, text_projector: The built components.
+        objectives: Weighted objectives; the loss is their weighted sum.
+        augmenters: Augmenters of every stage; ``sample``-stage ones are handed to the data
+            loader (:attr:`sample_augmenters`), the rest run in :meth:`encode`.
+    """
+
+    def __init__(
+        self,
+        *,
+        audio_encoder: AudioEncoder,
+        text_encoder: TextEncoder,
+        audio_projector: Projector,
+        text_projector: Projector,
+        objectives: Sequence[WeightedObjective] = (),
+        augmenters: Sequence[Augmenter] = (),
+    ):
+        super().__init__()
+        self.audio_encoder = audio_encoder
+        self.text_encoder = text_encoder
+        self.audio_projector = audio_projector
+        self.text_projector = text_projector
+        self.objectives = nn.ModuleList(objectives)
+        # Augmenters may own modules (or not); keep them out of the state dict either way.
+        self._augmenters = list(augmenters)
+
+    @property
+    def augmenters(self) -> list[Augmenter]:
+        return list(self._augmenters)
+
+    @property
+    def sample_augmenters(self) -> list[Augmenter]:
+        """Augmenters that act on single samples inside DataLoader workers."""
+        return [a for a in self._augmenters if a.stage == "sample"]
+
+    # ------------------------------------------------------------------ stages
+
+    def _augment(self, stage: str, value: Any, context: AugmentContext | None) -> Any:
+        if context is None:
+            return value
+        for aug in self._augmenters:
+            if aug.stage == stage and (context.training or getattr(aug, "applies_in_eval", False)):
+                value = aug(value, context)
+        return value
+
+    def encode(self, batch: Batch, context: AugmentContext | None = None) -> StepOutputs:
+        """Run augmenters, encoders and projectors on a collated batch (already on device)."""
+        batch = self._augment("batch", batch, context)
+        batch.waveforms = self._augment("waveform", batch.waveforms, context)
+        batch.features = self._augment("features", self.audio_encoder.preprocess(batch.waveforms), context)
+        batch.token_grid = getattr(self.audio_encoder, "token_grid", None)
+        batch = self._augment("audio_tokens", batch, context)
+        batch = self._augment("text_tokens", batch, context)
+        audio = self.audio_encoder(batch.features, keep_index=batch.get("audio_keep_index"))
+        text = self.text_encoder(batch.text_inputs["input_ids"], batch.text_inputs["attention_mask"])
+        return StepOutputs(
+            batch=batch,
+            audio=audio,
+            text=text,
+            audio_embedding=self.audio_projector(audio),
+            text_embedding=self.text_projector(text),
+        )
+
+    def forward(self, batch: Batch, context: AugmentContext | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Weighted sum of the objectives' losses, and the metrics to log (detached)."""
+        outputs = self.encode(batch, context)
+        total: torch.Tensor | None = None
+        metrics: dict[str, Any] = {}
+        for entry in self.objectives:
+            result = entry.objective(outputs)
+            weighted = entry.weight * result.loss
+            total = weighted if total is None else total + weighted
+            metrics[f"{entry.name}/loss"] = result.loss.detach()
+            for key, value in result.metrics.items():
+                metrics[f"{entry.name}/{key}"] = value.detach() if torch.is_tensor(value) else value
+        if total is None:
+            raise RuntimeError("the system has no objectives; add an [[objective]] table to the recipe")
+        return total, metrics
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Per-step callbacks of objectives and augmenters (BYOL's EMA update), after the optimizer step."""
+        for entry in self.objectives:
+            hook = getattr(entry.objective, "on_step_end", None)
+            if hook is not None:
+                hook(step, total_steps)
+        for aug in self._augmenters:
+            hook = getattr(aug, "on_step_end", None)
+            if hook is not None:
+                hook(step, total_steps)
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def embed_audio(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """L2-normalised audio embeddings ``[B, D]`` for waveforms at the encoder's rate."""
+        encoded = self.audio_encoder(self.audio_encoder.preprocess(waveforms))
+        return nn.functional.normalize(self.audio_projector(encoded).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings ``[B, D]``."""
+        device = next(self.parameters()).device
+        inputs = {k: v.to(device) for k, v in self.text_encoder.tokenize(list(texts)).items()}
+        encoded = self.text_encoder(inputs["input_ids"], inputs["attention_mask"])
+        return nn.functional.normalize(self.text_projector(encoded).float(), dim=-1)
