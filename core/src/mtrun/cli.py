@@ -1,0 +1,320 @@
+"""The ``mtrun`` command line.
+
+``mtrun RECIPE [--profile NAME] [--resume] [KEY=VALUE | ~KEY ...]`` trains; subcommands
+``validate``, ``plugins`` and ``components`` inspect recipes and what is installed. Errors that
+are the user's to fix (:class:`~mtrun.errors.MtrunError`) print as a message without a
+traceback and exit with the error's status; ``MTRUN_DEBUG=1`` shows the traceback instead.
+
+Only the standard library is imported at module level, so ``mtrun --help`` and
+``mtrun validate`` never pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from mtrun.errors import MtrunError
+
+__all__ = ["main"]
+
+SUBCOMMANDS = ("train", "validate", "plugins", "components")
+
+_DESCRIPTION = """\
+Train and inspect music-text representation models from TOML recipes.
+
+usage:
+  mtrun RECIPE [--profile NAME] [--resume] [KEY=VALUE | ~KEY ...]   train (alias: mtrun train ...)
+  mtrun validate RECIPE [--profile NAME] [--print] [KEY=VALUE ...]  check a recipe, build nothing
+  mtrun plugins [--json]                                           installed plugins
+  mtrun components [KIND [NAME]]                                   components and their settings
+
+Overrides are TOML values: trainer.lr=3e-4  run.name="tiny"  objective.0.weight=2  ~augmenter
+"""
+
+
+# ------------------------------------------------------------------------------ parsers
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtrun",
+        usage="mtrun RECIPE [options] [KEY=VALUE ...] | mtrun COMMAND ...",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from mtrun import __version__
+
+    parser.add_argument("--version", action="version", version=f"mtrun {__version__}")
+    parser.add_argument("command", nargs="?", help="a recipe file, or one of: " + ", ".join(SUBCOMMANDS))
+    return parser
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="the recipe TOML file")
+    parser.add_argument("--profile", metavar="NAME", help="merge the recipe's [profile.NAME] table")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE | ~KEY",
+        help="override a key with a TOML value (trainer.lr=3e-4), or delete it (~augmenter)",
+    )
+
+
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    if command == "train":
+        parser = argparse.ArgumentParser(prog="mtrun", description="Train from a recipe.")
+        _add_recipe_args(parser)
+        parser.add_argument(
+            "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
+        )
+    elif command == "validate":
+        parser = argparse.ArgumentParser(
+            prog="mtrun validate",
+            description="Load and check a recipe (extends, profile, overrides, every component's "
+            "settings) without building anything.",
+        )
+        _add_recipe_args(parser)
+        parser.add_argument("--print", action="store_true", dest="print_recipe", help="print the resolved recipe as TOML")
+    elif command == "plugins":
+        parser = argparse.ArgumentParser(prog="mtrun plugins", description="List loaded plugins and their components.")
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+    elif command == "components":
+        parser = argparse.ArgumentParser(
+            prog="mtrun components",
+            description="List components; with KIND NAME, show that component's settings.",
+        )
+        parser.add_argument("kind", nargs="?", help="a component kind (audio_encoder, objective, ...)")
+        parser.add_argument("name", nargs="?", help="a registered component name")
+    else:  # pragma: no cover - guarded by SUBCOMMANDS
+        raise AssertionError(command)
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _registry():
+    # Looked up through the module so tests can substitute an isolated plugin set.
+    from mtrun import plugins
+
+    return plugins.get_plugins().registry
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mtrun.runner import train
+
+    result = train(args.recipe, overrides=list(args.overrides), profile=args.profile, resume=args.resume)
+    if result:
+        shown = "  ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in result.items()
+            if isinstance(v, (int, float, str))
+        )
+        print(f"done: {shown}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from mtrun.recipe import dump_recipe, load_recipe, resolve_recipe
+
+    data = load_recipe(args.recipe, overrides=args.overrides, profile=args.profile)
+    resolved = resolve_recipe(data, _registry(), str(args.recipe))
+    if args.print_recipe:
+        print(dump_recipe(resolved.data), end="")
+        return 0
+    print(f"{args.recipe}: recipe OK" + (f" (profile {args.profile})" if args.profile else ""))
+    rows: list[tuple[str, str]] = [(spec.slot, spec.name) for spec in resolved.components.values()]
+    for spec in resolved.objectives:
+        extra = f" (weight {spec.weight:g}" + (f", name {spec.label}" if spec.label != spec.name else "") + ")"
+        rows.append((spec.slot, spec.name + extra))
+    rows += [(spec.slot, spec.name) for spec in resolved.augmenters + resolved.evals]
+    width = max(len(slot) for slot, _ in rows) if rows else 0
+    for slot, desc in rows:
+        print(f"  {slot:<{width}}  {desc}")
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from mtrun import plugins
+
+    plugin_set = plugins.get_plugins()
+    entries = [
+        {
+            "name": p.info.name,
+            "distribution": p.info.distribution,
+            "version": p.info.version,
+            "components": [{"kind": k, "name": n} for k, n in plugin_set.components_of(p.info.name)],
+        }
+        for p in plugin_set.plugins
+    ]
+    if args.json:
+        print(json.dumps({"plugins": entries}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="mtrun plugins")
+    for column in ("plugin", "distribution", "version", "components"):
+        table.add_column(column)
+    for e in entries:
+        comps = "\n".join(f"{c['kind']}: {c['name']}" for c in e["components"]) or "-"
+        table.add_row(escape(e["name"]), escape(e["distribution"] or "-"), escape(e["version"] or "-"), escape(comps))
+    Console().print(table)
+    return 0
+
+
+def _unknown(what: str, value: str, choices: Sequence[str], listing: str = "installed") -> int:
+    from mtrun.registry import suggest
+
+    hint = suggest(value, choices)
+    print(
+        f"mtrun components: no {what} {value!r}"
+        + (f" (did you mean {hint!r}?)" if hint else "")
+        + f"; {listing}: {', '.join(choices) or 'none'}",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _describe_default(field: Any) -> str:
+    import attrs
+
+    default = field.default
+    if default is attrs.NOTHING:
+        return "(required)"
+    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+        if default.takes_self:
+            return "(computed)"
+        default = default.factory()
+    return repr(default)
+
+
+def _type_text(tp: Any) -> str:
+    if isinstance(tp, str):
+        return tp
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _cmd_components(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from mtrun.recipe.slots import SLOTS
+    from mtrun.registry import KINDS
+
+    registry = _registry()
+    console = Console()
+    kind = args.kind
+    if kind is not None and kind not in KINDS:
+        # Accept slot names too: `mtrun components audio_projector` means projectors.
+        slot = next((s for s in SLOTS if s.name == kind), None)
+        if slot is None:
+            return _unknown("component kind", kind, list(KINDS), listing="kinds")
+        kind = slot.kind
+    if kind is None:
+        table = Table(title="mtrun components")
+        for column in ("kind", "name", "plugin", "summary"):
+            table.add_column(column)
+        for comp in registry:
+            table.add_row(comp.kind, comp.name, comp.plugin.name, escape(comp.summary))
+        console.print(table)
+        return 0
+    if args.name is None:
+        table = Table(title=f"{kind} components")
+        for column in ("name", "plugin", "summary"):
+            table.add_column(column)
+        for comp in registry:
+            if comp.kind == kind:
+                table.add_row(comp.name, comp.plugin.name, escape(comp.summary))
+        console.print(table)
+        return 0
+    if (kind, args.name) not in registry:
+        return _unknown(kind, args.name, registry.names(kind))
+    import attrs
+
+    comp = registry.get(kind, args.name)
+    fields = attrs.fields(comp.config_class)
+    where = f"{comp.cls.__module__}.{comp.cls.__qualname__}, {comp.plugin.describe()}"
+    console.print(f"[bold]{escape(kind)} {escape(comp.name)}[/bold] ({escape(where)})")
+    if comp.summary:
+        console.print(escape(comp.summary))
+    if not fields:
+        console.print("This component takes no settings.")
+        return 0
+    # Recipe tables look like rich markup ([trainer]); escape everything the user should read.
+    table = Table(title=escape(f'settings: [{kind}] type = "{comp.name}"'))
+    for column in ("key", "type", "default", "help"):
+        table.add_column(column)
+    for f in fields:
+        table.add_row(
+            escape(f.name), escape(_type_text(f.type)), escape(_describe_default(f)), escape(str(f.metadata.get("help", "")))
+        )
+    console.print(table)
+    return 0
+
+
+_COMMANDS = {
+    "train": _cmd_train,
+    "validate": _cmd_validate,
+    "plugins": _cmd_plugins,
+    "components": _cmd_components,
+}
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def _run(argv: list[str]) -> int:
+    if not argv:
+        _top_parser().print_help()
+        return 2
+    if argv[0] in ("-h", "--help", "--version"):
+        _top_parser().parse_args(argv[:1])
+        return 0
+    # `mtrun recipes/flap.toml ...` is the short form of `mtrun train recipes/flap.toml ...`.
+    command, rest = (argv[0], argv[1:]) if argv[0] in SUBCOMMANDS else ("train", argv)
+    parser = _command_parser(command)
+    if command in ("train", "validate"):
+        # Options may come after the overrides: `mtrun r.toml trainer.lr=1e-3 --profile tiny`.
+        args = parser.parse_intermixed_args(rest)
+    else:
+        args = parser.parse_args(rest)
+    return _COMMANDS[command](args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``mtrun`` command line and return its exit status.
+
+    Args:
+        argv: Arguments without the program name; ``sys.argv[1:]`` when ``None``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("MTRUN_DEBUG", "") not in ("", "0")
+    try:
+        return _run(argv)
+    except MtrunError as exc:
+        if debug:
+            raise
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("mtrun: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,469 @@
+"""From the resolved plain recipe to typed component configs, collecting every problem.
+
+Each slot's ``type`` picks a registered class; only then are the table's other keys
+structured into that class's attrs ``Config`` (cattrs, extra keys forbidden). Nothing stops at
+the first mistake: every problem in the recipe becomes one line of a single
+:class:`~mtrun.errors.RecipeError`, so a user fixes a recipe in one round instead of many.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Iterable, Sequence
+
+import attrs
+
+from mtrun.errors import RecipeError
+from mtrun.recipe.slots import PLAIN_TABLES, SLOTS, TOP_LEVEL_SCALARS, Slot, known_tables, plain_table_class
+from mtrun.registry import Registry, suggest
+from mtrun.run import LoaderConfig, RunConfig
+
+__all__ = ["ComponentSpec", "ResolvedRecipe", "make_converter", "resolve_recipe", "structure_config"]
+
+_MISSING = object()
+
+
+@attrs.frozen
+class ComponentSpec:
+    """One component the recipe asks for, with its config already structured and checked.
+
+    Attributes:
+        slot: Where in the recipe it was declared: ``audio_encoder`` or ``objective[0]``.
+        kind: The registry kind.
+        name: The registered type name.
+        cls: The component class.
+        config: An instance of ``cls.Config``.
+        weight: The objective's weight in the summed loss (1.0 for other kinds).
+        label: Metric prefix: the slot-level ``name`` or, by default, the type name.
+    """
+
+    slot: str
+    kind: str
+    name: str
+    cls: type
+    config: Any
+    weight: float = 1.0
+    label: str = ""
+
+
+@attrs.frozen
+class ResolvedRecipe:
+    """A valid recipe: everything the assembler needs, nothing built yet.
+
+    Attributes:
+        source: The recipe file, for messages.
+        data: The resolved plain recipe (after extends, profile and overrides); what a run
+            saves in its folder.
+        run: The ``[run]`` table.
+        loader: The ``[loader]`` table.
+        components: Single-table slots by slot name (``data``, ``audio_encoder``, ...,
+            ``trainer``); absent optional slots are missing from the dict.
+        objectives: The ``[[objective]]`` tables in order.
+        augmenters: The ``[[augmenter]]`` tables in order.
+        evals: The ``[[eval]]`` tables in order.
+    """
+
+    source: str
+    data: dict
+    run: RunConfig
+    loader: LoaderConfig
+    components: dict[str, ComponentSpec]
+    objectives: tuple[ComponentSpec, ...]
+    augmenters: tuple[ComponentSpec, ...]
+    evals: tuple[ComponentSpec, ...]
+
+
+# ----------------------------------------------------------------------------- converter
+
+
+def _strict(expected: type, accept: tuple[type, ...], cast: Any = None):
+    """A structure hook that refuses values of the wrong TOML type.
+
+    cattrs' defaults call ``int(value)``, which would turn ``width = 3.7`` into 3 and
+    ``dropout = "0.1"`` into 0.1 without a word; a recipe should say what it means.
+    """
+
+    def hook(value: Any, _type: Any) -> Any:
+        if isinstance(value, bool) and expected is not bool:
+            raise TypeError(f"expected {expected.__name__}, got a boolean")
+        if not isinstance(value, accept):
+            raise TypeError(f"expected {expected.__name__}, got {type(value).__name__}")
+        return cast(value) if cast else value
+
+    return hook
+
+
+def make_converter():
+    """The cattrs converter recipes are structured with: unknown keys and loose types refused."""
+    import cattrs
+
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook(int, _strict(int, (int,)))
+    converter.register_structure_hook(float, _strict(float, (int, float), float))
+    converter.register_structure_hook(str, _strict(str, (str,)))
+    converter.register_structure_hook(bool, _strict(bool, (bool,)))
+    return converter
+
+
+# ------------------------------------------------------------------------------ problems
+
+
+@attrs.frozen
+class _Problem:
+    path: tuple
+    message: str
+    value: Any = _MISSING  # shown as `path = value` before the message
+    created: bool = False  # the key itself is the mistake (unknown key/table)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is None or tp is _MISSING:
+        return "a valid value"
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type) and origin is None:
+        if attrs.has(tp):
+            return "a table"
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def _note(exc: BaseException) -> Any:
+    from cattrs.errors import AttributeValidationNote, IterableValidationNote
+
+    for note in getattr(exc, "__notes__", ()):
+        if isinstance(note, (AttributeValidationNote, IterableValidationNote)):
+            return note
+    return None
+
+
+def _walk(exc: BaseException, path: tuple, raw: Any, expected: Any, extra_known: Sequence[str]) -> list[_Problem]:
+    """Turn a cattrs exception tree into one problem per leaf, with the user's value."""
+    from cattrs.errors import AttributeValidationNote, ForbiddenExtraKeysError
+
+    if isinstance(exc, ForbiddenExtraKeysError):
+        known = sorted([f.name for f in attrs.fields(exc.cl)] + list(extra_known))
+        out = []
+        for key in sorted(exc.extra_fields):
+            hint = suggest(key, known)
+            out.append(
+                _Problem(
+                    path + (key,),
+                    "unknown key"
+                    + (f" (did you mean {hint!r}?)" if hint else "")
+                    + f"; known keys: {', '.join(known) or 'none (this component takes no settings)'}",
+                    created=True,
+                )
+            )
+        return out
+    if hasattr(exc, "exceptions"):  # an exception group (the backport's on Python 3.10)
+        out = []
+        for sub in exc.exceptions:
+            note = _note(sub)
+            if note is None:
+                out += _walk(sub, path, raw, expected, extra_known)
+            elif isinstance(note, AttributeValidationNote):
+                sub_raw = raw.get(note.name, _MISSING) if isinstance(raw, dict) else _MISSING
+                out += _walk(sub, path + (note.name,), sub_raw, note.type, ())
+            else:
+                sub_raw = raw[note.index] if isinstance(raw, (list, tuple)) and note.index < len(raw) else _MISSING
+                out += _walk(sub, path + (note.index,), sub_raw, note.type, ())
+        return out
+    if isinstance(exc, KeyError) and raw is _MISSING:
+        return [_Problem(path, f"missing required key (expected {_type_name(expected)})")]
+    return [_Problem(path, f"wrong type (got {raw!r}; expected {_type_name(expected)})")]
+
+
+def _validate_fields(instance: Any, path: tuple) -> list[_Problem]:
+    """Run every attrs validator, not just the first that fails, recursing into nested configs."""
+    problems = []
+    for field in attrs.fields(type(instance)):
+        value = getattr(instance, field.name)
+        if field.validator is not None:
+            try:
+                field.validator(instance, field, value)
+            except Exception as exc:  # noqa: BLE001 - validators may raise anything
+                msg = str(exc.args[0]) if exc.args else type(exc).__name__
+                # attrs' in_() validator passes its options as the third argument.
+                options = exc.args[2] if len(exc.args) >= 3 else None
+                if isinstance(value, str) and isinstance(options, (tuple, list, set, frozenset)):
+                    hint = suggest(value, [o for o in options if isinstance(o, str)])
+                    if hint:
+                        msg += f" (did you mean {hint!r}?)"
+                problems.append(_Problem(path + (field.name,), f"invalid value (got {value!r}): {msg}"))
+        if attrs.has(type(value)):
+            problems += _validate_fields(value, path + (field.name,))
+    return problems
+
+
+def structure_config(
+    cls: type, table: dict[str, Any], path: tuple = (), extra_known: Sequence[str] = (), converter: Any = None
+) -> tuple[Any, list[_Problem]]:
+    """Structure ``table`` into the attrs class ``cls``; return ``(instance or None, problems)``.
+
+    Validators are switched off while cattrs builds the instance and run one by one afterwards,
+    because attrs stops at the first failing validator and we want them all.
+    """
+    from cattrs.errors import ClassValidationError
+
+    converter = converter or make_converter()
+    problems: list[_Problem] = []
+    with attrs.validators.disabled():
+        try:
+            instance = converter.structure(table, cls)
+        except ClassValidationError as exc:
+            problems = _walk(exc, path, table, cls, extra_known)
+            # Retry without the keys already reported so the validators of the remaining keys
+            # still run: a user should see `crop` is invalid even when `num_workers` is too.
+            bad = {p.path[len(path)] for p in problems if len(p.path) > len(path)}
+            try:
+                instance = converter.structure({k: v for k, v in table.items() if k not in bad}, cls)
+            except Exception:  # noqa: BLE001 - nothing more to learn from this class
+                return None, problems
+        except Exception as exc:  # noqa: BLE001 - __attrs_post_init__ or converters
+            return None, [_Problem(path, f"invalid settings: {type(exc).__name__}: {exc}")]
+    reported = {p.path for p in problems}
+    problems += [p for p in _validate_fields(instance, path) if p.path not in reported]
+    return (None if problems else instance), problems
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+def _render_path(path: tuple, data: dict[str, Any]) -> str:
+    top = path[0]
+    slot = next((s for s in SLOTS if s.name == top), None)
+    rest = list(path[1:])
+    if slot is not None:
+        text = slot.table()
+        if slot.many and rest and isinstance(rest[0], int):
+            text += f"[{rest.pop(0)}]"
+    elif isinstance(data.get(top), dict) or top in PLAIN_TABLES:
+        text = f"[{top}]"
+    elif isinstance(data.get(top), list) and data[top] and all(isinstance(x, dict) for x in data[top]):
+        text = f"[[{top}]]"
+    else:
+        text = str(top)
+    for part in rest:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text
+
+
+def _render(problem: _Problem, data: dict[str, Any], overrides: Sequence[Any], created: dict) -> str:
+    text = _render_path(problem.path, data)
+    if problem.value is not _MISSING:
+        text += f" = {problem.value!r}"
+    text += f": {problem.message}"
+    # The last override that set this key (or a table holding it) is the one to blame; an
+    # unknown key is blamed on an override only if the override brought it into existence.
+    blame = None
+    for ov in overrides:
+        if problem.path[: len(ov.path)] == tuple(ov.path) and not ov.delete:
+            blame = ov.text
+    if problem.created:
+        blame = created.get(problem.path, blame if problem.path in created else None)
+    if blame is not None:
+        text += f" (from override {blame})"
+    return text
+
+
+# ------------------------------------------------------------------------------- resolve
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _resolve_entry(
+    slot: Slot, table: dict[str, Any], path: tuple, registry: Registry, converter: Any
+) -> tuple[ComponentSpec | None, list[_Problem]]:
+    problems: list[_Problem] = []
+    table = dict(table)
+    type_name = table.pop("type", slot.default_type)
+    slot_keys = {k: table.pop(k) for k in slot.extra_keys if k in table}
+    installed = registry.names(slot.kind)
+    where = f"[[{slot.name}]]" if slot.many else f"[{slot.name}]"
+
+    weight = slot_keys.get("weight", 1.0)
+    if not _is_number(weight):
+        problems.append(_Problem(path + ("weight",), f"wrong type (got {weight!r}; expected float)"))
+    label = slot_keys.get("name", type_name)
+    if "name" in slot_keys and (not isinstance(label, str) or not label):
+        problems.append(_Problem(path + ("name",), f"wrong type (got {label!r}; expected a non-empty string)"))
+
+    if type_name is None:
+        problems.append(
+            _Problem(
+                path,
+                f'missing key \'type\' (the {slot.kind} to use); {where} needs type = "NAME" with one of: '
+                + (", ".join(installed) or "none installed"),
+            )
+        )
+        return None, problems
+    if not isinstance(type_name, str):
+        problems.append(_Problem(path + ("type",), f"wrong type (got {type_name!r}; expected a {slot.kind} name string)"))
+        return None, problems
+    if (slot.kind, type_name) not in registry:
+        hint = suggest(type_name, installed)
+        problems.append(
+            _Problem(
+                path + ("type",),
+                f"no {slot.kind} of that name"
+                + (f" (did you mean {hint!r}?)" if hint else "")
+                + f"; installed: {', '.join(installed) or 'none'}. Is its plugin installed? See `mtrun plugins`.",
+                value=type_name,
+            )
+        )
+        return None, problems
+    cls = registry.get(slot.kind, type_name).cls
+    config, config_problems = structure_config(cls.Config, table, path, slot.extra_keys, converter)
+    problems += config_problems
+    if problems:
+        return None, problems
+    slot_label = f"{slot.name}[{path[1]}]" if slot.many else slot.name
+    return (
+        ComponentSpec(
+            slot=slot_label,
+            kind=slot.kind,
+            name=type_name,
+            cls=cls,
+            config=config,
+            weight=float(weight),
+            label=label if isinstance(label, str) else type_name,
+        ),
+        problems,
+    )
+
+
+def resolve_recipe(
+    data: dict[str, Any], registry: Registry, source: str, overrides: Iterable[Any] | None = None
+) -> ResolvedRecipe:
+    """Check a resolved plain recipe against the registry and structure every config.
+
+    Args:
+        data: The output of :func:`mtrun.recipe.load_recipe` (any plain dict works).
+        registry: Where ``type`` names are looked up.
+        source: The recipe file, named in the error header.
+        overrides: Parsed overrides, to mark problems that came from the command line;
+            defaults to those :func:`load_recipe` attached to ``data``.
+
+    Raises:
+        RecipeError: With one line per problem found anywhere in the recipe.
+    """
+    if overrides is None:
+        overrides = getattr(data, "overrides", ())
+    overrides = tuple(overrides)
+    created = getattr(data, "created", {})
+    converter = make_converter()
+    problems: list[_Problem] = []
+    components: dict[str, ComponentSpec] = {}
+    lists: dict[str, list[ComponentSpec]] = {"objective": [], "augmenter": [], "eval": []}
+
+    tables = known_tables()
+    for key, value in data.items():
+        if key in tables or key in TOP_LEVEL_SCALARS:
+            continue
+        hint = suggest(key, tables + list(TOP_LEVEL_SCALARS))
+        is_table = isinstance(value, dict) or (isinstance(value, list) and value and all(isinstance(v, dict) for v in value))
+        if is_table:
+            shown = f"[[{hint}]]" if hint and (slot := _slot(hint)) and slot.many else f"[{hint}]"
+            msg = "unknown table" + (f" (did you mean {shown}?)" if hint else "")
+        else:
+            msg = "unknown top-level key" + (f" (did you mean {hint!r}?)" if hint else "")
+        problems.append(_Problem((key,), f"{msg}; known tables: {', '.join(tables)}", created=True))
+
+    for key, expected in TOP_LEVEL_SCALARS.items():
+        if key in data and not isinstance(data[key], expected):
+            problems.append(_Problem((key,), f"wrong type (got {data[key]!r}; expected {expected.__name__})"))
+
+    plain: dict[str, Any] = {}
+    for name in PLAIN_TABLES:
+        cls = plain_table_class(name)
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            problems.append(_Problem((name,), f"wrong type (got {table!r}; expected a table [{name}])"))
+            continue
+        plain[name], found = structure_config(cls, table, (name,), (), converter)
+        problems += found
+
+    for slot in SLOTS:
+        value = data.get(slot.name, _MISSING)
+        if value is _MISSING:
+            if slot.required:
+                installed = ", ".join(registry.names(slot.kind)) or "none"
+                need = "at least one table" if slot.many else "this table"
+                problems.append(
+                    _Problem((slot.name,), f"missing; a training recipe needs {need} (installed {slot.kind}s: {installed})")
+                )
+            elif slot.default_type is not None:
+                spec, found = _resolve_entry(slot, {}, (slot.name,), registry, converter)
+                problems += found
+                if spec is not None:
+                    components[slot.name] = spec
+            continue
+        if slot.many:
+            if isinstance(value, dict):
+                problems.append(
+                    _Problem((slot.name,), f"expected an array of tables: write [[{slot.name}]], not [{slot.name}]")
+                )
+                continue
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                problems.append(_Problem((slot.name,), f"wrong type (got {value!r}; expected [[{slot.name}]] tables)"))
+                continue
+            if slot.required and not value:
+                problems.append(_Problem((slot.name,), "empty; a training recipe needs at least one table"))
+            for i, entry in enumerate(value):
+                spec, found = _resolve_entry(slot, entry, (slot.name, i), registry, converter)
+                problems += found
+                if spec is not None:
+                    lists[slot.name].append(spec)
+            problems += _duplicate_labels(slot, value)
+        else:
+            if not isinstance(value, dict):
+                problems.append(_Problem((slot.name,), f"wrong type (got {value!r}; expected a table [{slot.name}])"))
+                continue
+            spec, found = _resolve_entry(slot, value, (slot.name,), registry, converter)
+            problems += found
+            if spec is not None:
+                components[slot.name] = spec
+
+    if problems:
+        raise RecipeError(source, [_render(p, data, overrides, created) for p in problems])
+    return ResolvedRecipe(
+        source=source,
+        data=data,
+        run=plain["run"],
+        loader=plain["loader"],
+        components=components,
+        objectives=tuple(lists["objective"]),
+        augmenters=tuple(lists["augmenter"]),
+        evals=tuple(lists["eval"]),
+    )
+
+
+def _slot(name: str) -> Slot | None:
+    return next((s for s in SLOTS if s.name == name), None)
+
+
+def _duplicate_labels(slot: Slot, entries: list[dict[str, Any]]) -> list[_Problem]:
+    """Objectives (and evals) log metrics under their label; two with one label would mix."""
+    if "name" not in slot.extra_keys:
+        return []
+    seen: dict[str, int] = {}
+    problems = []
+    for i, entry in enumerate(entries):
+        label = entry.get("name", entry.get("type"))
+        if not isinstance(label, str):
+            continue
+        if label in seen:
+            problems.append(
+                _Problem(
+                    (slot.name, i),
+                    f"{slot.kind} name {label!r} is used twice (also by [[{slot.name}]][{seen[label]}]); "
+                    f'set name = "..." to tell them apart',
+                )
+            )
+        else:
+            seen[label] = i
+    return problems
