@@ -258,7 +258,7 @@ class AugmentContext:
     steps_per_epoch: int
     total_steps: int
     training: bool
-    generator: Any = None  # torch.Generator seeded per step; None in DataLoader workers
+    generator: Any = None  # torch.Generator seeded from (seed, step) or, in workers, (seed, epoch, item)
 
     @property
     def epoch_float(self) -> float:

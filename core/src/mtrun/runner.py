@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,8 +10,6 @@ from typing import Any, Sequence
 from mtrun.errors import MtrunError
 
 __all__ = ["prepare", "train"]
-
-log = logging.getLogger("mtrun")
 
 RECIPE_FILE = "recipe.toml"
 
@@ -57,11 +54,8 @@ def prepare(
         data.setdefault("run", {})["resume"] = "latest"
     resolved = resolve_recipe(data, registry if registry is not None else get_plugins().registry, source)
     run_dir = Path(resolved.run.output_dir) / resolved.run.name
-    if resolved.run.resume == "latest" and not _has_checkpoints(run_dir):
-        log.warning("resume requested but %s has no checkpoint yet; starting from step 0", run_dir)
-        data["run"]["resume"] = ""
-        resolved = resolve_recipe(data, registry if registry is not None else get_plugins().registry, source)
-    elif not resolved.run.resume and _has_checkpoints(run_dir):
+    # The trainer starts fresh when "latest" finds nothing, so job scripts can always resume.
+    if not resolved.run.resume and _has_checkpoints(run_dir):
         raise MtrunError(
             f"{source}: run folder {run_dir} already holds checkpoints of an earlier run. "
             f"Continue it with `mtrun {source} --resume`, or start another with run.name=NEW_NAME."

@@ -1,0 +1,81 @@
+"""Progress display: a rich bar on a terminal, plain log lines otherwise (rank 0 only).
+
+Batch jobs and CI capture stdout to files, where a redrawn bar becomes noise; there a line every
+``log_every`` steps carries the same numbers.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+__all__ = ["Progress"]
+
+
+def _format(values: dict[str, Any]) -> str:
+    parts = []
+    for key in ("loss", "lr", "samples_per_s"):
+        if key in values and values[key] is not None:
+            v = float(values[key])
+            parts.append(f"{key} {v:.2e}" if key == "lr" else f"{key} {v:.4g}" if key == "loss" else f"{key} {v:.1f}")
+    return "  ".join(parts)
+
+
+class Progress:
+    """Shows training progress.
+
+    Args:
+        total_steps: Steps in the whole run.
+        start_step: Steps already done (when resuming).
+        enabled: False on ranks other than 0.
+        log_every: Plain-line interval when the stream is not a terminal.
+        stream: Where to write (stdout by default).
+    """
+
+    def __init__(self, total_steps: int, *, start_step: int = 0, enabled: bool = True, log_every: int = 10, stream: TextIO | None = None):
+        self.total = total_steps
+        self.enabled = enabled
+        self.log_every = max(1, log_every)
+        self.stream = stream or sys.stdout
+        self._bar = None
+        self._task = None
+        if enabled and self.stream.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
+            from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=Console(file=self.stream),
+            )
+            self._task = self._bar.add_task("train", total=total_steps, completed=start_step, info="")
+            self._bar.start()
+
+    def update(self, step: int, epoch: int, values: dict[str, Any] | None = None) -> None:
+        """Advance to ``step`` (steps done); ``values`` are shown when given."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            kwargs = {"info": _format(values)} if values else {}
+            self._bar.update(self._task, completed=step, **kwargs)
+        elif values is not None and (step % self.log_every == 0 or step == self.total):
+            print(f"step {step}/{self.total}  epoch {epoch}  {_format(values)}", file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        """A line that does not disturb the bar (evaluation results, checkpoint paths)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.console.print(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

@@ -1,0 +1,213 @@
+"""DefaultTrainer: exact kill-and-resume, non-finite loss, metrics, best checkpoint, bf16."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from toyrun import TESTS, run_toy
+from mtrun.errors import TrainingError
+from mtrun.train.checkpoint import find_latest
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def logged_steps(run_dir: Path) -> int:
+    try:
+        text = (run_dir / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line)["step"] for line in text.splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def test_killed_run_resumes_onto_the_uninterrupted_trajectory(tmp_path, reference_run):
+    """SIGKILL at a random step (augmentation on, grad_accum 2), resume, compare bit-for-bit."""
+    k = random.randint(3, 15)
+    extra_delay = random.uniform(0.0, 0.12)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(TESTS / "toyrun.py"), str(run_dir), "--step-delay", "0.12"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while logged_steps(run_dir) < k:
+            assert proc.poll() is None, f"run ended before step {k}: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(extra_delay)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = logged_steps(run_dir)
+    assert killed_at < 20, "the kill came too late to test anything"
+    resumed_from = find_latest(run_dir / "checkpoints")
+    assert resumed_from is not None
+
+    run_toy(run_dir, "--resume", "latest")
+
+    context = f"(killed after step {killed_at}, k={k}, resumed from {resumed_from.name})"
+    reference = load_file(str(reference_run / "checkpoints" / "step-000020" / "model.safetensors"))
+    resumed = load_file(str(run_dir / "checkpoints" / "step-000020" / "model.safetensors"))
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), f"{key} differs {context}"
+    # The log has each step once, with the reference run's losses.
+    losses = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert losses == list(range(1, 21)), context
+    assert train_losses(run_dir) == train_losses(reference_run), context
+    ref_opt = load_file(str(reference_run / "checkpoints" / "step-000020" / "optimizer.safetensors"))
+    new_opt = load_file(str(run_dir / "checkpoints" / "step-000020" / "optimizer.safetensors"))
+    assert all(torch.equal(ref_opt[key], new_opt[key]) for key in ref_opt), context
+
+
+class NanAtStep:
+    """A waveform augmenter that poisons the batch at one step."""
+
+    stage = "waveform"
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, waveforms, context):
+        return waveforms * float("nan") if context.step == self.step else waveforms
+
+
+def test_non_finite_loss_stops_naming_the_step_and_the_last_checkpoint(tmp_path, toy_trainer, toy_system):
+    system = toy_system(extra_augmenters=[NanAtStep(4)])
+    trainer = toy_trainer(tmp_path / "run", steps=10, checkpoint_every=2, system=system)
+    with pytest.raises(TrainingError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "step 5" in message
+    assert str(tmp_path / "run" / "checkpoints" / "step-000004") in message
+    # The poisoned step was never applied: the last checkpoint is finite and no later one exists.
+    assert find_latest(tmp_path / "run" / "checkpoints").name == "step-000004"
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path, toy_trainer, toy_system):
+    system = toy_system(extra_augmenters=[NanAtStep(1)])
+    trainer = toy_trainer(tmp_path / "run", steps=10, checkpoint_every=5, system=system)
+    with pytest.raises(TrainingError, match=r"step 2\b.*none written yet"):
+        trainer.fit()
+
+
+def test_metrics_tensorboard_best_checkpoint_and_final_metrics(tmp_path, toy_trainer, capsys):
+    run_dir = tmp_path / "run"
+    result = toy_trainer(run_dir, steps=6, checkpoint_every=0, eval_every=2, keep_last=1).fit()
+    records = read_metrics(run_dir)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert {"epoch", "lr", "loss", "samples_per_s", "contrastive/loss", "contrastive/accuracy"} <= set(train[0])
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    best_value = min(r["val/loss"] for r in evals)
+    best_step = next(r["step"] for r in evals if r["val/loss"] == best_value)
+    best_name = (run_dir / "checkpoints" / "best").read_text().strip()
+    assert best_name == f"step-{best_step:06d}" and (run_dir / "checkpoints" / best_name / "COMPLETE").exists()
+    state = json.loads((run_dir / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
+    assert state["best_value"] == pytest.approx(best_value) and state["step"] == 6
+    assert result["step"] == 6 and result["val/loss"] == pytest.approx(evals[-1]["val/loss"])
+    assert "step 6/6" in capsys.readouterr().out  # plain progress lines when not a terminal
+
+
+def test_epochs_set_the_length_when_max_steps_is_zero(tmp_path, toy_trainer):
+    trainer = toy_trainer(tmp_path / "run", steps=0, checkpoint_every=0)
+    trainer.config = attrs_evolve(trainer.config, epochs=2)  # 40 items / batch 8 = 5 steps per epoch
+    assert trainer.fit()["step"] == 10
+
+
+def attrs_evolve(config, **changes):
+    import attrs
+
+    return attrs.evolve(config, **changes)
+
+
+def test_resume_refuses_a_different_batch_size(tmp_path, toy_trainer):
+    toy_trainer(tmp_path / "run", steps=2, checkpoint_every=1).fit()
+    with pytest.raises(TrainingError, match="batch_size"):
+        toy_trainer(tmp_path / "run", steps=4, batch_size=4, resume="latest").fit()
+    with pytest.raises(TrainingError, match="not a complete checkpoint"):
+        toy_trainer(tmp_path / "run", steps=4, resume=str(tmp_path / "nope")).fit()
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, toy_trainer):
+    result = toy_trainer(tmp_path / "run", steps=3, checkpoint_every=0, precision="bf16").fit()
+    assert result["step"] == 3 and torch.isfinite(torch.tensor(result["loss"]))
+
+
+def test_no_decay_for_biases_and_one_dimensional_parameters(tmp_path, toy_trainer):
+    trainer = toy_trainer(tmp_path / "run")
+    groups = trainer._param_groups(trainer.system)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] > 0 and groups[1]["weight_decay"] == 0
+    for name, p in trainer.system.named_parameters():
+        assert (id(p) in decayed) == (p.ndim >= 2), name
+
+
+def test_registered_as_the_default_trainer(registry):
+    from mtrun.train.trainer import DefaultTrainer
+
+    assert registry.get("trainer", "default").cls is DefaultTrainer
+
+
+class _Terminal:
+    """A text stream that claims to be a terminal."""
+
+    def __init__(self):
+        import io
+
+        self.buffer = io.StringIO()
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        return self.buffer.write(text)
+
+    def flush(self):
+        pass
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_elsewhere():
+    import io
+
+    from mtrun.train.progress import Progress
+
+    plain = io.StringIO()
+    progress = Progress(4, log_every=2, stream=plain)
+    for step in range(1, 5):
+        progress.update(step, 0, {"loss": 1.0 / step, "lr": 1e-3, "samples_per_s": 10.0})
+    progress.close()
+    assert plain.getvalue().splitlines() == [
+        "step 2/4  epoch 0  loss 0.5  lr 1.00e-03  samples_per_s 10.0",
+        "step 4/4  epoch 0  loss 0.25  lr 1.00e-03  samples_per_s 10.0",
+    ]
+    terminal = _Terminal()
+    progress = Progress(4, stream=terminal)
+    progress.update(3, 0, {"loss": 0.5, "lr": 1e-3, "samples_per_s": 10.0})
+    progress.close()
+    assert "3/4" in terminal.buffer.getvalue() and "loss 0.5" in terminal.buffer.getvalue()
+    silent = io.StringIO()
+    Progress(4, enabled=False, stream=silent).update(4, 0, {"loss": 1.0})
+    assert silent.getvalue() == ""
