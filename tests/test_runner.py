@@ -1,0 +1,79 @@
+"""`mtrun RECIPE` end to end in process: the run folder, the saved recipe, and refusals."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from mtrun.errors import MtrunError
+from mtrun.runner import train
+
+RECIPE = """
+[run]
+name = "toy"
+seed = 3
+
+[loader]
+clip_seconds = 0.25
+
+[data]
+type = "toy-tones"
+n_items = 16
+
+[audio_encoder]
+type = "toy-audio"
+
+[text_encoder]
+type = "toy-text"
+
+[audio_projector]
+type = "toy-linear"
+
+[text_projector]
+type = "toy-linear"
+
+[[objective]]
+type = "toy-contrastive"
+
+[trainer]
+max_steps = 3
+batch_size = 8
+checkpoint_every = 2
+eval_every = 0
+precision = "fp32"
+
+[profile.longer.trainer]
+max_steps = 4
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "toy.toml"
+    path.write_text(RECIPE)
+    return path
+
+
+def test_run_folder_holds_resolved_recipe_with_profile_and_overrides(recipe, tmp_path, registry):
+    out = tmp_path / "runs"
+    train(recipe, overrides=[f'run.output_dir="{out}"', "trainer.lr=0.01"], profile="longer", registry=registry)
+    saved = tomllib.loads((out / "toy" / "recipe.toml").read_text())
+    assert saved["trainer"]["max_steps"] == 4 and saved["trainer"]["lr"] == 0.01
+    assert "profile" not in saved
+    assert (out / "toy" / "metrics.jsonl").exists()
+    assert (out / "toy" / "checkpoints").is_dir()
+
+
+def test_fresh_run_refuses_folder_with_checkpoints_and_resume_continues(recipe, tmp_path, registry):
+    out = f'run.output_dir="{tmp_path / "runs"}"'
+    train(recipe, overrides=[out], registry=registry)
+    with pytest.raises(MtrunError, match=r"already holds checkpoints.*--resume"):
+        train(recipe, overrides=[out], registry=registry)
+    metrics = train(recipe, overrides=[out, "trainer.max_steps=5"], resume=True, registry=registry)
+    assert metrics["step"] == 5
+    # The changed recipe is saved; the first one is kept beside it, not overwritten.
+    kept = sorted(p.name for p in (tmp_path / "runs" / "toy").glob("recipe.*.toml"))
+    assert len(kept) == 1
+    first = tomllib.loads((tmp_path / "runs" / "toy" / kept[0]).read_text())
+    assert first["trainer"]["max_steps"] == 3
