@@ -12,6 +12,7 @@ Only the standard library is imported at module level, so ``mtrun --help`` and
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -21,7 +22,11 @@ from mtrun.errors import MtrunError
 
 __all__ = ["main"]
 
-SUBCOMMANDS = ("train", "validate", "plugins", "components")
+# Commands whose parser and handler live beside the code they drive: each module has
+# ``configure(parser)`` and ``run(args) -> int``, imported only when its command is used.
+MODULE_COMMANDS = {"data": "mtrun.data.commands", "eval": "mtrun.eval.commands"}
+
+SUBCOMMANDS = ("train", "validate", "plugins", "components", *MODULE_COMMANDS)
 
 _DESCRIPTION = """\
 Train and inspect music-text representation models from TOML recipes.
@@ -31,6 +36,8 @@ usage:
   mtrun validate RECIPE [--profile NAME] [--print] [KEY=VALUE ...]  check a recipe, build nothing
   mtrun plugins [--json]                                           installed plugins
   mtrun components [KIND [NAME]]                                   components and their settings
+  mtrun data {shard,demo} ...                                      prepare data (see mtrun data -h)
+  mtrun eval CHECKPOINT_OR_RECIPE [--tasks ...]                    evaluate and write a report
 
 Overrides are TOML values: trainer.lr=3e-4  run.name="tiny"  objective.0.weight=2  ~augmenter
 """
@@ -89,6 +96,9 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         )
         parser.add_argument("kind", nargs="?", help="a component kind (audio_encoder, objective, ...)")
         parser.add_argument("name", nargs="?", help="a registered component name")
+    elif command in MODULE_COMMANDS:
+        parser = argparse.ArgumentParser(prog=f"mtrun {command}")
+        importlib.import_module(MODULE_COMMANDS[command]).configure(parser)
     else:  # pragma: no cover - guarded by SUBCOMMANDS
         raise AssertionError(command)
     return parser
@@ -287,6 +297,8 @@ def _run(argv: list[str]) -> int:
         args = parser.parse_intermixed_args(rest)
     else:
         args = parser.parse_args(rest)
+    if command in MODULE_COMMANDS:
+        return importlib.import_module(MODULE_COMMANDS[command]).run(args)
     return _COMMANDS[command](args)
 
 

@@ -1,4 +1,4 @@
-"""Core's own components. They register through the same hook, and the same entry point
+"""Core's own components. They register through the same hook, and the same entry-point
 group, as any third-party plugin."""
 
 from __future__ import annotations
@@ -8,6 +8,10 @@ from mtrun.hookspecs import hookimpl
 
 @hookimpl
 def mtrun_register_components(registry) -> None:
+    from mtrun.data import sources
+    from mtrun.eval import register as register_evals
     from mtrun.train.trainer import DefaultTrainer
 
     registry.trainer("default", DefaultTrainer)
+    sources.register(registry)
+    register_evals(registry)
