@@ -1,0 +1,230 @@
+"""Reading HTS-AT weights into ``transformers.ClapAudioModel``.
+
+Two sources:
+
+* **Hugging Face CLAP folders or hub names** saved by ``ClapModel`` (keys
+  ``audio_model.audio_encoder.*`` plus the text tower and projections),
+  ``ClapAudioModelWithProjection`` (``audio_model.audio_encoder.*`` + ``audio_projection.*``) or
+  ``ClapAudioModel`` (``audio_encoder.*``). The audio tower is loaded; the text tower, both
+  projections and the logit scales are not part of this encoder (mtrun's projectors replace
+  the CLAP projection) and are listed in the report as ignored.
+* **LAION-CLAP ``.pt`` checkpoints** (``torch.load(weights_only=True)``; the tensors live under
+  ``state_dict``, usually with DDP's ``module.`` prefix). Their HTS-AT keys are renamed with
+  :data:`LAION_TO_HF`, ``attn.qkv`` is split into query/key/value, and the keys listed in
+  :data:`LAION_IGNORED` (the STFT/mel front end, which our ``preprocess`` replaces; the AudioSet
+  head; Swin's cached attention masks; the text side) are dropped.
+
+Every module key must be matched: missing, unexpected and mis-shaped keys raise, all listed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from mtrun.errors import MtrunError
+
+__all__ = ["LAION_IGNORED", "LAION_TO_HF", "LoadReport", "audio_config_from_dict", "laion_to_hf_state_dict", "load_audio_tower"]
+
+LAION_TO_HF: tuple[tuple[str, str], ...] = (
+    # (LAION-CLAP key pattern, ClapAudioModel key); ``{i}``/``{j}`` = stage / block index.
+    ("audio_branch.bn0.*", "audio_encoder.batch_norm.*"),
+    ("audio_branch.patch_embed.proj.*", "audio_encoder.patch_embed.proj.*"),
+    ("audio_branch.patch_embed.norm.*", "audio_encoder.patch_embed.norm.*"),
+    ("audio_branch.layers.{i}.blocks.{j}.norm1.*", "audio_encoder.layers.{i}.blocks.{j}.layernorm_before.*"),
+    ("audio_branch.layers.{i}.blocks.{j}.attn.qkv.*", "audio_encoder.layers.{i}.blocks.{j}.attention.self.{query,key,value}.* (rows split in 3)"),
+    ("audio_branch.layers.{i}.blocks.{j}.attn.relative_position_bias_table", "audio_encoder.layers.{i}.blocks.{j}.attention.self.relative_position_bias_table"),
+    ("audio_branch.layers.{i}.blocks.{j}.attn.relative_position_index", "audio_encoder.layers.{i}.blocks.{j}.attention.self.relative_position_index"),
+    ("audio_branch.layers.{i}.blocks.{j}.attn.proj.*", "audio_encoder.layers.{i}.blocks.{j}.attention.output.dense.*"),
+    ("audio_branch.layers.{i}.blocks.{j}.norm2.*", "audio_encoder.layers.{i}.blocks.{j}.layernorm_after.*"),
+    ("audio_branch.layers.{i}.blocks.{j}.mlp.fc1.*", "audio_encoder.layers.{i}.blocks.{j}.intermediate.dense.*"),
+    ("audio_branch.layers.{i}.blocks.{j}.mlp.fc2.*", "audio_encoder.layers.{i}.blocks.{j}.output.dense.*"),
+    ("audio_branch.layers.{i}.downsample.reduction.*", "audio_encoder.layers.{i}.downsample.reduction.*"),
+    ("audio_branch.layers.{i}.downsample.norm.*", "audio_encoder.layers.{i}.downsample.norm.*"),
+    ("audio_branch.norm.*", "audio_encoder.norm.*"),
+)
+"""The documented LAION-CLAP -> ``ClapAudioModel`` key mapping (also in the README)."""
+
+LAION_IGNORED: tuple[str, ...] = (
+    r"audio_branch\.spectrogram_extractor\..*",  # STFT as conv weights; preprocess computes it
+    r"audio_branch\.logmel_extractor\..*",  # mel filterbank; preprocess computes it
+    r"audio_branch\.layers\.\d+\.blocks\.\d+\.attn_mask",  # cached shifted-window mask
+    r"audio_branch\.tscam_conv\..*",  # AudioSet framewise head
+    r"audio_branch\.head\..*",  # AudioSet classifier
+    r"text_branch\..*",
+    r"text_transform\..*",
+    r"text_projection\..*",
+    r"audio_transform\..*",
+    r"audio_projection\..*",
+    r"logit_scale_[at]",
+)
+"""LAION-CLAP keys that are not part of the HTS-AT audio tower we run."""
+
+_HF_IGNORED = (r"text_model\..*", r"text_projection\..*", r"audio_projection\..*", r"logit_scale_[at]")
+
+_BLOCK_RULES = (
+    ("norm1.", "layernorm_before."),
+    ("attn.relative_position_bias_table", "attention.self.relative_position_bias_table"),
+    ("attn.relative_position_index", "attention.self.relative_position_index"),
+    ("attn.proj.", "attention.output.dense."),
+    ("norm2.", "layernorm_after."),
+    ("mlp.fc1.", "intermediate.dense."),
+    ("mlp.fc2.", "output.dense."),
+)
+
+
+@attrs.frozen
+class LoadReport:
+    """What a load did; ``missing``/``unexpected`` are empty on success (otherwise it raised)."""
+
+    matched: int
+    ignored: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+
+
+def laion_to_hf_state_dict(state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Rename a LAION-CLAP state dict to ``ClapAudioModel`` keys; return it and the ignored keys.
+
+    Keys that neither map nor are known-ignorable are kept as they are, so the exact load
+    reports them as unexpected instead of dropping them silently.
+    """
+    out: dict[str, Any] = {}
+    ignored: list[str] = []
+    block = re.compile(r"^audio_branch\.layers\.(\d+)\.blocks\.(\d+)\.(.*)$")
+    for raw, value in state.items():
+        key = raw[len("module.") :] if raw.startswith("module.") else raw
+        if any(re.fullmatch(p, key) for p in LAION_IGNORED):
+            ignored.append(raw)
+            continue
+        m = block.match(key)
+        if m:
+            i, j, rest = m.groups()
+            prefix = f"audio_encoder.layers.{i}.blocks.{j}."
+            if rest.startswith("attn.qkv."):
+                suffix = rest[len("attn.qkv.") :]
+                q, k, v = value.chunk(3, dim=0)
+                for name, part in (("query", q), ("key", k), ("value", v)):
+                    out[f"{prefix}attention.self.{name}.{suffix}"] = part.clone()
+                continue
+            for old, new in _BLOCK_RULES:
+                if rest.startswith(old):
+                    rest = new + rest[len(old) :]
+                    break
+            out[prefix + rest] = value
+            continue
+        if key.startswith("audio_branch.bn0."):
+            key = "audio_encoder.batch_norm." + key[len("audio_branch.bn0.") :]
+        elif key.startswith("audio_branch."):
+            # patch_embed.*, layers.{i}.downsample.*, norm.* keep their names
+            key = "audio_encoder." + key[len("audio_branch.") :]
+        out[key] = value
+    return out, ignored
+
+
+def audio_config_from_dict(values: dict[str, Any]) -> Any:
+    """A ``ClapAudioConfig`` from a ``ClapConfig`` (``audio_config`` inside) or audio config dict."""
+    from transformers import ClapAudioConfig
+
+    if values.get("model_type") == "clap" or "audio_config" in values:
+        values = values.get("audio_config") or {}
+    known = set(ClapAudioConfig().to_dict())
+    config = ClapAudioConfig(**{k: v for k, v in values.items() if k in known and k not in ("model_type", "transformers_version", "architectures")})
+    if config.enable_fusion:
+        raise MtrunError("fusion CLAP checkpoints (enable_fusion=true) are not supported; use an unfused checkpoint such as laion/clap-htsat-unfused")
+    return config
+
+
+def _resolve(pretrained: str) -> Path:
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        return path
+    if pretrained.startswith((".", "/", "~")) or pretrained.endswith((".pt", ".ckpt", ".pth")):
+        raise MtrunError(f"pretrained={pretrained!r}: no such file or folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=pretrained, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json"]))
+    except Exception as exc:  # noqa: BLE001
+        raise MtrunError(
+            f"pretrained={pretrained!r}: could not download it from the Hugging Face hub "
+            f"({type(exc).__name__}: {exc}). Without network access, download it elsewhere and pass "
+            "the local folder (or LAION-CLAP .pt file) as `pretrained`."
+        ) from exc
+
+
+def _read_hf_weights(folder: Path) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = folder / index_name
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [single]
+        if all((folder / f).is_file() for f in files):
+            state: dict[str, Any] = {}
+            for name in files:
+                state.update(load_file(str(folder / name)) if name.endswith(".safetensors") else torch.load(folder / name, map_location="cpu", weights_only=True))
+            return state
+    raise MtrunError(f"{folder}: no model.safetensors or pytorch_model.bin found")
+
+
+def _exact_load(model: Any, state: dict[str, Any], ignored: list[str], what: str) -> LoadReport:
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}" for k in sorted(set(state) & set(target)) if tuple(state[k].shape) != tuple(target[k].shape)]
+    if missing or unexpected or shapes:
+
+        def listing(label: str, items: list[str]) -> str:
+            shown = "".join(f"\n    {k}" for k in items[:20])
+            more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
+            return f"\n  {label} ({len(items)}):{shown}{more}" if items else ""
+
+        raise MtrunError(
+            f"{what}: the checkpoint does not match the HTS-AT model (check the preset for LAION .pt files)"
+            + listing("missing from the checkpoint", missing)
+            + listing("unexpected in the checkpoint", unexpected)
+            + listing("shape mismatches", shapes)
+        )
+    model.load_state_dict(state, strict=True)
+    return LoadReport(matched=len(target), ignored=tuple(sorted(ignored)))
+
+
+def load_audio_tower(pretrained: str, preset_config: Any) -> tuple[Any, LoadReport]:
+    """Build a ``ClapAudioModel`` and load HF CLAP or LAION-CLAP weights into it exactly.
+
+    Args:
+        pretrained: Hub name, HF folder, or a LAION-CLAP ``.pt``/``.ckpt`` file.
+        preset_config: The ``ClapAudioConfig`` to build for LAION files, which carry no config.
+    """
+    import torch
+    from transformers import ClapAudioModel
+
+    what = f"pretrained={pretrained!r}"
+    path = _resolve(pretrained)
+    if path.is_file():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+        if not isinstance(state, dict):
+            raise MtrunError(f"{what}: expected a LAION-CLAP checkpoint (a dict with 'state_dict')")
+        if any("fusion_model" in k or "mel_conv2d" in k for k in state):
+            raise MtrunError(f"{what}: a fusion LAION-CLAP checkpoint; only unfused HTS-AT checkpoints are supported")
+        state, ignored = laion_to_hf_state_dict(state)
+        model = ClapAudioModel(preset_config)
+        return model, _exact_load(model, state, ignored, what)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise MtrunError(f"{what}: {path} has no config.json")
+    model = ClapAudioModel(audio_config_from_dict(json.loads(config_path.read_text())))
+    state: dict[str, Any] = {}
+    ignored = []
+    for key, value in _read_hf_weights(path).items():
+        if any(re.fullmatch(p, key) for p in _HF_IGNORED):
+            ignored.append(key)
+            continue
+        state[key[len("audio_model.") :] if key.startswith("audio_model.") else key] = value
+    return model, _exact_load(model, state, ignored, what)
