@@ -1,0 +1,15 @@
+"""mtrun plugin: RoBERTa, BERT and T5 encoders from transformers as a text encoder (``hf-text``)."""
+
+from __future__ import annotations
+
+from mtrun.hookspecs import hookimpl
+
+from mtrun_hf_text.encoder import PRESETS, HFTextEncoder
+
+__all__ = ["PRESETS", "HFTextEncoder", "mtrun_register_components"]
+
+
+@hookimpl
+def mtrun_register_components(registry) -> None:
+    """Register ``hf-text`` as a text encoder."""
+    registry.text_encoder("hf-text", HFTextEncoder)
