@@ -41,6 +41,10 @@ for dir in plugins/*/; do
 done
 echo "install.sh: installing ${targets[*]}"
 "$VPY" -m pip install "${targets[@]}"
+# Demo corpus renderer (SF2 synthesis). --no-deps: its declared pyaudio dependency (live
+# playback only, no wheel, needs PortAudio headers) is not used; without it, the corpus falls
+# back to a NumPy synthesizer and says so in its manifest.
+"$VPY" -m pip install --no-deps "tinysoundfont>=0.3.7,<0.4"
 
 "$VPY" -m mtrun.cli plugins >/dev/null || {
     echo "install.sh: installed, but 'mtrun plugins' fails; see the error above" >&2

@@ -96,6 +96,8 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         )
         parser.add_argument("kind", nargs="?", help="a component kind (audio_encoder, objective, ...)")
         parser.add_argument("name", nargs="?", help="a registered component name")
+        parser.add_argument("--markdown", action="store_true", help="print the component reference as Markdown")
+        parser.add_argument("--plugin", action="append", metavar="NAME", help="with --markdown: only this plugin's components (repeatable)")
     elif command in MODULE_COMMANDS:
         parser = argparse.ArgumentParser(prog=f"mtrun {command}")
         importlib.import_module(MODULE_COMMANDS[command]).configure(parser)
@@ -191,27 +193,6 @@ def _unknown(what: str, value: str, choices: Sequence[str], listing: str = "inst
     return 2
 
 
-def _describe_default(field: Any) -> str:
-    import attrs
-
-    default = field.default
-    if default is attrs.NOTHING:
-        return "(required)"
-    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-        if default.takes_self:
-            return "(computed)"
-        default = default.factory()
-    return repr(default)
-
-
-def _type_text(tp: Any) -> str:
-    if isinstance(tp, str):
-        return tp
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
 def _cmd_components(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
@@ -220,7 +201,12 @@ def _cmd_components(args: argparse.Namespace) -> int:
     from mtrun.recipe.slots import SLOTS
     from mtrun.registry import KINDS
 
+    from mtrun.reference import default_text, render_markdown, type_text
+
     registry = _registry()
+    if args.markdown:
+        print(render_markdown(registry, args.plugin or None), end="")
+        return 0
     console = Console()
     kind = args.kind
     if kind is not None and kind not in KINDS:
@@ -265,7 +251,7 @@ def _cmd_components(args: argparse.Namespace) -> int:
         table.add_column(column)
     for f in fields:
         table.add_row(
-            escape(f.name), escape(_type_text(f.type)), escape(_describe_default(f)), escape(str(f.metadata.get("help", "")))
+            escape(f.name), escape(type_text(f.type)), escape(default_text(f)), escape(str(f.metadata.get("help", "")))
         )
     console.print(table)
     return 0

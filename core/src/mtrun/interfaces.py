@@ -93,7 +93,7 @@ class Batch(dict):
     ``[B, T]`` at the audio encoder's rate), ``texts`` (list[str], one chosen text per item),
     ``tags`` (list of tag dicts), ``groups`` (list[str | None]), ``text_inputs`` (the text
     encoder's tokenizer output). Augmenters and the model add more (``features``,
-    ``audio_keep_index``, ``hard_negative_texts``, ``mlm_labels``, ...); each documents its keys.
+    ``audio_keep_index``, ``hard_negatives`` (see the infonce plugin), ``mlm_labels``, ...); each documents its keys.
     """
 
     def __getattr__(self, key: str) -> Any:
@@ -294,7 +294,10 @@ class EvalTask(Protocol):
     """An evaluation (retrieval, zero-shot, probe, modality gap) over one split.
 
     ``evaluate`` receives the system (with ``embed_audio``/``embed_text``) and the samples;
-    returns flat metric names to numbers.
+    returns flat metric names to numbers, each prefixed with the task's own name
+    (``retrieval/t2a/R@10``). ``cache`` is an :class:`mtrun.eval.embed.EvalCache` shared by
+    the tasks of one evaluation round so that they embed the samples once; a task must accept
+    the keyword and may ignore it.
     """
 
-    def evaluate(self, system: Any, samples: Sequence[Sample]) -> dict[str, float]: ...
+    def evaluate(self, system: Any, samples: Sequence[Sample], *, cache: Any = None) -> dict[str, float]: ...

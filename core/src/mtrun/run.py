@@ -35,6 +35,23 @@ class LoaderConfig:
         metadata={"help": "how longer audio is cut to clip_seconds in training: random, center or start"},
     )
     num_workers: int = attrs.field(default=0, metadata={"help": "DataLoader worker processes"})
+    pad: str = attrs.field(
+        default="repeat",
+        validator=attrs.validators.in_(("repeat", "zero")),
+        metadata={"help": "how shorter audio is filled to clip_seconds: repeat (tile it, no silent tail) or zero"},
+    )
+    max_bad_fraction: float = attrs.field(
+        default=0.05,
+        validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)],
+        metadata={"help": "stop with an error when more than this fraction of a split's files is broken "
+                  "(missing, truncated, silent, ...); fewer are skipped and listed in RUN_DIR/skipped.jsonl"},
+    )
+    probe_items: int = attrs.field(
+        default=64,
+        validator=attrs.validators.ge(0),
+        metadata={"help": "items decoded at start (a seeded random subset) to catch a mostly broken dataset "
+                  "early, e.g. a wrong audio_root; 0 turns the probe off"},
+    )
 
 
 @attrs.frozen

@@ -84,4 +84,29 @@ def train(
     torch.manual_seed(run.config.seed)  # parameter initialisation is part of the trajectory
     built = assemble(resolved, run)
     metrics = built.trainer.fit()
+    if int(os.environ.get("RANK", "0")) == 0:
+        report = _evaluate_best(built, run, int(metrics.get("step", 0)))
+        if report is not None:
+            metrics["report"] = str(Path(report["out_dir"]) / "report.md")
     return metrics
+
+
+def _evaluate_best(built: Any, run: Any, final_step: int) -> dict[str, Any] | None:
+    """Evaluate the best checkpoint (by the trainer's best metric; the final weights when no
+    evaluation picked one) on the test split and write the report into the run folder."""
+    from mtrun.eval.run import evaluate_trained
+    from mtrun.train.checkpoint import CheckpointManager, find_latest, read_model_state
+
+    root = run.dir / "checkpoints"
+    best = CheckpointManager(root).best if root.is_dir() else None
+    step = final_step
+    if best is not None:
+        built.system.load_state_dict(read_model_state(best))
+        step = int(best.name.split("-")[-1])
+    checkpoint = best or (find_latest(root) if root.is_dir() else None)
+    result = evaluate_trained(built, run, split="test", step=step)
+    if result is not None:
+        print(f"report:     {Path(result['out_dir']) / 'report.md'}")
+    if checkpoint is not None:
+        print(f"checkpoint: {checkpoint}")
+    return result

@@ -7,55 +7,46 @@ every micro-batch see exactly the items a single process would see in that micro
 resuming at global batch ``b`` of an epoch yields exactly the batches that were left. Every
 random choice for an item (crop offset, caption, sample augmentation) comes from a generator
 seeded by ``(seed, epoch, item index)``, independent of workers, ranks and what ran before.
+
+Broken audio is skipped, listed in ``RUN_DIR/skipped.jsonl`` and, in training, replaced by a
+deterministic refill, so batch sizes and resume are unaffected (see :class:`BatchLoader`).
+Audio decoding, checks, crops and padding live in :mod:`mtrun.data.audio`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from mtrun.data.audio import AudioDecodeError, check_waveform, crop_or_pad, decode, describe_audio, load_waveform, to_mono
 from mtrun.errors import MtrunError
 from mtrun.interfaces import AugmentContext, Augmenter, Batch, Sample
 from mtrun.run import LoaderConfig
 from mtrun.train.rng import derive_seed
 
-__all__ = ["AudioDecodeError", "BatchLoader", "load_audio", "prepare_waveform", "sample_text"]
+__all__ = [
+    "SKIPPED_FILE",
+    "AudioDecodeError",
+    "BatchLoader",
+    "SkipLog",
+    "load_audio",
+    "prepare_waveform",
+    "sample_text",
+]
 
+SKIPPED_FILE = "skipped.jsonl"
+"""Name of the run-folder file listing every skipped item, one JSON object per line."""
 
-class AudioDecodeError(MtrunError):
-    """An audio file could not be read; names the sample and the file."""
+_log = logging.getLogger("mtrun.data")
 
-
-def load_audio(path: str | Path) -> tuple[torch.Tensor, int]:
-    """Decode an audio file to a float ``[channels, time]`` tensor and its sample rate.
-
-    soundfile (libsndfile) is preferred when installed because it needs no codec libraries
-    beyond its wheel; torchaudio is the fallback.
-
-    Raises:
-        AudioDecodeError: The file is missing or cannot be decoded.
-    """
-    path = str(path)
-    try:
-        try:
-            import soundfile
-        except ImportError:
-            soundfile = None
-        if soundfile is not None:
-            data, rate = soundfile.read(path, dtype="float32", always_2d=True)
-            return torch.from_numpy(data.T.copy()), int(rate)
-        import torchaudio
-
-        wave, rate = torchaudio.load(path)
-        return wave.float(), int(rate)
-    except Exception as exc:  # noqa: BLE001 - every decoder failure means the same to the user
-        raise AudioDecodeError(
-            f"cannot decode audio file {path!r}: {type(exc).__name__}: {exc} "
-            "(is the file present and a format libsndfile reads, e.g. WAV/FLAC/OGG? "
-            "`pip install soundfile` if neither soundfile nor a torchaudio backend is installed)"
-        ) from exc
+load_audio = decode
+"""Former name of :func:`mtrun.data.audio.decode`, kept for callers of the first loader."""
 
 
 def prepare_waveform(
@@ -65,46 +56,117 @@ def prepare_waveform(
     clip_samples: int,
     crop: str,
     generator: torch.Generator | None = None,
+    pad: str = "zero",
 ) -> torch.Tensor:
     """A mono float ``[clip_samples]`` waveform at ``sample_rate`` for one sample.
 
-    Channels are averaged; the audio is resampled when its rate differs from the encoder's;
-    longer audio is cropped by ``crop`` (``random`` draws the offset from ``generator``,
-    ``center``, ``start``) and shorter audio is zero-padded at the end.
-    """
-    if isinstance(sample.audio, (str, Path)):
-        try:
-            wave, rate = load_audio(sample.audio)
-        except AudioDecodeError as exc:
-            raise AudioDecodeError(f"sample {sample.id!r}: {exc}") from exc
-    else:
-        wave = torch.as_tensor(sample.audio)
-        if sample.sample_rate is None:
-            raise MtrunError(f"sample {sample.id!r} holds a waveform but no sample_rate")
-        rate = int(sample.sample_rate)
-    wave = wave.float()
-    if wave.dim() == 2:
-        wave = wave.mean(0)
-    elif wave.dim() != 1:
-        raise MtrunError(f"sample {sample.id!r}: audio must be [channels, time] or [time] (got shape {tuple(wave.shape)})")
-    if rate != sample_rate:
-        import torchaudio.functional
+    :func:`~mtrun.data.audio.load_waveform` (decode, check, mix to mono, resample) followed by
+    :func:`~mtrun.data.audio.crop_or_pad` with ``crop`` (``random`` draws the offset from
+    ``generator``, ``center``, ``start``) and ``pad`` (``zero`` or ``repeat``).
 
-        wave = torchaudio.functional.resample(wave, orig_freq=rate, new_freq=sample_rate)
-    length = wave.shape[0]
-    if length > clip_samples:
-        if crop == "random":
-            offset = int(torch.randint(0, length - clip_samples + 1, (), generator=generator))
-        elif crop == "center":
-            offset = (length - clip_samples) // 2
-        elif crop == "start":
-            offset = 0
-        else:
-            raise ValueError(f"unknown crop policy {crop!r}")
-        wave = wave[offset : offset + clip_samples]
-    elif length < clip_samples:
-        wave = torch.nn.functional.pad(wave, (0, clip_samples - length))
-    return wave.contiguous()
+    Raises:
+        AudioDecodeError: The audio is missing, undecodable, silent or non-finite; the
+            message names the sample and the file.
+    """
+    wave = load_waveform(sample, sample_rate)
+    return crop_or_pad(wave, clip_samples, crop, generator=generator, pad=pad)
+
+
+def inspect_sample(sample: Sample) -> None:
+    """Decode and check a sample's audio at its own rate (no resampling): the probe's test.
+
+    Raises:
+        AudioDecodeError: As :func:`~mtrun.data.audio.load_waveform` would.
+    """
+    if torch.is_tensor(sample.audio) and sample.sample_rate is not None:
+        load_waveform(sample, int(sample.sample_rate))
+        return
+    _decode_checked(sample)
+
+
+def _decode_checked(sample: Sample) -> tuple[torch.Tensor, int]:
+    """Mono waveform at the file's own rate, checked; errors name the sample and the file."""
+    wave, rate = decode_or_raise(sample)
+    mono = to_mono(wave)
+    check_waveform(mono, f"sample {sample.id!r} ({describe_audio(sample.audio)})")
+    return mono, rate
+
+
+def decode_or_raise(sample: Sample) -> tuple[torch.Tensor, int]:
+    try:
+        return decode(sample.audio)
+    except AudioDecodeError as exc:
+        raise AudioDecodeError(f"sample {sample.id!r}: {exc}", kind=exc.kind, path=exc.path) from None
+
+
+class SkipLog:
+    """``RUN_DIR/skipped.jsonl``: each bad item once, with its path and the reason.
+
+    Processes that write it (DataLoader workers, DDP ranks, the train and validation loaders)
+    coordinate through an exclusive ``flock`` and re-read the file under the lock, so an item
+    found bad by two workers at once is still listed once, across epochs and resumes too. The
+    lines are also the loader's memory of known-bad items: a resumed run reloads them and does
+    not decode those files again. Delete a line to have the file tried again.
+
+    Args:
+        path: The file, or ``None`` to keep the list in memory only (no run folder).
+    """
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path is not None else None
+        self._memory: dict[str, dict[str, Any]] = {}
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        """Id → its record, for every item listed so far."""
+        if self.path is None:
+            return dict(self._memory)
+        if not self.path.exists():
+            return {}
+        records: dict[str, dict[str, Any]] = {}
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash mid-write: ignore it
+                continue
+            if isinstance(record, dict) and "id" in record:
+                records.setdefault(str(record["id"]), record)
+        return records
+
+    def ids(self) -> set[str]:
+        return set(self.read())
+
+    def record(self, record: dict[str, Any]) -> bool:
+        """Append ``record`` (with ``id``, ``path``, ``reason``) unless its id is listed.
+
+        Returns:
+            True when this call added it.
+        """
+        item = str(record["id"])
+        if self.path is None:
+            if item in self._memory:
+                return False
+            self._memory[item] = record
+            return True
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                handle.seek(0)
+                for line in handle.read().splitlines():
+                    try:
+                        if str(json.loads(line).get("id")) == item:
+                            return False
+                    except (json.JSONDecodeError, AttributeError):
+                        continue
+                handle.seek(0, os.SEEK_END)
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
 
 
 def sample_text(sample: Sample, *, training: bool, generator: torch.Generator | None = None) -> str:
@@ -121,10 +183,20 @@ def _identity(x: Any) -> Any:
     return x
 
 
+def _wilson_lower(bad: int, total: int, z: float = 2.326) -> float:
+    """One-sided 99% lower confidence bound of a proportion (Wilson score interval)."""
+    if total == 0:
+        return 0.0
+    p = bad / total
+    centre = p + z * z / (2 * total)
+    spread = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return max(0.0, (centre - spread) / (1 + z * z / total))
+
+
 class _MicroBatches(torch.utils.data.Dataset):
     """Item ``i`` is the ``i``-th planned micro-batch, already collated (runs in workers)."""
 
-    def __init__(self, loader: BatchLoader, plan: list[tuple[int, int, int, list[int]]]):
+    def __init__(self, loader: BatchLoader, plan: list[tuple[int, int, int, list[int], list[int]]]):
         self.loader = loader
         self.plan = plan
 
@@ -132,26 +204,54 @@ class _MicroBatches(torch.utils.data.Dataset):
         return len(self.plan)
 
     def __getitem__(self, i: int) -> tuple[int, int, Batch]:
-        epoch, b, micro, indices = self.plan[i]
-        return b, micro, self.loader.make_batch(indices, epoch=epoch, batch_index=b)
+        epoch, b, micro, indices, slots = self.plan[i]
+        return b, micro, self.loader.make_batch(indices, epoch=epoch, batch_index=b, slots=slots)
 
 
 class BatchLoader:
-    """Plans and builds the batches of one split.
+    """Plans and builds the batches of one split, skipping broken audio.
+
+    **Bad input.** An item whose audio is missing, empty, truncated, not audio, silent or
+    non-finite (see :mod:`mtrun.data.audio`) is skipped and listed once in
+    ``RUN_DIR/skipped.jsonl`` (``{"id", "path", "kind", "reason"}``), and in training its slot
+    is *refilled*: slot ``p`` of global batch ``b`` takes the item at the same slot of batch
+    ``b+1`` of the epoch's permutation, then ``b+2``, ... — the first that is good. Because
+    badness is a property of the file (checked on the whole file, before cropping), the
+    replacement depends only on the data, not on which bad items were already known; known-bad
+    ids (reloaded from ``skipped.jsonl``) only save decoding them again. So batches keep their
+    size, ranks need not talk to each other, and a resumed run follows the uninterrupted
+    run's trajectory exactly. Distinct slots draw from distinct positions, so two refills of one
+    batch never pick the same item (short of the permutation wrapping around). In evaluation
+    bad items are dropped instead: repeating an item would bias the metrics.
+
+    **Too much bad input** fails early. At construction a seeded random subset of
+    ``config.probe_items`` items is decoded; the loader refuses to start when the probe shows,
+    at 99% confidence (a one-sided Wilson bound, so a few unlucky draws from a mostly good
+    dataset do not stop it), that more than ``config.max_bad_fraction`` of the split is bad —
+    a wrong ``audio_root`` fails in seconds rather than after an epoch of skips. A probe as
+    large as the split is an exact count. During training the number of distinct bad items
+    found so far (a lower bound of the true count) is checked after every batch that skipped
+    something, so a dataset that slipped past the probe still stops once it provably
+    exceeds the fraction.
 
     Args:
         samples: The split.
-        config: The ``[loader]`` table (clip length, crop policy, workers).
+        config: The ``[loader]`` table (clip length, crop and pad policies, workers, bad-input
+            limits).
         sample_rate: The audio encoder's rate; waveforms are resampled to it.
         tokenize: The text encoder's ``tokenize`` (must be picklable for workers).
         batch_size: The global batch size (over all ranks and micro-batches).
         grad_accum: Micro-batches per global batch.
         seed: The run seed.
         training: Shuffle, drop the last partial batch, random crops/captions, sample
-            augmenters; otherwise split order, every item, deterministic crops, first caption.
+            augmenters, refill skipped slots; otherwise split order, every item, deterministic
+            crops, first caption, skipped items dropped.
         augmenters: ``sample``-stage augmenters (training only unless ``applies_in_eval``).
         rank, world_size: This rank's share of each micro-batch.
         steps_per_epoch, total_steps: Handed to augmenters through :class:`AugmentContext`.
+        run_dir: The run folder, where ``skipped.jsonl`` is written; ``None`` keeps the list
+            in memory.
+        split: The split's name, recorded with each skipped item.
     """
 
     def __init__(
@@ -170,6 +270,8 @@ class BatchLoader:
         world_size: int = 1,
         steps_per_epoch: int = 0,
         total_steps: int = 0,
+        run_dir: str | Path | None = None,
+        split: str = "",
     ):
         if batch_size % (grad_accum * world_size) != 0:
             raise MtrunError(
@@ -191,6 +293,14 @@ class BatchLoader:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = total_steps
         self.crop = config.crop if training else ("center" if config.crop == "random" else config.crop)
+        self.pad = getattr(config, "pad", "repeat")
+        self.split = split
+        self.skip_log = SkipLog(Path(run_dir) / SKIPPED_FILE if run_dir is not None else None)
+        self._known_bad: set[str] = self.skip_log.ids()
+        self._order_cache: tuple[int, list[int]] | None = None
+        self._split_ids: set[str] | None = None
+        if getattr(config, "probe_items", 0) > 0 and len(samples) > 0:
+            self.probe()
 
     # ------------------------------------------------------------------ planning
 
@@ -208,6 +318,11 @@ class BatchLoader:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
         return torch.randperm(n, generator=generator).tolist()
 
+    def _cached_order(self, epoch: int) -> list[int]:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, self.order(epoch))
+        return self._order_cache[1]
+
     def global_batch(self, epoch: int, b: int, order: list[int] | None = None) -> list[int]:
         """Indices of global batch ``b`` of ``epoch`` (all ranks, all micro-batches)."""
         order = self.order(epoch) if order is None else order
@@ -221,40 +336,179 @@ class BatchLoader:
         share = -(-len(chunk) // self.world_size)
         return chunk[rank * share : (rank + 1) * share]
 
-    def plan(self, epoch: int, start: int = 0) -> list[tuple[int, int, int, list[int]]]:
-        """``(epoch, batch, micro, indices)`` for this rank from global batch ``start`` on."""
+    def plan(self, epoch: int, start: int = 0) -> list[tuple[int, int, int, list[int], list[int]]]:
+        """``(epoch, batch, micro, indices, slots)`` for this rank from global batch ``start``
+        on; ``slots`` are the items' positions in their global batch (what refills key on)."""
         order = self.order(epoch)
         out = []
         for b in range(start, self.num_batches):
             indices = self.global_batch(epoch, b, order)
+            positions = list(range(len(indices)))
             for m in range(self.grad_accum):
-                out.append((epoch, b, m, self.shard(indices, m)))
+                slots = self.shard(positions, m)
+                out.append((epoch, b, m, [indices[p] for p in slots], slots))
         return out
+
+    # ------------------------------------------------------------------ bad input
+
+    def _skip(self, index: int, error: AudioDecodeError) -> None:
+        """Remember a bad item and list it in ``skipped.jsonl`` (once)."""
+        sample_id = self.samples[index].id
+        self._known_bad.add(sample_id)
+        record = {
+            "id": sample_id,
+            "path": error.path or describe_audio(self.samples[index].audio),
+            "kind": error.kind,
+            "reason": str(error),
+        }
+        if self.split:
+            record["split"] = self.split
+        if self.skip_log.record(record):
+            _log.warning("skipped %s", error)
+
+    def _usable(self, index: int) -> bool:
+        """Whether the item decodes and passes the checks (decoding it once to find out)."""
+        if self.samples[index].id in self._known_bad:
+            return False
+        try:
+            inspect_sample(self.samples[index])
+        except AudioDecodeError as error:
+            self._skip(index, error)
+            return False
+        return True
+
+    def probe(self) -> None:
+        """Decode a seeded random subset of the split; refuse a mostly broken dataset.
+
+        Raises:
+            MtrunError: The probe shows (99% confidence) that more than
+                ``config.max_bad_fraction`` of the split is bad; names counts, kinds and an
+                example.
+        """
+        n = len(self.samples)
+        k = min(int(self.config.probe_items), n)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "probe"))
+        chosen = torch.randperm(n, generator=generator)[:k].tolist()
+        bad = [i for i in chosen if not self._usable(i)]
+        limit = float(self.config.max_bad_fraction)
+        exceeded = len(bad) / n > limit if k == n else _wilson_lower(len(bad), k) > limit
+        if exceeded:
+            records = self.skip_log.read()
+            kinds: dict[str, int] = {}
+            for i in bad:
+                kind = records.get(self.samples[i].id, {}).get("kind", "bad")
+                kinds[kind] = kinds.get(kind, 0) + 1
+            example = records.get(self.samples[bad[0]].id, {}).get("reason", "")
+            raise MtrunError(
+                f"{len(bad)} of {k} items probed{' (the whole split)' if k == n else ''}"
+                f"{f' of split {self.split!r}' if self.split else ''} are unusable "
+                f"({', '.join(f'{v} {kind}' for kind, v in sorted(kinds.items()))}), more than "
+                f"[loader].max_bad_fraction = {limit:g} allows. First: {example}. "
+                "Check the data source's paths (audio_root), or raise [loader].max_bad_fraction."
+                + (f" Listed in {self.skip_log.path}." if self.skip_log.path else "")
+            )
+
+    def _check_fraction(self) -> None:
+        if self._split_ids is None:
+            self._split_ids = {s.id for s in self.samples}
+        self._known_bad |= self.skip_log.ids()
+        bad = len(self._known_bad & self._split_ids)
+        n = len(self._split_ids)
+        if n and bad / n > self.config.max_bad_fraction:
+            raise MtrunError(
+                f"{bad} of {n} items{f' of split {self.split!r}' if self.split else ''} are unusable, "
+                f"more than [loader].max_bad_fraction = {self.config.max_bad_fraction:g} allows"
+                + (f"; see {self.skip_log.path}" if self.skip_log.path else "")
+            )
+
+    def _candidates(self, epoch: int, batch_index: int, slot: int) -> Iterator[int]:
+        """Refills for ``slot`` of a global batch: the same slot in the following batches of
+        the epoch's permutation (wrapping around), never an item of the batch itself."""
+        order = self._cached_order(epoch)
+        n = len(order)
+        own = set(self.global_batch(epoch, batch_index, order))
+        start = (batch_index + 1) * self.batch_size + slot
+        for k in range(-(-n // max(self.batch_size, 1)) + 1):
+            index = order[(start + k * self.batch_size) % n]
+            if index not in own:
+                yield index
 
     # ------------------------------------------------------------------ building
 
-    def make_batch(self, indices: Sequence[int], *, epoch: int = 0, batch_index: int = 0) -> Batch:
-        """Load, augment, crop and collate the samples at ``indices``."""
+    def _prepare(self, sample: Sample, epoch: int, index: int) -> torch.Tensor:
+        """Decode and check the whole file, crop at the file's own rate, then resample.
+
+        Cropping first means only the clip is resampled (a 3-minute track costs a 10-second
+        resample); the crop keeps a small margin that the final exact crop/pad trims, so
+        the resampling filter has real context at the clip's edges.
+        """
+        import attrs
+
+        crop_gen = torch.Generator().manual_seed(derive_seed(self.seed, "crop", epoch, index))
+        if torch.is_tensor(sample.audio) and sample.sample_rate is not None:
+            rate = int(sample.sample_rate)
+            native = load_waveform(sample, rate)  # checked, mono
+        else:
+            native, rate = _decode_checked(sample)
+        if rate != self.sample_rate:
+            margin = 64
+            needed = math.ceil(self.clip_samples * rate / self.sample_rate) + 2 * margin
+            if native.shape[-1] > needed:
+                native = crop_or_pad(native, needed, self.crop, generator=crop_gen)
+            wave = load_waveform(attrs.evolve(sample, audio=native, sample_rate=rate), self.sample_rate, check=False)
+            return crop_or_pad(wave, self.clip_samples, "center" if wave.shape[-1] > self.clip_samples else self.crop, pad=self.pad)
+        return crop_or_pad(native, self.clip_samples, self.crop, generator=crop_gen, pad=self.pad)
+
+    def make_batch(
+        self,
+        indices: Sequence[int],
+        *,
+        epoch: int = 0,
+        batch_index: int = 0,
+        slots: Sequence[int] | None = None,
+    ) -> Batch:
+        """Load, augment, crop and collate the samples at ``indices``.
+
+        ``slots`` are the items' positions in their global batch; in training a bad item's
+        slot is refilled from them (see the class docstring). The batch's ``skipped`` key lists
+        the ids skipped while building it.
+        """
         step = epoch * self.steps_per_epoch + batch_index
-        waves, texts, ids, tags, groups = [], [], [], [], []
-        for index in indices:
-            sample = self.samples[index]
-            if self.augmenters:
-                context = AugmentContext(
-                    step=step,
-                    epoch=epoch,
-                    steps_per_epoch=self.steps_per_epoch,
-                    total_steps=self.total_steps,
-                    training=self.training,
-                    generator=torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, index)),
-                )
-                for aug in self.augmenters:
-                    sample = aug(sample, context)
-            crop_gen = torch.Generator().manual_seed(derive_seed(self.seed, "crop", epoch, index))
+        waves, texts, ids, tags, groups, skipped = [], [], [], [], [], []
+        for position, first in enumerate(indices):
+            slot = slots[position] if slots is not None else position
+            candidates = self._candidates(epoch, batch_index, slot) if self.training else iter(())
+            index: int | None = first
+            while index is not None:
+                sample = self.samples[index]
+                if sample.id not in self._known_bad:
+                    if self.augmenters:
+                        context = AugmentContext(
+                            step=step,
+                            epoch=epoch,
+                            steps_per_epoch=self.steps_per_epoch,
+                            total_steps=self.total_steps,
+                            training=self.training,
+                            generator=torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, index)),
+                        )
+                        for aug in self.augmenters:
+                            sample = aug(sample, context)
+                    try:
+                        wave = self._prepare(sample, epoch, index)
+                        break
+                    except AudioDecodeError as error:
+                        self._skip(index, error)
+                skipped.append(self.samples[index].id)
+                index = next(candidates, None)
+                if index is None and self.training:
+                    raise MtrunError(
+                        f"no usable item left to refill slot {slot} of batch {batch_index} (epoch {epoch}): "
+                        f"every candidate is listed as bad; see {self.skip_log.path or 'the skipped items'}"
+                    )
+            if index is None:  # evaluation: the bad item is dropped
+                continue
             text_gen = torch.Generator().manual_seed(derive_seed(self.seed, "caption", epoch, index))
-            waves.append(
-                prepare_waveform(sample, sample_rate=self.sample_rate, clip_samples=self.clip_samples, crop=self.crop, generator=crop_gen)
-            )
+            waves.append(wave)
             texts.append(sample_text(sample, training=self.training, generator=text_gen))
             ids.append(sample.id)
             tags.append(sample.tags)
@@ -266,17 +520,28 @@ class BatchLoader:
             texts=texts,
             tags=tags,
             groups=groups,
-            text_inputs=self.tokenize(texts),
+            text_inputs=self.tokenize(texts) if texts else {},
+            skipped=skipped,
         )
 
     # ------------------------------------------------------------------ iterating
 
+    @property
+    def skipped(self) -> dict[str, dict[str, Any]]:
+        """Every skipped item listed so far (id → record), this split's and others'."""
+        return self.skip_log.read()
+
     def micro_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, int, Batch]]:
         """``(batch index, micro index, batch)`` for this rank, in order, from global batch
-        ``start`` of ``epoch``; built by a DataLoader with ``config.num_workers`` workers."""
+        ``start`` of ``epoch``; built by a DataLoader with ``config.num_workers`` workers.
+
+        Evaluation batches left empty by skipped items are not yielded.
+        """
         plan = self.plan(epoch, start)
         if not plan:
             return iter(())
+        # Workers get a copy of this loader: hand them what other processes found bad so far.
+        self._known_bad |= self.skip_log.ids()
         workers = max(0, int(self.config.num_workers))
         loader = torch.utils.data.DataLoader(
             _MicroBatches(self, plan),
@@ -286,18 +551,31 @@ class BatchLoader:
             collate_fn=_identity,
             prefetch_factor=2 if workers else None,
         )
-        return iter(loader)
+        return self._checked(iter(loader))
+
+    def _checked(self, batches: Iterator[tuple[int, int, Batch]]) -> Iterator[tuple[int, int, Batch]]:
+        for b, micro, batch in batches:
+            if batch.get("skipped"):
+                self._check_fraction()
+            if not self.training and not batch["ids"]:
+                continue
+            yield b, micro, batch
 
     def global_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, list[Batch]]]:
         """``(batch index, [micro-batches])`` per global batch, from ``start`` on."""
         current: list[Batch] = []
+        last = None
         for b, micro, batch in self.micro_batches(epoch, start):
+            if last is not None and b != last and current:  # evaluation: a batch lost a micro-batch
+                yield last, current
+                current = []
+            last = b
             current.append(batch)
             if micro == self.grad_accum - 1:
                 yield b, current
                 current = []
         if current:  # evaluation: the last global batch may have fewer micro-batches
-            yield b, current
+            yield last, current
 
     def __iter__(self) -> Iterator[Batch]:
         """Every micro-batch of epoch 0 (what evaluation iterates)."""

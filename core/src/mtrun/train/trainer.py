@@ -298,6 +298,8 @@ class DefaultTrainer:
             augmenters=system.sample_augmenters,
             rank=rank,
             world_size=world,
+            run_dir=run_dir,
+            split=cfg.train_split,
             **common,
         )
         steps_per_epoch = loader.num_batches
@@ -315,6 +317,8 @@ class DefaultTrainer:
                 augmenters=system.sample_augmenters,
                 steps_per_epoch=steps_per_epoch,
                 total_steps=total,
+                run_dir=run_dir,
+                split=cfg.val_split,
                 **common,
             )
 
@@ -557,6 +561,8 @@ class DefaultTrainer:
         """
         if samples is None:
             return {}
+        from mtrun.eval.embed import EvalCache
+
         results: dict[str, float] = {}
         was_training = system.training
         system.eval()
@@ -582,8 +588,9 @@ class DefaultTrainer:
                     if count:
                         results["val/loss"] = loss_sum / count
                         results.update({f"val/{k}": v / count for k, v in sums.items()})
+                cache = EvalCache()  # one embedding pass per round, shared by the tasks
                 for task in self.evals:
-                    for key, value in task.evaluate(system, samples).items():
+                    for key, value in task.evaluate(system, samples, cache=cache).items():
                         results[f"val/{key}"] = float(value)
         finally:
             system.train(was_training)

@@ -1,0 +1,437 @@
+"""Audio in: decode any file to float samples, mix to mono, resample, crop, pad and window.
+
+Decoding uses **soundfile** (libsndfile; its pip wheel bundles WAV, FLAC, OGG/Vorbis/Opus and
+MP3 support, so no system package is needed). What libsndfile does not recognise at all
+(AAC/M4A, WMA, video containers) falls back to **PyAV**, whose pip wheels bundle FFmpeg's
+libraries — again no system package. ``audioread``/``pydub`` were not chosen because they shell
+out to an ``ffmpeg`` binary that a pip-only machine does not have. The fallback is used only
+when libsndfile *does not know the format*; a file libsndfile knows but finds malformed is
+reported as broken, because FFmpeg would often decode its first half and hide the damage.
+
+Every failure is an :class:`AudioDecodeError` whose message names the file and the reason, and
+whose :attr:`~AudioDecodeError.kind` is a short machine-readable category (``missing``,
+``zero-length``, ``truncated``, ``not-audio``, ``silent``, ``non-finite``, ...). The loader
+uses these to skip bad items and list them in ``skipped.jsonl``.
+
+Besides paths, :func:`decode` accepts any *audio reference*: an object with an ``open()``
+method returning a binary file object, and optionally ``name`` and ``suffix`` attributes
+(:class:`mtrun.data.sources.shards.TarMember` is one: a byte range inside a tar shard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mtrun.errors import MtrunError
+
+if TYPE_CHECKING:
+    import torch
+
+    from mtrun.interfaces import Sample
+
+__all__ = [
+    "CROP_POLICIES",
+    "PAD_POLICIES",
+    "SILENCE_THRESHOLD",
+    "AudioDecodeError",
+    "check_waveform",
+    "crop_or_pad",
+    "decode",
+    "describe_audio",
+    "load_waveform",
+    "resample",
+    "sliding_windows",
+    "to_mono",
+]
+
+CROP_POLICIES = ("random", "center", "start")
+"""How audio longer than a clip is cut: a seeded random offset, the middle, or the start."""
+
+PAD_POLICIES = ("repeat", "zero")
+"""How audio shorter than a clip is filled: tiled (CLAP's "repeatpad") or zeros at the end."""
+
+SILENCE_THRESHOLD = 1e-6
+"""Peak amplitude at or below which a waveform counts as silent (about -120 dBFS: below one
+step of 16-bit audio, so a file with any real content, even dithered near-silence, passes)."""
+
+# A file whose header promises noticeably more frames than can be decoded was cut short. MP3
+# frame counts are estimates and codecs pad a little, hence the tolerance.
+_TRUNCATION_TOLERANCE = 0.02
+_SHOULD_BE = re.compile(r"^\s*data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_SF_UNRECOGNISED_FORMAT = 1  # libsndfile's SF_ERR_UNRECOGNISED_FORMAT
+
+
+class AudioDecodeError(MtrunError):
+    """An audio file or waveform cannot be used; the message names the item and the reason.
+
+    Attributes:
+        kind: Short category of the problem: ``missing``, ``zero-length``, ``truncated``,
+            ``not-audio``, ``corrupt``, ``silent``, ``non-finite``, ``empty`` or ``bad-shape``.
+        path: The file concerned, when there is one.
+    """
+
+    def __init__(self, message: str, *, kind: str = "corrupt", path: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.path = path
+
+    def __reduce__(self):  # keep kind and path when raised inside a DataLoader worker
+        return (_rebuild_decode_error, (str(self), self.kind, self.path))
+
+
+def _rebuild_decode_error(message: str, kind: str, path: str | None) -> AudioDecodeError:
+    return AudioDecodeError(message, kind=kind, path=path)
+
+
+def describe_audio(audio: Any) -> str:
+    """A printable name for a sample's audio: the path, a reference's name, or ``<waveform>``."""
+    if isinstance(audio, (str, os.PathLike)):
+        return str(audio)
+    name = getattr(audio, "name", None)
+    if name is not None:
+        return str(name)
+    return "<waveform>"
+
+
+# ---------------------------------------------------------------------------------- decoding
+
+
+def decode(path: Any) -> tuple[torch.Tensor, int]:
+    """Decode an audio file to float32 ``[channels, time]`` and its sample rate.
+
+    Any channel count and rate; WAV, FLAC, OGG and MP3 through libsndfile, other formats
+    through PyAV when it is installed (see the module docstring).
+
+    Args:
+        path: A file path, or an audio reference with ``open()`` (see the module docstring).
+
+    Raises:
+        AudioDecodeError: The file is missing, empty, cut short, not audio, or otherwise
+            undecodable. The message names the file and the reason.
+    """
+    import torch
+
+    name = describe_audio(path)
+    is_path = isinstance(path, (str, os.PathLike))
+    if is_path:
+        file = Path(path)
+        if not file.exists():
+            raise AudioDecodeError(f"audio file {name!r}: missing (no such file)", kind="missing", path=name)
+        if file.is_dir():
+            raise AudioDecodeError(f"audio file {name!r}: is a folder, not a file", kind="not-audio", path=name)
+        if file.stat().st_size == 0:
+            raise AudioDecodeError(f"audio file {name!r}: zero-length (the file is empty)", kind="zero-length", path=name)
+    elif not callable(getattr(path, "open", None)):
+        raise AudioDecodeError(f"cannot decode {path!r}: expected a path or an object with open()", kind="bad-shape")
+
+    try:
+        data, rate = _decode_soundfile(path)
+    except _Unrecognised as unrecognised:
+        try:
+            data, rate = _decode_pyav(path)
+        except ImportError:
+            raise AudioDecodeError(
+                f"audio file {name!r}: not audio, or a format libsndfile does not read "
+                f"({unrecognised}); install PyAV (`pip install av`) to decode AAC/M4A and other FFmpeg formats",
+                kind="not-audio",
+                path=name,
+            ) from None
+        except AudioDecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - FFmpeg's errors all mean "cannot read this"
+            raise AudioDecodeError(
+                f"audio file {name!r}: not audio (neither libsndfile nor FFmpeg recognises it: {exc})",
+                kind="not-audio",
+                path=name,
+            ) from None
+    wave = torch.from_numpy(data.T.copy())
+    if wave.shape[-1] == 0:
+        raise AudioDecodeError(f"audio file {name!r}: holds no audio frames", kind="empty", path=name)
+    return wave, int(rate)
+
+
+class _Unrecognised(Exception):
+    """libsndfile does not know the format; another decoder may."""
+
+
+def _open_binary(path: Any):
+    return open(path, "rb") if isinstance(path, (str, os.PathLike)) else path.open()
+
+
+def _decode_soundfile(path: Any):
+    import numpy as np
+    import soundfile
+
+    name = describe_audio(path)
+    try:
+        with contextlib.ExitStack() as stack:
+            # libsndfile reads a path directly (faster than through Python file callbacks).
+            source = str(path) if isinstance(path, (str, os.PathLike)) else stack.enter_context(path.open())
+            handle = stack.enter_context(soundfile.SoundFile(source))
+            declared = handle.frames
+            extra = handle.extra_info
+            rate = handle.samplerate
+            data = handle.read(dtype="float32", always_2d=True)
+    except soundfile.LibsndfileError as exc:
+        # libsndfile picks MP3 by extension and then reports odd errors for a text file named
+        # .mp3; a file that does not start like any audio format it reads is "not audio".
+        if getattr(exc, "code", None) == _SF_UNRECOGNISED_FORMAT or not _has_audio_magic(path):
+            raise _Unrecognised(exc.error_string) from None
+        kind = "truncated" if _looks_truncated(exc.error_string) else "corrupt"
+        raise AudioDecodeError(
+            f"audio file {name!r}: {'truncated or ' if kind == 'truncated' else ''}corrupt ({exc.error_string})",
+            kind=kind,
+            path=name,
+        ) from None
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise AudioDecodeError(f"audio file {name!r}: corrupt ({exc})", kind="corrupt", path=name) from None
+    # WAV: libsndfile silently shortens a data chunk that runs past the end of the file and
+    # notes "data : N (should be M)" in its log; that is a file cut short.
+    match = _SHOULD_BE.search(extra or "")
+    if match and int(match.group(2)) < int(match.group(1)):
+        raise AudioDecodeError(
+            f"audio file {name!r}: truncated (its header declares {match.group(1)} bytes of audio, "
+            f"only {match.group(2)} are present)",
+            kind="truncated",
+            path=name,
+        )
+    if declared > 0 and len(data) < declared * (1 - _TRUNCATION_TOLERANCE):
+        raise AudioDecodeError(
+            f"audio file {name!r}: truncated (its header declares {declared} frames, only {len(data)} decode)",
+            kind="truncated",
+            path=name,
+        )
+    return np.ascontiguousarray(data), rate
+
+
+_MAGIC = (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS", b"ID3", b"FORM", b".snd", b"caff", b"wvpk", b"MAC ")
+
+
+def _has_audio_magic(path: Any) -> bool:
+    """Whether the file starts like a format libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, ...)."""
+    try:
+        with _open_binary(path) as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    if head.startswith(_MAGIC):
+        return True
+    # A bare MPEG audio frame: 11 sync bits set.
+    return len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0
+
+
+def _looks_truncated(message: str) -> bool:
+    text = message.lower()
+    return any(s in text for s in ("lost sync", "end of file", "malformed", "unexpected end", "short read"))
+
+
+def _decode_pyav(path: Any):
+    import av  # PyAV: FFmpeg's libraries inside the wheel
+    import numpy as np
+
+    name = describe_audio(path)
+    with _open_binary(path) as raw:
+        with av.open(raw) as container:
+            if not container.streams.audio:
+                raise AudioDecodeError(f"audio file {name!r}: not audio (the container has no audio stream)", kind="not-audio", path=name)
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="fltp")  # planar float32, channels kept
+            chunks = []
+            rate = stream.rate
+            for frame in container.decode(stream):
+                rate = frame.sample_rate or rate
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray())
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+    if not chunks:
+        raise AudioDecodeError(f"audio file {name!r}: holds no audio frames", kind="empty", path=name)
+    data = np.concatenate(chunks, axis=1).astype("float32", copy=False)  # [C, T]
+    return np.ascontiguousarray(data.T), int(rate)
+
+
+# ------------------------------------------------------------------------------- validation
+
+
+def check_waveform(wave: torch.Tensor, where: str, *, silence_threshold: float = SILENCE_THRESHOLD) -> None:
+    """Refuse audio that would train nothing or poison the loss.
+
+    Checked on the whole file (before cropping), so the verdict is a property of the file and
+    not of the crop drawn: a loader that skips on it stays deterministic.
+
+    Args:
+        wave: Waveform of any shape.
+        where: What the waveform is (sample id and file), for the message.
+        silence_threshold: Peak amplitude at or below which the audio is silent.
+
+    Raises:
+        AudioDecodeError: ``non-finite`` (NaN or infinity present) or ``silent``.
+    """
+    import torch
+
+    if wave.numel() == 0:
+        raise AudioDecodeError(f"{where}: holds no audio frames", kind="empty")
+    # One pass: the peak is NaN or infinite exactly when some sample is; count only then.
+    peak = float(wave.abs().max())
+    if not math.isfinite(peak):
+        bad = int((~torch.isfinite(wave)).sum())
+        raise AudioDecodeError(f"{where}: non-finite audio ({bad} NaN or infinite values)", kind="non-finite")
+    if peak <= silence_threshold:
+        raise AudioDecodeError(f"{where}: silent (peak amplitude {peak:.3g})", kind="silent")
+
+
+# ---------------------------------------------------------------------------- conversions
+
+
+def to_mono(wave: torch.Tensor) -> torch.Tensor:
+    """``[C, T]`` or ``[T]`` → ``[T]`` by averaging channels (what every encoder here expects)."""
+    if wave.dim() == 2:
+        return wave.mean(0)
+    if wave.dim() == 1:
+        return wave
+    raise AudioDecodeError(f"audio must be [channels, time] or [time] (got shape {tuple(wave.shape)})", kind="bad-shape")
+
+
+def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
+    """Band-limited (windowed sinc) resampling along the last axis; a no-op at equal rates.
+
+    torchaudio's resampler is pure torch, so it needs none of torchaudio's I/O backends and
+    runs inside DataLoader workers; one resampler per rate pair is kept (per process).
+    """
+    if int(orig_rate) == int(new_rate):
+        return wave
+    import torch
+
+    with torch.no_grad():
+        return _resampler(int(orig_rate), int(new_rate))(wave)
+
+
+@functools.lru_cache(maxsize=32)
+def _resampler(orig_rate: int, new_rate: int):
+    # ``transforms.Resample`` computes its sinc kernel once; the functional form recomputes it
+    # on every call, which costs more than the resampling itself (0.2 s for 44.1 → 8 kHz).
+    import torchaudio.transforms
+
+    return torchaudio.transforms.Resample(orig_freq=orig_rate, new_freq=new_rate)
+
+
+def load_waveform(sample: Sample, sample_rate: int, *, check: bool = True) -> torch.Tensor:
+    """The whole of a sample's audio as mono float32 ``[T]`` at ``sample_rate``.
+
+    Args:
+        sample: Its ``audio`` is a tensor ``[C, T]``/``[T]`` at ``sample.sample_rate``, a path,
+            or an audio reference.
+        sample_rate: The rate to return (the audio encoder's).
+        check: Refuse silent and non-finite audio (:func:`check_waveform`).
+
+    Raises:
+        AudioDecodeError: The audio cannot be decoded or is unusable; the message starts
+            with the sample id and names the file.
+    """
+    import torch
+
+    audio = sample.audio
+    where = f"sample {sample.id!r}"
+    try:
+        if torch.is_tensor(audio) or hasattr(audio, "__array__") and not isinstance(audio, (str, os.PathLike)):
+            if sample.sample_rate is None:
+                raise AudioDecodeError(f"{where} holds a waveform but no sample_rate", kind="bad-shape")
+            wave, rate = torch.as_tensor(audio), int(sample.sample_rate)
+        else:
+            wave, rate = decode(audio)
+            where = f"{where} ({describe_audio(audio)})"
+        wave = to_mono(wave.float())
+        if check:
+            check_waveform(wave, where)
+    except AudioDecodeError as exc:
+        message = str(exc)
+        if not message.startswith(f"sample {sample.id!r}"):
+            message = f"sample {sample.id!r}: {message}"
+        raise AudioDecodeError(message, kind=exc.kind, path=exc.path or _path_of(audio)) from None
+    return resample(wave, rate, sample_rate).contiguous()
+
+
+def _path_of(audio: Any) -> str | None:
+    name = describe_audio(audio)
+    return None if name == "<waveform>" else name
+
+
+# ------------------------------------------------------------------------ crops and windows
+
+
+def crop_or_pad(
+    wave: torch.Tensor,
+    length: int,
+    policy: str = "random",
+    generator: torch.Generator | None = None,
+    pad: str = "repeat",
+) -> torch.Tensor:
+    """Cut or fill a waveform to exactly ``length`` samples along its last axis.
+
+    Args:
+        wave: ``[..., T]``.
+        length: Samples wanted.
+        policy: Cropping of longer audio: ``random`` (offset drawn from ``generator``, every
+            offset reachable), ``center`` or ``start``.
+        generator: Seeded generator for ``random``; the loader seeds it per (epoch, item) so
+            crops do not depend on worker or rank.
+        pad: Filling of shorter audio: ``repeat`` tiles the audio (no silent tail for the
+            encoder to learn as a shortcut; CLAP's "repeatpad") or ``zero``.
+    """
+    import torch
+
+    if policy not in CROP_POLICIES:
+        raise ValueError(f"unknown crop policy {policy!r}; expected one of {', '.join(CROP_POLICIES)}")
+    if pad not in PAD_POLICIES:
+        raise ValueError(f"unknown pad policy {pad!r}; expected one of {', '.join(PAD_POLICIES)}")
+    if length <= 0:
+        raise ValueError(f"length must be positive (got {length})")
+    total = wave.shape[-1]
+    if total > length:
+        if policy == "random":
+            offset = int(torch.randint(0, total - length + 1, (), generator=generator))
+        elif policy == "center":
+            offset = (total - length) // 2
+        else:
+            offset = 0
+        return wave[..., offset : offset + length].contiguous()
+    if total < length:
+        if pad == "zero" or total == 0:
+            return torch.nn.functional.pad(wave, (0, length - total)).contiguous()
+        repeats = -(-length // total)
+        return wave.repeat(*([1] * (wave.dim() - 1)), repeats)[..., :length].contiguous()
+    return wave.contiguous()
+
+
+def sliding_windows(wave: torch.Tensor, length: int, hop: int | None = None) -> torch.Tensor:
+    """Deterministic windows ``[W, length]`` that together cover the whole of a mono ``[T]``.
+
+    For inference: embed every window and mean-pool, so a file always gives the same
+    embedding. Windows start at ``0, hop, 2·hop, ...``; the last window is aligned to the end
+    of the file (so no audio is lost and no window is padded); a file shorter than ``length``
+    gives one repeat-padded window.
+
+    Args:
+        wave: Mono waveform ``[T]``.
+        length: Window length in samples.
+        hop: Step between window starts (default ``length``: no overlap).
+    """
+    import torch
+
+    hop = length if hop is None else int(hop)
+    if length <= 0 or hop <= 0:
+        raise ValueError(f"length and hop must be positive (got {length}, {hop})")
+    wave = to_mono(wave)
+    total = wave.shape[-1]
+    if total <= length:
+        return crop_or_pad(wave, length, "start", pad="repeat").unsqueeze(0)
+    starts = list(range(0, total - length + 1, hop))
+    if starts[-1] != total - length:
+        starts.append(total - length)
+    return torch.stack([wave[s : s + length] for s in starts])

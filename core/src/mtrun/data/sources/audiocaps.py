@@ -1,0 +1,84 @@
+"""AudioCaps (Kim et al., 2019) from its published ``train.csv``, ``val.csv`` and ``test.csv``.
+
+Each file has one row per *caption*: ``audiocap_id, youtube_id, start_time, caption``. A clip
+appears once in ``train`` (one caption) and five times in ``val``/``test`` (five captions), so
+rows are grouped by ``youtube_id`` into one multi-caption sample per clip, which is what the
+retrieval metrics count as one item.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from mtrun.data.sources.base import SplitSource
+from mtrun.data.sources.published import audio_location, read_delimited
+from mtrun.interfaces import Sample
+
+__all__ = ["AudioCaps"]
+
+_COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")
+
+
+def _default_files() -> dict[str, str]:
+    return {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
+
+
+class AudioCaps(SplitSource):
+    """AudioCaps: ~50k ten-second AudioSet clips; 1 caption each in train, 5 in val and test.
+
+    ``files`` maps each mtrun split to its published file inside ``metadata_dir`` (leave a
+    split out to skip it). One sample per ``youtube_id`` and file: id and group =
+    ``youtube_id``; ``captions`` = all its rows' captions in file order; ``extra`` holds
+    ``start_time`` (seconds into the YouTube video) and the ``audiocap_ids``. ``audio_pattern``
+    may use ``{youtube_id}``, ``{start_time}``, ``{audiocap_id}`` (of the first row),
+    ``{split}`` (train/val/test) and ``{subset}`` (the file's stem).
+    """
+
+    @attrs.frozen
+    class Config:
+        metadata_dir: str = attrs.field(metadata={"help": "folder holding the published train/val/test CSVs"})
+        audio_root: str = attrs.field(metadata={"help": "folder holding the downloaded clips"})
+        audio_pattern: str = attrs.field(
+            default="{youtube_id}.wav",
+            metadata={"help": "audio file under audio_root: {youtube_id}, {start_time}, {audiocap_id}, {split}, {subset}"},
+        )
+        files: dict[str, str] = attrs.field(
+            factory=_default_files, metadata={"help": "split -> CSV file name in metadata_dir"}
+        )
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def build(self) -> dict[str, list[Sample]]:
+        cfg = self.config
+        out: dict[str, list[Sample]] = {}
+        for split, name in cfg.files.items():
+            rows = read_delimited(
+                Path(cfg.metadata_dir).expanduser() / name,
+                source="audiocaps",
+                key=f"metadata_dir + files.{split}",
+                required=_COLUMNS,
+            )
+            clips: dict[str, Sample] = {}
+            for row in rows:
+                youtube_id = row["youtube_id"].strip()
+                if not youtube_id:
+                    continue
+                sample = clips.get(youtube_id)
+                if sample is None:
+                    fields = {**row, "split": split, "subset": Path(name).stem}
+                    start = row["start_time"].strip()
+                    sample = clips[youtube_id] = Sample(
+                        id=youtube_id,
+                        audio=audio_location(cfg.audio_root, cfg.audio_pattern, fields, source="audiocaps"),
+                        group=youtube_id,
+                        extra={"start_time": float(start) if start else None, "audiocap_ids": []},
+                    )
+                caption = (row.get("caption") or "").strip()
+                if caption:
+                    sample.captions.append(caption)
+                sample.extra["audiocap_ids"].append(row["audiocap_id"].strip())
+            out[split] = list(clips.values())
+        return out

@@ -1,0 +1,129 @@
+"""MTG-Jamendo (Bogdanov et al., 2019) from the auto-tagging split files of its repository.
+
+The files (``data/splits/split-N/autotagging[_SUBSET]-{train,validation,test}.tsv``) are
+tab-separated with the header ``TRACK_ID ARTIST_ID ALBUM_ID PATH DURATION TAGS``, but the
+``TAGS`` column is really *the rest of the row*: one ``category---tag`` per extra field
+(``genre---rock  instrument---guitar  mood/theme---happy``). A CSV reader would keep only the
+first tag, so the rows are split by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from mtrun.data.sources.base import SplitSource
+from mtrun.data.sources.published import audio_location, require_dir, require_file
+from mtrun.errors import MtrunError
+from mtrun.interfaces import Sample
+
+__all__ = ["MTGJamendo", "read_autotagging_tsv"]
+
+_HEADER = ("TRACK_ID", "ARTIST_ID", "ALBUM_ID", "PATH", "DURATION")
+CATEGORIES = {"genre": "genre", "instrument": "instrument", "mood/theme": "mood"}
+"""Jamendo's tag prefixes → mtrun tag categories (``mood/theme`` becomes ``mood``)."""
+
+SUBSETS = {
+    "all": "autotagging",
+    "top50tags": "autotagging_top50tags",
+    "genre": "autotagging_genre",
+    "instrument": "autotagging_instrument",
+    "moodtheme": "autotagging_moodtheme",
+}
+"""``subset`` values → the published file prefix."""
+
+_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+
+
+def read_autotagging_tsv(path: str | Path, *, source: str, key: str) -> list[dict]:
+    """Rows of an MTG-Jamendo auto-tagging TSV: the five fixed columns plus ``tags`` by category.
+
+    Also used by Song Describer, whose ``song_describer.mtg-jamendo.tsv`` has this layout.
+    """
+    file = require_file(path, source=source, key=key)
+    lines = file.read_text(encoding="utf-8-sig").splitlines()
+    if not lines or tuple(lines[0].split("\t")[:5]) != _HEADER:
+        raise MtrunError(
+            f"{source}: {file} (set by [data].{key}) is not an MTG-Jamendo auto-tagging TSV; "
+            f"expected a header starting with {' '.join(_HEADER)}"
+        )
+    rows = []
+    for line in lines[1:]:
+        fields = line.rstrip("\r\n").split("\t")
+        if len(fields) < 5 or not fields[0].strip():
+            continue
+        row = dict(zip(_HEADER, (f.strip() for f in fields[:5])))
+        tags: dict[str, list[str]] = {}
+        for raw in fields[5:]:
+            raw = raw.strip()
+            if not raw:
+                continue
+            prefix, sep, tag = raw.partition("---")
+            category = CATEGORIES.get(prefix, prefix) if sep else "tag"
+            tags.setdefault(category, []).append(tag if sep else raw)
+        row["tags"] = tags
+        rows.append(row)
+    return rows
+
+
+class MTGJamendo(SplitSource):
+    """MTG-Jamendo auto-tagging: 55k full tracks with genre, instrument and mood/theme tags.
+
+    Reads ``DATA_DIR/splits/split-{split_index}/{prefix}-{train,validation,test}.tsv`` where
+    ``prefix`` is ``autotagging`` (``subset = "all"``: 87 genre, 40 instrument, 56 mood/theme
+    tags) or ``autotagging_top50tags`` / ``_genre`` / ``_instrument`` / ``_moodtheme``. The
+    published ``validation`` file becomes the ``val`` split.
+
+    Each sample: id and group = ``TRACK_ID``; no captions (the loader joins the tags, or a
+    tag-to-caption augmenter writes some); ``tags`` by category ``genre``, ``instrument``,
+    ``mood``; ``extra`` holds ``artist_id``, ``album_id`` and ``duration``.
+    """
+
+    @attrs.frozen
+    class Config:
+        data_dir: str = attrs.field(metadata={"help": "the repository's data/ folder (holding splits/)"})
+        audio_root: str = attrs.field(metadata={"help": "folder holding the audio (00/, 01/, ...)"})
+        audio_pattern: str = attrs.field(
+            default="{PATH}",
+            metadata={"help": "audio file under audio_root: {PATH}, {path_stem} (e.g. '{path_stem}.low.mp3'), {TRACK_ID}"},
+        )
+        subset: str = attrs.field(
+            default="all",
+            validator=attrs.validators.in_(tuple(SUBSETS)),
+            metadata={"help": "tag subset: all, top50tags, genre, instrument or moodtheme"},
+        )
+        split_index: int = attrs.field(
+            default=0,
+            validator=[attrs.validators.ge(0), attrs.validators.le(4)],
+            metadata={"help": "which of the published splits split-0 .. split-4"},
+        )
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def build(self) -> dict[str, list[Sample]]:
+        cfg = self.config
+        folder = require_dir(cfg.data_dir, source="mtg-jamendo", key="data_dir") / "splits" / f"split-{cfg.split_index}"
+        out: dict[str, list[Sample]] = {}
+        for split, published in _SPLITS.items():
+            file = folder / f"{SUBSETS[cfg.subset]}-{published}.tsv"
+            samples = []
+            for row in read_autotagging_tsv(file, source="mtg-jamendo", key="data_dir (with subset and split_index)"):
+                fields = {**row, "path_stem": row["PATH"].rsplit(".", 1)[0]}
+                fields.pop("tags")
+                samples.append(
+                    Sample(
+                        id=row["TRACK_ID"],
+                        audio=audio_location(cfg.audio_root, cfg.audio_pattern, fields, source="mtg-jamendo"),
+                        tags=row["tags"],
+                        group=row["TRACK_ID"],
+                        extra={
+                            "artist_id": row["ARTIST_ID"],
+                            "album_id": row["ALBUM_ID"],
+                            "duration": float(row["DURATION"]) if row["DURATION"] else None,
+                        },
+                    )
+                )
+            out[split] = samples
+        return out

@@ -1,0 +1,417 @@
+"""The ``manifest`` data source: a table of items (CSV, TSV, JSONL or Parquet) + an audio folder.
+
+Columns (one row per audio item):
+
+=================  ========================================================================
+``id``             required; unique within the manifest
+``audio``          required; path of the audio file relative to ``audio_root``
+``caption``        one caption; in CSV several captions may be joined with ``|``
+``captions``       a list (JSONL/Parquet), or ``|``-joined / a JSON list string (CSV)
+``caption_1..N``   several caption columns (the AudioCaps/Clotho layout)
+``tags``           an object ``{category: [values]}`` (JSONL/Parquet) or its JSON text (CSV)
+``tag_<category>`` one column per category, several values separated by ``;``
+``split``          ``train``/``val``/``test`` (aliases such as ``valid``, ``validation``,
+                   ``development``, ``evaluation`` are normalised); optional, see
+                   ``default_split``
+``group``          optional; items of one group (clips of one track) are never negatives
+=================  ========================================================================
+
+Every other column is kept in ``Sample.extra`` (licence, bpm, renderer, ...). An item needs
+some text: at least one caption or one tag column must exist.
+
+The module also holds table helpers the public-dataset adapters share: :func:`read_table`,
+:func:`canonical_split`, :func:`split_map`, :func:`hash_split`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import attrs
+
+from mtrun.data.sources.base import SplitSource
+from mtrun.errors import MtrunError
+from mtrun.interfaces import Sample
+
+__all__ = [
+    "SPLIT_ALIASES",
+    "ManifestSource",
+    "canonical_split",
+    "hash_split",
+    "read_table",
+    "row_to_sample",
+    "split_map",
+]
+
+SPLIT_ALIASES: dict[str, str] = {
+    "train": "train",
+    "training": "train",
+    "development": "train",
+    "dev": "val",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+    "eval": "test",
+    "evaluation": "test",
+}
+"""Published split names → mtrun's ``train``/``val``/``test``. Clotho calls its training set
+``development`` (and its test set ``evaluation``), hence ``development`` → ``train``; a bare
+``dev`` follows the common ML meaning, validation."""
+
+TABLE_FORMATS = ("auto", "csv", "tsv", "jsonl", "json", "parquet")
+
+_KNOWN = {"id", "audio", "caption", "captions", "tags", "split", "group"}
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def _format_of(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        if fmt not in TABLE_FORMATS:
+            raise MtrunError(f"{path}: unknown table format {fmt!r}; expected one of {', '.join(TABLE_FORMATS)}")
+        return fmt
+    suffixes = [s.lower() for s in path.suffixes]
+    for suffix in reversed(suffixes):
+        name = suffix.lstrip(".")
+        if name in ("csv", "tsv", "jsonl", "json", "parquet"):
+            return name
+        if name == "ndjson":
+            return "jsonl"
+        if name == "pq":
+            return "parquet"
+    raise MtrunError(
+        f"{path}: cannot tell the table format from the extension {path.suffix!r}; "
+        "use .csv, .tsv, .jsonl, .json or .parquet (or set the format explicitly)"
+    )
+
+
+def read_table(path: str | Path, *, format: str = "auto") -> list[dict[str, Any]]:
+    """Rows of a CSV, TSV, JSONL, JSON (list of objects) or Parquet file as dicts.
+
+    CSV/TSV values are strings (the header's names stripped, a UTF-8 byte-order mark dropped);
+    JSONL/JSON/Parquet keep their types, so list and object columns arrive as lists and dicts.
+    Parquet is read with pyarrow.
+
+    Args:
+        path: The table file.
+        format: ``auto`` (from the extension) or one of ``csv``, ``tsv``, ``jsonl``, ``json``,
+            ``parquet``.
+
+    Raises:
+        MtrunError: The file is missing, unreadable, or not of the format it claims; the
+            message names the file (and the line for JSON errors).
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise MtrunError(f"table not found: {file}" + (" (it is a folder)" if file.is_dir() else ""))
+    fmt = _format_of(file, format)
+    if fmt in ("csv", "tsv"):
+        with file.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter="," if fmt == "csv" else "\t")
+            try:
+                rows = []
+                for row in reader:
+                    if None in row:
+                        raise MtrunError(
+                            f"{file}: line {reader.line_num} has more fields than the header "
+                            f"({len(reader.fieldnames or [])} columns)"
+                        )
+                    rows.append({(k or "").strip(): v for k, v in row.items()})
+            except csv.Error as exc:
+                raise MtrunError(f"{file}: not a valid {fmt.upper()} file: {exc}") from None
+        return rows
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:  # pragma: no cover - pyarrow is a core dependency
+            raise MtrunError(f"{file}: reading Parquet needs pyarrow (`pip install pyarrow`)") from None
+        try:
+            return pq.read_table(file).to_pylist()
+        except Exception as exc:  # noqa: BLE001 - arrow's errors all mean "not a Parquet table"
+            raise MtrunError(f"{file}: not a readable Parquet file: {exc}") from None
+    text = file.read_text(encoding="utf-8-sig")
+    if fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MtrunError(f"{file}: not valid JSON: {exc}") from None
+        if isinstance(data, dict):
+            data = [{"id": key, **value} if isinstance(value, dict) else {"id": key, "value": value} for key, value in data.items()]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise MtrunError(f"{file}: expected a JSON list of objects (or an object of objects keyed by id)")
+        return data
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MtrunError(f"{file}: line {number} is not valid JSON: {exc}") from None
+        if not isinstance(row, dict):
+            raise MtrunError(f"{file}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------ splits
+
+
+def canonical_split(name: str, *, where: str = "") -> str:
+    """``train``/``val``/``test`` for a published split name (see :data:`SPLIT_ALIASES`).
+
+    Names that are not aliases pass through lower-cased, so a manifest may define extra splits
+    (``fold1``, ``holdout``) for recipes that ask for them by name.
+    """
+    text = str(name).strip().lower()
+    if not text:
+        raise MtrunError(f"{where + ': ' if where else ''}empty split name")
+    return SPLIT_ALIASES.get(text, text)
+
+
+def split_map(assignments: Mapping[str, Iterable[str]], *, where: str = "") -> dict[str, str]:
+    """Item → split from published per-split id lists (MTG-Jamendo, MagnaTagATune splits).
+
+    Args:
+        assignments: ``{split name: ids}``; split names are normalised with
+            :func:`canonical_split`.
+        where: The file(s) the lists came from, for messages.
+
+    Raises:
+        MtrunError: An id is listed in two different splits (a leak between train and test).
+    """
+    result: dict[str, str] = {}
+    for split, ids in assignments.items():
+        name = canonical_split(split, where=where)
+        for item in ids:
+            key = str(item)
+            previous = result.get(key)
+            if previous is not None and previous != name:
+                raise MtrunError(f"{where + ': ' if where else ''}item {key!r} is in both {previous!r} and {name!r}")
+            result[key] = name
+    return result
+
+
+def hash_split(key: str, fractions: Mapping[str, float] | None = None, *, salt: str = "") -> str:
+    """A split for datasets that publish none, decided by hashing ``key`` (use the group).
+
+    The same on every machine and run, stable when rows are added, and every item of a group
+    lands in one split when the group is the key.
+
+    Args:
+        key: The item's group (or id).
+        fractions: ``{split: fraction}``; default 80/10/10 train/val/test.
+        salt: Changes the assignment while keeping the proportions.
+    """
+    fractions = fractions or {"train": 0.8, "val": 0.1, "test": 0.1}
+    total = sum(fractions.values())
+    point = zlib.crc32(f"{salt}{key}".encode()) / 2**32 * total
+    running = 0.0
+    for split, fraction in fractions.items():
+        running += fraction
+        if point < running:
+            return split
+    return next(reversed(list(fractions)))
+
+
+# ------------------------------------------------------------------------------- rows
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and value != value)
+
+
+def _text_list(value: Any, *, sep: str, where: str, column: str) -> list[str]:
+    if _is_empty(value):
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if not _is_empty(v)]
+    if hasattr(value, "tolist"):  # numpy arrays from Parquet via pandas-like readers
+        return _text_list(value.tolist(), sep=sep, where=where, column=column)
+    text = str(value).strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, list):
+            return [str(v).strip() for v in parsed if not _is_empty(v)]
+    return [part.strip() for part in text.split(sep) if part.strip()]
+
+
+def _tags_value(value: Any, *, where: str) -> dict[str, list[str]]:
+    if _is_empty(value):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise MtrunError(f"{where}: column 'tags' must be a JSON object {{category: [values]}} (got {value!r})") from None
+    if isinstance(value, list) and all(isinstance(v, dict) and "key" in v for v in value):
+        value = {v["key"]: v.get("value") for v in value}  # Parquet map columns arrive as pairs
+    if not isinstance(value, dict):
+        raise MtrunError(f"{where}: column 'tags' must be an object {{category: [values]}} (got {type(value).__name__})")
+    tags: dict[str, list[str]] = {}
+    for category, values in value.items():
+        items = _text_list(values, sep=";", where=where, column="tags") if not isinstance(values, str) else [
+            v.strip() for v in values.split(";") if v.strip()
+        ]
+        if items:
+            tags[str(category)] = items
+    return tags
+
+
+def row_to_sample(
+    row: Mapping[str, Any],
+    *,
+    audio_root: str | Path,
+    where: str,
+    default_split: str = "train",
+) -> tuple[str, Sample]:
+    """``(split, Sample)`` for one manifest row (column rules in the module docstring).
+
+    Args:
+        row: The row as :func:`read_table` returns it.
+        audio_root: Folder the ``audio`` column is relative to (absolute paths are kept).
+        where: ``file:line`` for messages.
+        default_split: Split of rows without a ``split`` value.
+    """
+    item_id = row.get("id")
+    if _is_empty(item_id):
+        raise MtrunError(f"{where}: empty 'id'")
+    audio = row.get("audio")
+    if _is_empty(audio):
+        raise MtrunError(f"{where}: item {item_id!r} has an empty 'audio' path")
+    audio_path = Path(str(audio).strip()).expanduser()
+    if not audio_path.is_absolute():
+        audio_path = Path(audio_root) / audio_path
+
+    captions: list[str] = []
+    captions += _text_list(row.get("caption"), sep="|", where=where, column="caption")
+    captions += _text_list(row.get("captions"), sep="|", where=where, column="captions")
+    numbered = sorted(
+        (k for k in row if k.startswith("caption_") and k[len("caption_") :].isdigit()),
+        key=lambda k: int(k[len("caption_") :]),
+    )
+    for column in numbered:
+        captions += _text_list(row[column], sep="|", where=where, column=column)
+
+    tags = _tags_value(row.get("tags"), where=where)
+    for column in row:
+        if column.startswith("tag_") and len(column) > 4:
+            values = _text_list(row[column], sep=";", where=where, column=column)
+            if values:
+                tags.setdefault(column[4:], [])
+                tags[column[4:]] += [v for v in values if v not in tags[column[4:]]]
+
+    split_value = row.get("split")
+    split = default_split if _is_empty(split_value) else canonical_split(str(split_value), where=where)
+    group = row.get("group")
+    extra = {
+        k: v
+        for k, v in row.items()
+        if k not in _KNOWN and not k.startswith("tag_") and k not in numbered and not _is_empty(v)
+    }
+    sample = Sample(
+        id=str(item_id).strip(),
+        audio=str(audio_path),
+        sample_rate=None,
+        captions=captions,
+        tags=tags,
+        group=None if _is_empty(group) else str(group).strip(),
+        extra=extra,
+    )
+    return split, sample
+
+
+def check_columns(columns: Sequence[str], file: str | Path) -> None:
+    """Refuse a manifest without ``id``/``audio`` or without any caption or tag column.
+
+    Raises:
+        MtrunError: Naming the file, the missing column and the columns it has.
+    """
+    have = ", ".join(columns) or "none"
+    for required in ("id", "audio"):
+        if required not in columns:
+            raise MtrunError(f"{file}: manifest lacks the required column {required!r}; it has: {have}")
+    texty = [c for c in columns if c in ("caption", "captions", "tags") or c.startswith(("caption_", "tag_"))]
+    if not texty:
+        raise MtrunError(
+            f"{file}: manifest has no text column: add 'caption', 'captions', 'caption_1..N', 'tags' "
+            f"or 'tag_<category>'; it has: {have}"
+        )
+
+
+# ------------------------------------------------------------------------------ source
+
+
+class ManifestSource(SplitSource):
+    """Items listed in a CSV/TSV/JSONL/Parquet manifest, audio in a folder beside it.
+
+    Audio files are not opened here (a large dataset would be read on every start); the
+    loader decodes them in workers and skips broken ones. Duplicate ids are refused, since
+    skipped-file lists, retrieval ground truth and resume all key on the id.
+    """
+
+    @attrs.frozen
+    class Config:
+        path: str = attrs.field(metadata={"help": "the manifest file: .csv, .tsv, .jsonl, .json or .parquet"})
+        audio_root: str = attrs.field(
+            default="",
+            metadata={"help": "folder the 'audio' column is relative to ('' = the manifest's folder; "
+                      "a relative folder is taken from the manifest's folder)"},
+        )
+        format: str = attrs.field(
+            default="auto",
+            validator=attrs.validators.in_(TABLE_FORMATS),
+            metadata={"help": "table format: auto (from the extension), csv, tsv, jsonl, json or parquet"},
+        )
+        default_split: str = attrs.field(
+            default="train", metadata={"help": "split of rows with no 'split' value"}
+        )
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    @property
+    def manifest_path(self) -> Path:
+        return Path(self.config.path).expanduser()
+
+    @property
+    def audio_root(self) -> Path:
+        base = self.manifest_path.resolve().parent
+        if not self.config.audio_root:
+            return base
+        root = Path(self.config.audio_root).expanduser()
+        return root if root.is_absolute() else base / root
+
+    def build(self) -> dict[str, list[Sample]]:
+        file = self.manifest_path
+        rows = read_table(file, format=self.config.format)
+        columns: list[str] = []
+        for row in rows:
+            for column in row:
+                if column not in columns:
+                    columns.append(column)
+        if not rows:
+            raise MtrunError(f"{file}: the manifest has no rows")
+        check_columns(columns, file)
+        first_line = 2 if _format_of(file, self.config.format) in ("csv", "tsv") else 1
+        splits: dict[str, list[Sample]] = {}
+        seen: dict[str, int] = {}
+        root = self.audio_root
+        for number, row in enumerate(rows):
+            line = number + first_line
+            split, sample = row_to_sample(row, audio_root=root, where=f"{file}:{line}", default_split=self.config.default_split)
+            if sample.id in seen:
+                raise MtrunError(f"{file}:{line}: id {sample.id!r} already used on line {seen[sample.id]}")
+            seen[sample.id] = line
+            splits.setdefault(split, []).append(sample)
+        return splits

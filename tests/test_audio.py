@@ -1,0 +1,150 @@
+"""Audio decoding, checks, mono mixing, resampling, crops, padding and sliding windows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from mtrun.data.audio import AudioDecodeError, check_waveform, crop_or_pad, decode, load_waveform, sliding_windows
+from mtrun.interfaces import Sample
+
+FORMATS = [("wav", "WAV", "PCM_16", 1e-4), ("flac", "FLAC", "PCM_16", 1e-4), ("ogg", "OGG", "VORBIS", None), ("mp3", "MP3", "MPEG_LAYER_III", None)]
+
+
+def tone(freq: float, rate: int, seconds: float, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return np.stack([0.5 * np.sin(2 * np.pi * freq * t + c) for c in range(channels)], axis=1).astype("float32")
+
+
+def dominant_frequency(wave: torch.Tensor, rate: int) -> float:
+    spectrum = torch.fft.rfft(wave * torch.hann_window(len(wave))).abs()
+    return float(spectrum.argmax()) * rate / len(wave)
+
+
+@pytest.mark.parametrize(("ext", "fmt", "subtype", "tolerance"), FORMATS)
+def test_each_format_round_trips_with_its_rate_and_channels(tmp_path, ext, fmt, subtype, tolerance):
+    if fmt not in soundfile.available_formats():
+        pytest.skip(f"libsndfile here cannot write {fmt}")
+    data = tone(440, 16000, 1.0, channels=2)
+    path = tmp_path / f"a.{ext}"
+    soundfile.write(path, data, 16000, format=fmt, subtype=subtype)
+    wave, rate = decode(path)
+    assert rate == 16000 and wave.dtype == torch.float32 and wave.shape[0] == 2
+    if tolerance is not None:  # lossless formats give the samples back
+        assert wave.shape[1] == 16000
+        assert torch.allclose(wave, torch.from_numpy(data.T), atol=tolerance)
+    else:  # lossy codecs pad a little and keep the pitch
+        assert abs(wave.shape[1] - 16000) < 2500
+        assert abs(dominant_frequency(wave[0], rate) - 440) < 5
+
+
+def test_a_format_libsndfile_does_not_know_falls_back_to_ffmpeg(tmp_path):
+    av = pytest.importorskip("av")
+    path = tmp_path / "a.m4a"
+    data = tone(440, 16000, 1.0)[:, 0]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(data[None, :], format="flt", layout="mono")
+        frame.sample_rate = 16000
+        for packet in list(stream.encode(frame)) + list(stream.encode(None)):
+            out.mux(packet)
+    wave, rate = decode(path)
+    assert rate == 16000 and wave.shape[0] == 1
+    assert abs(dominant_frequency(wave[0], rate) - 440) < 5
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda p: None, "missing"),
+        (lambda p: p.write_bytes(b""), "zero-length"),
+        (lambda p: p.write_bytes(b"this is plain text, not audio " * 20), "not-audio"),
+    ],
+)
+def test_broken_files_raise_with_the_file_and_the_reason(tmp_path, make, kind):
+    path = tmp_path / "bad.wav"
+    make(path)
+    with pytest.raises(AudioDecodeError, match="bad.wav") as info:
+        decode(path)
+    assert info.value.kind == kind
+    assert kind.split("-")[0] in str(info.value)
+
+
+@pytest.mark.parametrize(("ext", "fmt", "subtype"), [("wav", "WAV", "PCM_16"), ("flac", "FLAC", "PCM_16"), ("mp3", "MP3", "MPEG_LAYER_III")])
+def test_a_file_cut_in_half_is_reported_as_truncated(tmp_path, ext, fmt, subtype):
+    full = tmp_path / f"full.{ext}"
+    soundfile.write(full, tone(300, 8000, 2.0), 8000, format=fmt, subtype=subtype)
+    data = full.read_bytes()
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AudioDecodeError, match="cut") as info:
+        decode(cut)
+    assert info.value.kind == "truncated"
+
+
+def test_silent_and_non_finite_waveforms_are_refused():
+    check_waveform(torch.full((100,), 1e-4), "quiet but real")
+    with pytest.raises(AudioDecodeError, match="silent") as info:
+        check_waveform(torch.zeros(2, 100), "x")
+    assert info.value.kind == "silent"
+    wave = torch.ones(100)
+    wave[5] = float("nan")
+    with pytest.raises(AudioDecodeError, match="non-finite") as info:
+        check_waveform(wave, "x")
+    assert info.value.kind == "non-finite"
+
+
+def test_load_waveform_mixes_channels_to_mono_and_names_the_sample(tmp_path):
+    path = tmp_path / "stereo.wav"
+    data = np.stack([np.full(800, 0.25), np.full(800, 0.75)], axis=1).astype("float32")
+    soundfile.write(path, data, 8000, subtype="FLOAT")
+    wave = load_waveform(Sample(id="st", audio=str(path)), 8000)
+    assert wave.shape == (800,) and torch.allclose(wave, torch.full((800,), 0.5))
+    from_tensor = load_waveform(Sample(id="t", audio=torch.from_numpy(data.T), sample_rate=8000), 8000)
+    assert torch.equal(from_tensor, wave)
+    with pytest.raises(AudioDecodeError, match=r"sample 'gone'.*missing"):
+        load_waveform(Sample(id="gone", audio=str(tmp_path / "nope.wav")), 8000)
+
+
+@pytest.mark.parametrize(("rate_in", "rate_out"), [(44100, 16000), (8000, 24000), (48000, 48000)])
+def test_resampling_keeps_a_sines_frequency(tmp_path, rate_in, rate_out):
+    path = tmp_path / "tone.flac"
+    soundfile.write(path, tone(1000, rate_in, 1.0), rate_in, subtype="PCM_24")
+    wave = load_waveform(Sample(id="t", audio=str(path)), rate_out)
+    assert abs(len(wave) - rate_out) <= 1
+    assert abs(dominant_frequency(wave, rate_out) - 1000) <= 2
+    t = torch.arange(len(wave)) / rate_out
+    expected = 0.5 * torch.sin(2 * math.pi * 1000 * t)
+    assert torch.allclose(wave[500:-500], expected[500:-500], atol=5e-3)
+
+
+def test_crop_policies_and_pad_policies():
+    ramp = torch.arange(10.0)
+    assert crop_or_pad(ramp, 4, "start").tolist() == [0, 1, 2, 3]
+    assert crop_or_pad(ramp, 4, "center").tolist() == [3, 4, 5, 6]
+    offsets = {int(crop_or_pad(ramp, 4, "random", torch.Generator().manual_seed(s))[0]) for s in range(60)}
+    assert offsets == set(range(7))
+    short = torch.tensor([1.0, 2.0, 3.0])
+    assert crop_or_pad(short, 7, "random").tolist() == [1, 2, 3, 1, 2, 3, 1]  # repeat is the default
+    assert crop_or_pad(short, 5, "start", pad="zero").tolist() == [1, 2, 3, 0, 0]
+    assert crop_or_pad(torch.ones(2, 3), 5, "start").shape == (2, 5)
+    with pytest.raises(ValueError, match="crop policy"):
+        crop_or_pad(ramp, 4, "middle")
+
+
+def test_sliding_windows_cover_the_file_end_aligned_and_are_deterministic():
+    wave = torch.arange(25.0)
+    windows = sliding_windows(wave, 10, 8)
+    assert windows[:, 0].tolist() == [0, 8, 15]  # the last window ends exactly at the end
+    assert windows[-1, -1] == 24
+    covered = set().union(*(set(w.tolist()) for w in windows))
+    assert covered == set(range(25))
+    assert torch.equal(windows, sliding_windows(wave.clone(), 10, 8))
+    assert sliding_windows(torch.arange(20.0), 10).shape == (2, 10)  # exact fit: no extra window
+    short = sliding_windows(torch.tensor([1.0, 2.0, 3.0]), 7, 7)
+    assert short.tolist() == [[1, 2, 3, 1, 2, 3, 1]]

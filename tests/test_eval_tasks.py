@@ -1,0 +1,244 @@
+"""Evaluation tasks and the inference path on constructed cases with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mtrun.interfaces import EncoderOutput, Sample
+
+CLASSES = ["jig", "reel", "waltz", "march"]
+RATE = 100
+
+
+class KnownAudio(nn.Module):
+    """Audio "encoder" whose pooled output is the one-hot of the class coded in the waveform:
+    class c is a constant waveform of value c + 1 (so the answer is known exactly)."""
+
+    sample_rate = RATE
+    output_dim = len(CLASSES)
+    token_grid = None
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def preprocess(self, waveforms):
+        return waveforms
+
+    def forward(self, features, *, keep_index=None, output_hidden_states=False):
+        level = features.abs().mean(-1).round().long() - 1
+        pooled = nn.functional.one_hot(level.clamp(0, len(CLASSES) - 1), len(CLASSES)).float()
+        return EncoderOutput(tokens=pooled[:, None], pooled=pooled, mask=torch.ones(len(pooled), 1, dtype=torch.bool))
+
+
+class Identity(nn.Module):
+    output_dim = len(CLASSES)
+
+    def forward(self, encoded):
+        return encoded.pooled
+
+
+class KnownSystem(nn.Module):
+    """A System stand-in: texts embed as the one-hot of the class names they mention."""
+
+    def __init__(self):
+        super().__init__()
+        self.audio_encoder = KnownAudio()
+        self.audio_projector = Identity()
+
+    def embed_text(self, texts):
+        out = torch.zeros(len(texts), len(CLASSES))
+        for i, text in enumerate(texts):
+            for c, name in enumerate(CLASSES):
+                if name in text:
+                    out[i, c] = 1.0
+        return nn.functional.normalize(out + 1e-3, dim=-1)
+
+
+def known_samples(labels):
+    return [
+        Sample(
+            id=f"s{i}",
+            audio=torch.full((RATE,), float(c + 1)),
+            sample_rate=RATE,
+            captions=[f"a {CLASSES[c]} tune", f"some {CLASSES[c]}"],
+            tags={"genre": [CLASSES[c]]},
+        )
+        for i, c in enumerate(labels)
+    ]
+
+
+def test_zero_shot_accuracy_on_a_known_case():
+    from mtrun.eval.zeroshot import ZeroShot
+
+    samples = known_samples([0, 1, 2, 3, 0, 1, 2, 3])
+    samples[0].tags["genre"] = ["reel"]  # the audio says jig: exactly one wrong answer
+    out = ZeroShot(ZeroShot.Config(clip_seconds=1.0)).evaluate(KnownSystem(), samples)
+    assert out["zero-shot/genre/accuracy"] == pytest.approx(100 * 7 / 8)
+    assert out["zero-shot/genre/n_classes"] == 4
+
+
+def test_zero_shot_multi_label_scores_perfect_tags_perfectly():
+    from mtrun.eval.zeroshot import ZeroShot
+
+    samples = known_samples([0, 1, 2, 3] * 3)
+    for s in samples[:4]:
+        s.tags["genre"] = s.tags["genre"] + ["unheard"]  # a second tag makes the task multi-label
+    out = ZeroShot(ZeroShot.Config(clip_seconds=1.0, classes=tuple(CLASSES))).evaluate(KnownSystem(), samples)
+    assert out["zero-shot/genre/roc_auc"] == pytest.approx(100.0)
+    assert out["zero-shot/genre/pr_auc"] == pytest.approx(100.0)
+    assert out["zero-shot/genre/mAR"] == pytest.approx(100.0)
+
+
+def test_zero_shot_templates_must_hold_a_placeholder():
+    from mtrun.eval.zeroshot import ZeroShot
+
+    with pytest.raises(ValueError, match=r"\{\}"):
+        ZeroShot.Config(templates=("no placeholder",))
+
+
+def test_retrieval_is_perfect_when_embeddings_identify_classes():
+    from mtrun.eval.retrieval import Retrieval
+
+    samples = known_samples([0, 1, 2, 3])
+    out = Retrieval(Retrieval.Config(clip_seconds=1.0, bootstrap=50)).evaluate(KnownSystem(), samples)
+    assert out["retrieval/t2a/R@1"] == 100 and out["retrieval/a2t/R@1"] == 100
+    assert out["retrieval/t2a/median_rank"] == 1
+    assert out["retrieval/t2a/R@1:ci_low"] == 100
+    assert out["retrieval/t2a/subset/R@1"] == 100
+    assert out["retrieval/n_captions"] == 8
+
+
+def test_modality_gap_is_chance_for_one_distribution_and_one_for_shifted():
+    from mtrun.eval.modality_gap import centroid_distance, separability
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(1500, 8))
+    t = rng.normal(size=(1500, 8))
+    assert abs(separability(a, t, seed=1) - 0.5) < 0.06
+    assert centroid_distance(a, t) < 0.1
+    shifted = t + np.r_[10.0, np.zeros(7)]
+    assert separability(a, shifted, seed=1) > 0.97
+    assert centroid_distance(a, shifted) > 0.5
+
+
+def test_probe_learns_a_separable_problem_and_a_linear_target():
+    from mtrun.eval.probe import train_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6))
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+    probs = train_probe(x[:200], y[:200], x[200:250], y[200:250], x[250:], kind="single", seed=0, max_epochs=60)
+    assert (probs.argmax(1) == y[250:]).mean() > 0.9
+    target = (2 * x[:, :1] - x[:, 2:3]) + 0.05 * rng.normal(size=(300, 1))
+    pred = train_probe(x[:200], target[:200], x[200:250], target[200:250], x[250:], kind="regression", seed=0, max_epochs=60)
+    from mtrun.eval.metrics import r2_score
+
+    assert r2_score(pred, target[250:]) > 0.9
+
+
+def test_probe_task_reports_mean_over_seeds_and_leaves_the_global_rng_alone():
+    from mtrun.eval.probe import Probe
+
+    samples = known_samples([0, 1, 2, 3] * 10)
+    before = torch.get_rng_state()
+    out = Probe(Probe.Config(clip_seconds=1.0, max_epochs=30)).evaluate(KnownSystem(), samples)
+    assert torch.equal(before, torch.get_rng_state())
+    assert out["probe/genre/accuracy"] == pytest.approx(100.0)
+    assert out["probe/genre/n_test"] == 8
+
+
+def test_tasks_of_one_round_share_one_embedding_pass(monkeypatch):
+    from mtrun.eval import embed
+    from mtrun.eval.embed import EvalCache
+    from mtrun.eval.modality_gap import ModalityGap
+    from mtrun.eval.retrieval import Retrieval
+
+    calls = []
+    original = embed.embed_samples
+    monkeypatch.setattr(embed, "embed_samples", lambda *a, **k: calls.append(1) or original(*a, **k))
+    samples, system, cache = known_samples([0, 1, 2, 3]), KnownSystem(), EvalCache()
+    Retrieval(Retrieval.Config(clip_seconds=1.0, bootstrap=0)).evaluate(system, samples, cache=cache)
+    ModalityGap(ModalityGap.Config(clip_seconds=1.0)).evaluate(system, samples, cache=cache)
+    assert len(calls) == 1
+
+
+# ------------------------------------------------------------------------ inference path
+
+
+@pytest.fixture
+def wav_files(tmp_path):
+    import soundfile
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, seconds in enumerate([1.3, 0.4, 2.0]):
+        path = tmp_path / f"clip{i}.wav"
+        soundfile.write(path, (0.3 * rng.standard_normal((int(seconds * 16000), 2))).astype("float32"), 16000)
+        paths.append(path)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF not really audio")
+    return paths, broken
+
+
+def test_same_audio_file_embedded_twice_gives_identical_vectors(toy_system, wav_files):
+    from mtrun.eval.embed import embed_samples
+
+    (a, b, c), broken = wav_files
+    system = toy_system(seed=1)
+    samples = [
+        Sample(id="a", audio=str(a), captions=["first"]),
+        Sample(id="b", audio=str(b), captions=["second"]),
+        Sample(id="bad", audio=str(broken), captions=["broken"]),
+        Sample(id="c", audio=str(c), captions=["third"]),
+        Sample(id="a-again", audio=str(a), captions=["first again"]),
+    ]
+    system.train()
+    first = embed_samples(system, samples, clip_seconds=0.5, hop_seconds=0.25, batch_size=3)
+    again = embed_samples(system, list(reversed(samples)), clip_seconds=0.5, hop_seconds=0.25, batch_size=2)
+    assert system.training  # the mode is restored
+    assert first.ids == ["a", "b", "c", "a-again"]
+    assert np.array_equal(first.audio[0], first.audio[3])
+    assert np.array_equal(first.audio[0], again.audio[again.ids.index("a")])
+    assert np.allclose(np.linalg.norm(first.audio, axis=1), 1.0, atol=1e-5)
+    assert [s for s, _ in first.skipped] == ["bad"] and "broken" not in first.captions
+    assert first.text_item.tolist() == [0, 1, 2, 3]
+
+
+def test_windows_are_mean_pooled_before_normalising(toy_system):
+    from mtrun.eval.embed import embed_samples
+
+    system = toy_system(seed=2)
+    rate = system.audio_encoder.sample_rate
+    wave = torch.randn(2 * rate, generator=torch.Generator().manual_seed(0))
+    emb = embed_samples(system, [Sample(id="x", audio=wave, sample_rate=rate)], clip_seconds=1.0)
+    with torch.no_grad():
+        windows = wave.reshape(2, rate)
+        projected = system.audio_projector(system.audio_encoder(system.audio_encoder.preprocess(windows)))
+        expected = nn.functional.normalize(projected.mean(0), dim=-1)
+    assert np.allclose(emb.audio[0], expected.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["retrieval", "zero-shot", "probe", "modality-gap"])
+def test_builtin_eval_tasks_honour_the_contract_and_run_on_a_toy_system(registry, name, toy_system):
+    import mtrun_testkit as tk
+
+    from mtrun.testing import check_component
+
+    task = check_component(registry, "eval", name)
+    samples = tk.ToyTones(tk.ToyTones.Config(n_items=12)).load("val")
+    cls = registry.get("eval", name).cls
+    settings = {"clip_seconds": 0.25}
+    if name in ("zero-shot", "probe"):
+        settings["category"] = "pitch"
+    if name == "probe":
+        settings["max_epochs"] = 5
+    if name == "retrieval":
+        settings["bootstrap"] = 20
+    out = cls(cls.Config(**settings)).evaluate(toy_system(), samples)
+    assert out and all(isinstance(v, float) for v in out.values())
+    assert all(k.startswith(name.split("-")[0]) for k in out)
+    assert task is not None
