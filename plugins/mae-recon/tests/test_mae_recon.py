@@ -1,0 +1,134 @@
+"""MAE reconstruction: loss ignores visible patches, order restoration, patchify layout, shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mtrun_mae_recon
+from mtrun.errors import MtrunError
+from mtrun.interfaces import Batch, EncoderOutput, StepOutputs
+from mtrun.testing import check_component, isolated_registry
+from mtrun_mae_recon.objective import MaeReconstruction, patchify, restore_order
+
+
+class FakeEncoder:
+    """What the objective reads from an audio encoder: grid, width, patch size."""
+
+    token_grid = (4, 2)
+    output_dim = 8
+    patch_size = 4
+
+
+SMALL = MaeReconstruction.Config(decoder_dim=16, depth=1, heads=2)
+
+
+def _objective(**kw) -> MaeReconstruction:
+    torch.manual_seed(0)
+    return MaeReconstruction(MaeReconstruction.Config(**{"decoder_dim": 16, "depth": 1, "heads": 2, **kw}), audio_encoder=FakeEncoder())
+
+
+def _outputs(features, keep_index, tokens=None) -> StepOutputs:
+    b = features.shape[0]
+    n = keep_index.shape[1] if keep_index is not None else 8
+    tokens = torch.randn(b, n, 8) if tokens is None else tokens
+    audio = EncoderOutput(tokens=tokens, pooled=tokens.mean(1), mask=torch.ones(b, n, dtype=torch.bool), keep_index=keep_index)
+    text = EncoderOutput(tokens=torch.zeros(b, 1, 8), pooled=torch.zeros(b, 8), mask=torch.ones(b, 1, dtype=torch.bool))
+    return StepOutputs(batch=Batch(features=features), audio=audio, text=text, audio_embedding=torch.zeros(b, 4), text_embedding=torch.zeros(b, 4))
+
+
+def test_mae_recon_honours_the_component_contract():
+    obj = check_component(isolated_registry(mtrun_mae_recon), "objective", "mae-recon", config=SMALL, audio_encoder=FakeEncoder())
+    assert obj.num_tokens == 8
+    default = MaeReconstruction.Config()
+    assert (default.decoder_dim, default.depth, default.heads) == (512, 4, 4)
+
+
+def test_patchify_is_time_major_and_frame_by_frame():
+    features = torch.arange(16 * 8, dtype=torch.float).reshape(1, 1, 16, 8)  # value = frame * 8 + bin
+    patches = patchify(features, 4)
+    assert patches.shape == (1, 8, 16)
+    t, f = 2, 1  # patch t*K + f covers frames 8..11 and bins 4..7
+    expected = torch.tensor([frame * 8 + b for frame in range(8, 12) for b in range(4, 8)], dtype=torch.float)
+    assert torch.equal(patches[0, t * 2 + f], expected)
+
+
+def test_restore_order_puts_kept_tokens_back_in_place():
+    kept = torch.tensor([[[10.0], [20.0], [30.0]]])  # tokens of grid places 1, 4, 6, in that order
+    keep_index = torch.tensor([[1, 4, 6]])
+    full = restore_order(kept, keep_index, torch.tensor([-1.0]), total=8)
+    assert full[0, :, 0].tolist() == [-1, 10, -1, -1, 20, -1, 30, -1]
+
+
+def test_loss_gradient_reaches_only_dropped_target_patches():
+    obj = _objective()
+    features = torch.randn(2, 1, 16, 8, requires_grad=True)
+    keep = torch.tensor([[0, 3, 5], [1, 2, 7]])
+    out = obj(_outputs(features, keep))
+    out.loss.backward()
+    grad = patchify(features.grad, 4).abs().sum(-1)  # [B, 8] per target patch
+    kept = torch.zeros(2, 8, dtype=torch.bool).scatter_(1, keep, True)
+    assert torch.all(grad[kept] == 0)
+    assert torch.all(grad[~kept] > 0)
+    assert out.metrics["masked_fraction"].item() == pytest.approx(5 / 8)
+
+
+def test_perturbing_visible_patches_leaves_the_loss_unchanged():
+    obj = _objective(norm_pix_loss=True)
+    features = torch.randn(2, 1, 16, 8)
+    keep = torch.tensor([[0, 3, 5], [1, 2, 7]])
+    tokens = torch.randn(2, 3, 8)
+    base = obj(_outputs(features, keep, tokens)).loss
+    noisy = features.clone()
+    for b, places in enumerate(keep.tolist()):
+        for i in places:
+            t, f = divmod(i, 2)
+            noisy[b, 0, t * 4 : t * 4 + 4, f * 4 : f * 4 + 4] += 5.0 * torch.randn(4, 4)
+    assert obj(_outputs(noisy, keep, tokens)).loss.item() == pytest.approx(base.item(), abs=0)
+    dropped = features.clone()
+    dropped[0, 0, 4:8, 0:4] += torch.randn(4, 4)  # patch 2 of item 0 was dropped (not a constant: norm_pix_loss removes those)
+    assert obj(_outputs(dropped, keep, tokens)).loss.item() != base.item()
+
+
+def test_loss_is_the_masked_mse_of_the_decoder_predictions():
+    obj = _objective()
+    features = torch.randn(2, 1, 16, 8)
+    keep = torch.tensor([[0, 3, 5], [1, 2, 7]])
+    tokens = torch.randn(2, 3, 8)
+    pred = obj.decode(tokens, keep)
+    assert pred.shape == (2, 8, 16)
+    target = patchify(features, 4)
+    dropped = [[i for i in range(8) if i not in row] for row in keep.tolist()]
+    errors = [((pred[b, i] - target[b, i]) ** 2).mean() for b in range(2) for i in dropped[b]]
+    expected = torch.stack(errors).mean()
+    torch.testing.assert_close(obj(_outputs(features, keep, tokens)).loss, expected)
+
+
+def test_no_dropped_tokens_gives_zero_loss_and_says_so():
+    obj = _objective()
+    out = obj(_outputs(torch.randn(2, 1, 16, 8), None))
+    assert out.loss.item() == 0.0 and out.metrics["skipped"] == 1.0
+    out.loss.backward()  # connected to every decoder parameter, with zero gradient
+    assert all(p.grad is not None and not p.grad.any() for p in obj.parameters())
+
+
+def test_gridless_encoder_is_refused():
+    class NoGrid:
+        token_grid = None
+        output_dim = 8
+
+    with pytest.raises(MtrunError, match="token grid"):
+        MaeReconstruction(SMALL, audio_encoder=NoGrid())
+
+
+def test_with_the_mavil_encoder_and_token_mask():
+    mavil = pytest.importorskip("mtrun_mavil.encoder")
+    masking = pytest.importorskip("mtrun_token_mask.masking")
+    enc = mavil.MavilEncoder(mavil.MavilEncoder.Config(preset="tiny"))
+    obj = MaeReconstruction(MaeReconstruction.Config(decoder_dim=32, depth=1, heads=2), audio_encoder=enc)
+    features = enc.preprocess(0.1 * torch.randn(2, 16000 * 2))
+    keep = masking.sample_keep_index(2, enc.token_grid, mode="2d", generator=torch.Generator().manual_seed(0))
+    audio = enc(features, keep_index=keep)
+    out = obj(_outputs(features, keep, audio.tokens))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and enc.patch_embed.proj.weight.grad is not None

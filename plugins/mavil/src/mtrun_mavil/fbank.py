@@ -1,0 +1,99 @@
+"""Kaldi-compatible log-mel filterbanks, vectorised over a batch of clips.
+
+``torchaudio.compliance.kaldi.fbank`` takes one clip at a time (a Python loop per batch on the
+host); AudioMAE and MAViL call it with::
+
+    fbank(wav - wav.mean(), htk_compat=True, sample_frequency=16000, use_energy=False,
+          window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
+
+(AudioMAE ``dataset.py``), leaving ``frame_length=25`` ms, ``preemphasis_coefficient=0.97``,
+``remove_dc_offset=True``, ``round_to_power_of_two=True``, ``snip_edges=True``,
+``low_freq=20``, ``high_freq=0`` (Nyquist) and ``use_power=True`` at their defaults.
+:func:`kaldi_fbank` performs the same steps with batched torch ops so it runs on the training
+device in one go; a test holds it to ``torchaudio``'s per-clip result within 1e-4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["FBANK", "kaldi_fbank", "mel_banks", "num_frames"]
+
+FBANK = {
+    "sample_rate": 16_000,
+    "num_mel_bins": 128,
+    "frame_length_ms": 25.0,
+    "frame_shift_ms": 10.0,
+    "preemphasis": 0.97,
+    "low_freq": 20.0,
+    "high_freq": 0.0,
+}
+"""AudioMAE's fbank settings (16 kHz, 128 bins, 25 ms / 10 ms, hanning, htk_compat, no dither)."""
+
+_EPSILON = torch.finfo(torch.float32).eps  # kaldi's floor before the log (std::numeric_limits<float>::epsilon)
+
+
+def _window_sizes(sample_rate: int) -> tuple[int, int, int]:
+    """(window, shift, padded FFT size) in samples: 400, 160, 512 at 16 kHz."""
+    window = int(sample_rate * FBANK["frame_length_ms"] * 0.001)
+    shift = int(sample_rate * FBANK["frame_shift_ms"] * 0.001)
+    padded = 1 << math.ceil(math.log2(window))
+    return window, shift, padded
+
+
+def num_frames(num_samples: int, sample_rate: int = FBANK["sample_rate"]) -> int:
+    """Frames kaldi makes with ``snip_edges=True``: only windows that fit entirely."""
+    window, shift, _ = _window_sizes(sample_rate)
+    return 0 if num_samples < window else 1 + (num_samples - window) // shift
+
+
+def mel_banks(num_mel_bins: int = FBANK["num_mel_bins"], sample_rate: int = FBANK["sample_rate"]) -> torch.Tensor:
+    """Kaldi's triangular mel filters ``[num_mel_bins, padded // 2 + 1]`` (last column zero).
+
+    Taken from ``torchaudio.compliance.kaldi.get_mel_banks`` itself so the two cannot drift.
+    """
+    from torchaudio.compliance.kaldi import get_mel_banks
+
+    _, _, padded = _window_sizes(sample_rate)
+    banks, _ = get_mel_banks(num_mel_bins, padded, float(sample_rate), FBANK["low_freq"], FBANK["high_freq"], 100.0, -500.0, 1.0)
+    return torch.nn.functional.pad(banks.float(), (0, 1))  # the Nyquist bin has no filter
+
+
+def kaldi_fbank(
+    waveforms: torch.Tensor,
+    banks: torch.Tensor | None = None,
+    window: torch.Tensor | None = None,
+    sample_rate: int = FBANK["sample_rate"],
+) -> torch.Tensor:
+    """Log-mel filterbank of each clip, as ``torchaudio.compliance.kaldi.fbank`` computes it.
+
+    Args:
+        waveforms: ``[B, T]`` float waveforms (one clip per row, same length).
+        banks: Mel filters from :func:`mel_banks` (pass a cached device copy to avoid rebuilding).
+        window: The symmetric Hann window of the frame length (``hann_window(400, periodic=False)``).
+        sample_rate: Rate of ``waveforms``.
+
+    Returns:
+        ``[B, frames, num_mel_bins]`` float32; ``frames`` is :func:`num_frames` (0 for clips
+        shorter than one window).
+    """
+    x = waveforms.float()
+    size, shift, padded = _window_sizes(sample_rate)
+    if banks is None:
+        banks = mel_banks(sample_rate=sample_rate)
+    banks = banks.to(device=x.device, dtype=x.dtype)
+    if x.shape[-1] < size:
+        return x.new_zeros(x.shape[0], 0, banks.shape[0])
+    if window is None:
+        window = torch.hann_window(size, periodic=False, dtype=x.dtype, device=x.device)
+    frames = x.unfold(-1, size, shift)  # [B, m, 400], a strided view like kaldi's _get_strided
+    frames = frames - frames.mean(dim=-1, keepdim=True)  # remove_dc_offset
+    # Pre-emphasis with the first sample repeated (kaldi: x[j] -= 0.97 * x[max(0, j - 1)]).
+    previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+    frames = (frames - FBANK["preemphasis"] * previous) * window
+    frames = torch.nn.functional.pad(frames, (0, padded - size))
+    power = torch.fft.rfft(frames).abs().pow(2.0)  # [B, m, 257]
+    mel = torch.matmul(power, banks.T)
+    return mel.clamp_min(_EPSILON).log()

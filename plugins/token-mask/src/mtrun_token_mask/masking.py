@@ -1,0 +1,120 @@
+"""FLAP's 1-D and 2-D audio token masking as an ``audio_tokens`` augmenter."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import attrs
+import torch
+
+from mtrun.errors import MtrunError
+from mtrun.interfaces import AugmentContext, Batch
+
+__all__ = ["TokenMask", "kept_count", "sample_keep_index"]
+
+
+def kept_count(total: int, drop_ratio: float) -> int:
+    """Tokens (or groups, or positions) kept when ``drop_ratio`` of ``total`` are dropped.
+
+    ``floor(total * (1 - drop_ratio))`` as AudioMAE's ``int(L * (1 - mask_ratio))``, at least 1
+    (a small tolerance keeps ``10 * (1 - 0.3)`` from flooring to 6).
+    """
+    return max(1, math.floor(total * (1.0 - drop_ratio) + 1e-9))
+
+
+def _random_subsets(batch: int, total: int, keep: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``[batch, keep]`` sorted indices: a uniform random ``keep``-subset of ``range(total)`` per row."""
+    noise = torch.rand(batch, total, generator=generator)
+    return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
+
+
+def sample_keep_index(
+    batch: int,
+    grid: tuple[int, int],
+    *,
+    mode: str,
+    ratio: float = 0.4,
+    group_ratio: float = 0.2,
+    position_ratio: float = 0.2,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Indices of the kept tokens of a time-major ``(M, K)`` grid, ``[batch, N']`` ascending.
+
+    Args:
+        batch: Items; each draws its own subset.
+        grid: ``(M, K)``: M time groups of K positions; token ``t * K + f``.
+        mode: ``"1d"``: a uniform random subset of the ``M*K`` tokens, ``ratio`` of them
+            dropped. ``"2d"``: ``group_ratio`` of the M groups dropped and, independently,
+            ``position_ratio`` of the K positions (the same positions in every kept group),
+            so ``N' = M' * K'``.
+        generator: CPU generator the noise is drawn from (the indices are made on the CPU).
+    """
+    m, k = grid
+    if mode == "1d":
+        return _random_subsets(batch, m * k, kept_count(m * k, ratio), generator)
+    if mode == "2d":
+        groups = _random_subsets(batch, m, kept_count(m, group_ratio), generator)  # [B, M']
+        positions = _random_subsets(batch, k, kept_count(k, position_ratio), generator)  # [B, K']
+        # Ascending t and ascending f give ascending t*K + f when flattened row by row.
+        return (groups[:, :, None] * k + positions[:, None, :]).flatten(1)
+    raise ValueError(f"mode must be '1d' or '2d' (got {mode!r})")
+
+
+class TokenMask:
+    """FLAP's token masking: drops audio tokens before the encoder's transformer (training only).
+
+    Reads the encoder's ``batch.token_grid`` ``(M, K)`` and writes ``batch.audio_keep_index``
+    ``[B, N']`` (``torch.long``, ascending, on the features' device); the encoder gathers those
+    tokens after adding positions and returns the index in ``EncoderOutput.keep_index`` so a
+    reconstruction objective can put them back in place. Every item gets its own draw from
+    ``context.generator``; all items keep the same number of tokens, so the batch stays a
+    dense tensor.
+    """
+
+    stage: ClassVar[str] = "audio_tokens"
+    applies_in_eval: ClassVar[bool] = False
+
+    @attrs.frozen
+    class Config:
+        mode: str = attrs.field(default="2d", validator=attrs.validators.in_(("1d", "2d")), metadata={"help": "'1d': keep a random subset of all tokens; '2d': drop whole time groups and, independently, positions within a group (kept = M' x K')"})
+        ratio: float = attrs.field(default=0.4, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)], metadata={"help": "1d: fraction of tokens DROPPED; kept = floor(N * (1 - ratio)) (FLAP: 0.4 best)"})
+        group_ratio: float = attrs.field(default=0.2, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)], metadata={"help": "2d: fraction of the M time groups DROPPED; kept M' = floor(M * (1 - group_ratio)) (FLAP: 0.2)"})
+        position_ratio: float = attrs.field(default=0.2, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)], metadata={"help": "2d: fraction of the K positions within a group DROPPED, the same positions for all kept groups; K' = floor(K * (1 - position_ratio)) (FLAP: 0.2)"})
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def __call__(self, batch: Batch, context: AugmentContext) -> Batch:
+        if not context.training:
+            return batch
+        grid = batch.get("token_grid")
+        if grid is None:
+            raise MtrunError(
+                "augmenter token-mask needs an audio encoder that can drop tokens (one that declares a "
+                "token_grid, e.g. mavil); this encoder has token_grid = None. Remove the token-mask augmenter"
+            )
+        features = batch.get("features")
+        keep = sample_keep_index(
+            len(features) if features is not None else len(batch["ids"]),
+            tuple(grid),
+            mode=self.config.mode,
+            ratio=self.config.ratio,
+            group_ratio=self.config.group_ratio,
+            position_ratio=self.config.position_ratio,
+            generator=context.generator,
+        )
+        if features is not None:
+            keep = keep.to(features.device)
+        batch.audio_keep_index = keep
+        return batch
+
+    def kept_fraction(self, grid: tuple[int, int]) -> float:
+        """Share of the grid's tokens that reach the transformer (what the compute scales with)."""
+        m, k = grid
+        if self.config.mode == "1d":
+            return kept_count(m * k, self.config.ratio) / (m * k)
+        return kept_count(m, self.config.group_ratio) * kept_count(k, self.config.position_ratio) / (m * k)
+
+    def __repr__(self) -> str:
+        return f"TokenMask({self.config!r})"
