@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-import time
-
 import pytest
 import torch
 
@@ -12,7 +9,13 @@ import mtrun_clip_text
 from mtrun.errors import MtrunError
 from mtrun.testing import check_component, isolated_registry
 from mtrun_clip_text import ClipTextEncoder
-from mtrun_clip_text import tiny_tokenizer
+from mtrun_hf_text.testing import (
+    check_frozen,
+    check_offline_hub_error,
+    check_save_pretrained_round_trip,
+    check_tokenize_is_picklable,
+    check_trainable,
+)
 
 TEXTS = ["a calm piano melody", "an upbeat rock song with distorted electric guitars and loud drums", "音楽", "música"]
 
@@ -91,71 +94,19 @@ def test_without_projection_pooled_is_the_raw_end_of_text_state():
     torch.testing.assert_close(out.pooled, pooler)
 
 
-def test_trainable_tower_gets_gradients_and_runs_fast():
-    enc = tiny().train()
-    inputs = enc.tokenize(TEXTS)
-    timings = []
-    for _ in range(3):  # best of three: the check is about the model, not a busy machine
-        enc.zero_grad()
-        start = time.perf_counter()
-        out = enc(**inputs)
-        (out.pooled.sum() + out.tokens.mean()).backward()
-        timings.append(time.perf_counter() - start)
-    assert min(timings) < 1.0
-    assert enc.model.text_projection.weight.grad is not None
-    assert enc.model.text_model.embeddings.token_embedding.weight.grad.abs().sum() > 0
-
-
-def test_frozen_tower_has_no_gradients_and_stays_in_eval():
-    enc = tiny(frozen=True)
-    parent = torch.nn.Sequential(enc)
-    parent.train()
-    assert enc.training and not enc.model.training
-    assert not any(m.training for m in enc.model.modules())
-    assert not any(p.requires_grad for p in enc.parameters())
-    out = enc(**enc.tokenize(TEXTS))
-    assert not out.pooled.requires_grad and not out.tokens.requires_grad
+def test_trainable_tower_gets_gradients_and_frozen_one_none():
+    enc = tiny()
+    check_trainable(enc, TEXTS, enc.model.text_projection.weight, enc.model.text_model.embeddings.token_embedding.weight)
+    check_frozen(tiny(frozen=True), TEXTS)
 
 
 def test_tokenize_is_picklable_without_the_weights():
-    enc = tiny()
-    blob = pickle.dumps(enc.tokenize)
-    weights = sum(p.numel() * p.element_size() for p in enc.parameters())
-    assert len(blob) < weights
-    again = pickle.loads(blob)(TEXTS)
-    for key, value in enc.tokenize(TEXTS).items():
-        assert torch.equal(again[key], value)
-
-
-def test_tiny_tokenizer_is_deterministic_and_covers_other_scripts():
-    first = tiny_tokenizer._vocab_and_merges()
-    tiny_tokenizer._vocab_and_merges.cache_clear()
-    assert tiny_tokenizer._vocab_and_merges() == first
-    tok = tiny_tokenizer.build_tiny_clip_tokenizer()
-    vocab = first[0]
-    # CLIP's layout: end-of-text is the largest id, start-of-text just before it.
-    assert tok.eos_token_id == len(vocab) - 1 and tok.bos_token_id == len(vocab) - 2
-    for word in ("音楽", "música", "музыка"):
-        # CLIP's unknown token is end-of-text; byte-level BPE must never need it.
-        assert tok.unk_token_id not in tok(word)["input_ids"][1:-1]
-        assert tok.decode(tok(word)["input_ids"], skip_special_tokens=True) == word
+    check_tokenize_is_picklable(tiny(), TEXTS)
 
 
 def test_save_pretrained_folder_loads_back_with_every_key_and_same_outputs(tmp_path):
-    enc = tiny().eval()
-    enc.model.save_pretrained(tmp_path)
-    enc.tokenizer.save_pretrained(tmp_path)
-    loaded = ClipTextEncoder(ClipTextEncoder.Config(pretrained=str(tmp_path))).eval()
-    info = loaded.loading_info
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    theirs, ours = loaded.model.state_dict(), enc.model.state_dict()
-    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
-    inputs = enc.tokenize(TEXTS)
-    again = loaded.tokenize(TEXTS)
-    assert all(torch.equal(inputs[k], again[k]) for k in inputs)
-    with torch.no_grad():
-        a, b = enc(**inputs), loaded(**again)
-    assert torch.equal(a.pooled, b.pooled) and torch.equal(a.tokens, b.tokens)
+    load = lambda folder: ClipTextEncoder(ClipTextEncoder.Config(pretrained=folder))  # noqa: E731
+    check_save_pretrained_round_trip(tiny(), load, tmp_path, TEXTS)
 
 
 def test_a_full_clip_checkpoint_loads_its_text_tower(tmp_path):
@@ -177,10 +128,5 @@ def test_a_full_clip_checkpoint_loads_its_text_tower(tmp_path):
 
 
 def test_unreachable_hub_name_is_a_clear_error(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(MtrunError, match=r"openai/clip-vit-base-patch32.*local folder"):
-        ClipTextEncoder(ClipTextEncoder.Config(pretrained="openai/clip-vit-base-patch32"))
+    name = "openai/clip-vit-base-patch32"
+    check_offline_hub_error(lambda: ClipTextEncoder(ClipTextEncoder.Config(pretrained=name)), name, monkeypatch, tmp_path)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
-import time
 
 import pytest
 import torch
@@ -13,7 +11,14 @@ import mtrun_hf_text
 from mtrun.errors import MtrunError
 from mtrun.testing import check_component, isolated_registry
 from mtrun_hf_text import HFTextEncoder
-from mtrun_hf_text import tiny_tokenizers
+from mtrun_hf_text.testing import (
+    check_frozen,
+    check_masked_mean,
+    check_offline_hub_error,
+    check_save_pretrained_round_trip,
+    check_tokenize_is_picklable,
+    check_trainable,
+)
 
 TEXTS = ["a calm piano melody", "an upbeat rock song with distorted electric guitars and loud drums", "音楽", "música alegre"]
 TINY = ("tiny-roberta", "tiny-bert", "tiny-t5")
@@ -22,11 +27,6 @@ TINY = ("tiny-roberta", "tiny-bert", "tiny-t5")
 def build(preset: str, **kw) -> HFTextEncoder:
     torch.manual_seed(0)
     return HFTextEncoder(HFTextEncoder.Config(preset=preset, **kw))
-
-
-def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.mark.parametrize(("preset", "pooling"), [("tiny-roberta", "mean"), ("tiny-roberta", "pooler"), ("tiny-bert", "cls"), ("tiny-t5", "mean")])
@@ -69,11 +69,7 @@ def test_each_pooling_matches_an_independent_computation(preset):
 
 
 def test_t5_mean_pooling_ignores_padding_and_refuses_cls():
-    enc = build("tiny-t5").eval()
-    with torch.no_grad():
-        batch = enc(**enc.tokenize(TEXTS)).pooled
-        for i, text in enumerate(TEXTS):
-            torch.testing.assert_close(enc(**enc.tokenize([text])).pooled[0], batch[i], atol=1e-5, rtol=1e-5)
+    check_masked_mean(build("tiny-t5").eval(), TEXTS)
     with pytest.raises(MtrunError, match="no(ne)?"):
         build("tiny-t5", pooling="cls")
 
@@ -86,38 +82,17 @@ def test_max_length_beyond_the_position_table_is_refused():
 
 @pytest.mark.parametrize("preset", TINY)
 def test_trainable_encoder_gets_gradients_and_frozen_one_none(preset):
-    enc = build(preset).train()
-    inputs = enc.tokenize(TEXTS)
-    timings = []
-    for _ in range(3):  # best of three: the check is about the model, not a busy machine
-        enc.zero_grad()
-        start = time.perf_counter()
-        enc(**inputs).pooled.pow(2).sum().backward()
-        timings.append(time.perf_counter() - start)
-    assert min(timings) < 1.0
-    assert enc.model.get_input_embeddings().weight.grad.abs().sum() > 0
-    frozen = build(preset, frozen=True)
-    torch.nn.Sequential(frozen).train()
-    assert not any(m.training for m in frozen.model.modules())
-    assert not any(p.requires_grad for p in frozen.parameters())
-    assert not frozen(**inputs).pooled.requires_grad
+    check_trainable(build(preset), TEXTS)
+    check_frozen(build(preset, frozen=True), TEXTS)
 
 
 @pytest.mark.parametrize(("preset", "pooling"), [("tiny-roberta", "pooler"), ("tiny-bert", "cls"), ("tiny-t5", "mean")])
 def test_save_pretrained_folder_loads_back_with_every_key_and_same_outputs(tmp_path, preset, pooling):
-    enc = build(preset, pooling=pooling).eval()
-    enc.model.save_pretrained(tmp_path)
-    enc.tokenizer.save_pretrained(tmp_path)
-    loaded = HFTextEncoder(HFTextEncoder.Config(pretrained=str(tmp_path), pooling=pooling)).eval()
-    info = loaded.loading_info
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert type(loaded.model) is type(enc.model) and same_state(enc.model, loaded.model)
-    inputs, again = enc.tokenize(TEXTS), loaded.tokenize(TEXTS)
-    assert all(torch.equal(inputs[k], again[k]) for k in inputs)
+    enc = build(preset, pooling=pooling)
+    loaded = check_save_pretrained_round_trip(
+        enc, lambda folder: HFTextEncoder(HFTextEncoder.Config(pretrained=folder, pooling=pooling)), tmp_path, TEXTS
+    )
     assert loaded.mask_token_id == enc.mask_token_id and loaded.vocab_size == enc.vocab_size
-    with torch.no_grad():
-        a, b = enc(**inputs), loaded(**again)
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.pooled, b.pooled)
 
 
 def test_num_layers_keeps_the_first_layers_of_a_checkpoint(tmp_path, caplog):
@@ -165,31 +140,11 @@ def test_tokenizer_exposes_mask_token_and_vocabulary_for_mlm():
     assert build("tiny-roberta").mask_token_id == build("tiny-roberta").vocab_size - 1  # roberta-base's layout
 
 
-def test_tiny_tokenizers_are_deterministic_and_never_unknown_on_the_corpus_scripts():
-    builders = (tiny_tokenizers.roberta_vocab, tiny_tokenizers.bert_vocab, tiny_tokenizers.t5_vocab)
-    first = [b() for b in builders]
-    for b in builders:
-        b.cache_clear()
-    assert [b() for b in builders] == first
-    for family in ("roberta", "bert", "t5"):
-        tok = tiny_tokenizers.build_tiny_tokenizer(family)
-        for word in ("音楽", "música", "музыка"):
-            assert tok.unk_token_id not in tok(word)["input_ids"], (family, word)
-
-
 def test_tokenize_is_picklable_without_the_weights():
-    enc = build("tiny-bert")
-    blob = pickle.dumps(enc.tokenize)
-    assert len(blob) < sum(p.numel() * p.element_size() for p in enc.parameters())
-    again = pickle.loads(blob)(TEXTS)
-    assert all(torch.equal(again[k], v) for k, v in enc.tokenize(TEXTS).items())
+    check_tokenize_is_picklable(build("tiny-bert"), TEXTS)
 
 
 def test_unreachable_hub_name_is_a_clear_error(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(MtrunError, match=r"FacebookAI/roberta-base.*local folder"):
-        HFTextEncoder(HFTextEncoder.Config(pretrained="FacebookAI/roberta-base"))
+    check_offline_hub_error(
+        lambda: HFTextEncoder(HFTextEncoder.Config(pretrained="FacebookAI/roberta-base")), "FacebookAI/roberta-base", monkeypatch, tmp_path
+    )

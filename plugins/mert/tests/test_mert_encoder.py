@@ -119,7 +119,7 @@ def test_save_pretrained_round_trip_matches_every_key(tmp_path):
     source.save_pretrained(tmp_path)
     enc = _tiny(pretrained=str(tmp_path))
     report = enc.load_report
-    assert report.matched == len(source.state_dict()) and not report.missing and not report.unexpected
+    assert report.matched == len(source.state_dict()) and not report.kept and not report.ignored
     _assert_same_outputs(enc, source)
 
 
@@ -156,7 +156,7 @@ def test_mert_style_state_dict_with_weight_norm_g_v_names_loads_exactly(tmp_path
     state = _write_mert_style_checkpoint(tmp_path / "mert", source)
     enc = _tiny(pretrained=str(tmp_path / "mert"))
     report = enc.load_report
-    assert report.matched == len(state) and not report.missing and not report.unexpected
+    assert report.matched == len(state) and not report.kept and not report.ignored
     assert ("encoder.pos_conv_embed.conv.weight_g", "encoder.pos_conv_embed.conv.parametrizations.weight.original0") in report.renamed
     assert ("encoder.pos_conv_embed.conv.weight_v", "encoder.pos_conv_embed.conv.parametrizations.weight.original1") in report.renamed
     assert enc.backbone.config.layerdrop == 0.0 and enc.backbone.config.apply_spec_augment is False

@@ -11,23 +11,19 @@ same vector as the pooler on the real checkpoints and stays right for any tokeni
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 from torch import nn
 
 from mtrun.errors import MtrunError
-from mtrun.interfaces import EncoderOutput
+from mtrun_hf_text.base import HFTextEncoderBase
 
 if TYPE_CHECKING:
     from transformers import CLIPTextConfig
 
-__all__ = ["PRESETS", "ClipTextEncoder", "ClipTokenize"]
-
-log = logging.getLogger(__name__)
+__all__ = ["PRESETS", "ClipTextEncoder"]
 
 #: Text-tower sizes of the hub checkpoints (``text_config`` of each), plus the test-size ``tiny``.
 #: Each entry: the hub repository whose tokenizer the preset uses, and CLIPTextConfig values.
@@ -54,47 +50,7 @@ _COMMON = dict(max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_e
 _OTHER_TOWER_PREFIXES = ("vision_model.", "visual_projection.", "logit_scale")
 
 
-@contextlib.contextmanager
-def _quiet_transformers_load_report() -> Iterator[None]:
-    """Hold back transformers' own key table while loading: it lists every expected unused key
-    (heads, decoder, dropped layers) as UNEXPECTED; the checks here report what matters."""
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-class ClipTokenize:
-    """The picklable tokenizing callable handed to DataLoader workers.
-
-    It holds only the tokenizer and the length, so sending it to a worker never copies the
-    model's weights (a bound method of the encoder would pickle the whole module).
-    """
-
-    def __init__(self, tokenizer: Any, max_length: int):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-
-    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
-            list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def _load_error(what: str, name: str, exc: BaseException) -> MtrunError:
-    return MtrunError(
-        f"clip-text: could not load the {what} from {name!r} ({type(exc).__name__}: {exc}). "
-        f"If {name!r} is a hub name, the hub may be unreachable (or HF_HUB_OFFLINE is set) and it is "
-        "not in the local cache: download it where there is a network, or pass a local folder "
-        "written by save_pretrained (config.json, model.safetensors and the tokenizer files)."
-    )
-
-
-class ClipTextEncoder(nn.Module):
+class ClipTextEncoder(HFTextEncoderBase):
     """CLIP text transformer: causal, 77 positions, pooled at the end-of-text token.
 
     ``tokens`` is the final-layer-normed last hidden state ``[B, L, width]``; ``pooled`` is the
@@ -140,11 +96,11 @@ class ClipTextEncoder(nn.Module):
             metadata={"help": "No gradients for the tower and eval mode always (DuET-MC freezes CLIP-T)."},
         )
 
+    plugin = "clip-text"
+
     def __init__(self, config: Config):
-        super().__init__()
-        self.config = config
-        self.loading_info: dict[str, Any] | None = None  # transformers' report when `pretrained` is set
-        self.tokenizer = self._load_tokenizer(config)
+        super().__init__(config)
+        self.tokenizer = self.load_tokenizer(hub_name=PRESETS[config.preset][0], tiny="clip", tokenizer_class="CLIPTokenizer")
         self.model = self._load_model(config)
         text_cfg = self.model.config
         if config.max_length > text_cfg.max_position_embeddings:
@@ -159,53 +115,21 @@ class ClipTextEncoder(nn.Module):
             )
         self.eos_token_id = int(self.tokenizer.eos_token_id)
         self.output_dim = int(text_cfg.hidden_size)
-        self.max_length = int(config.max_length)
-        # An instance attribute shadows the ``tokenize`` method below: the loader pickles
-        # ``encoder.tokenize`` for its workers, and this object carries no weights.
-        self.tokenize = ClipTokenize(self.tokenizer, self.max_length)
-        if config.frozen:
-            self.model.requires_grad_(False)
-            self.model.eval()
+        self.finish_init(config.max_length)
 
     # ------------------------------------------------------------------ building
-
-    @staticmethod
-    def _load_tokenizer(config: Config) -> Any:
-        from transformers import CLIPTokenizer
-
-        source = config.tokenizer or config.pretrained or PRESETS[config.preset][0]
-        if not source:
-            from mtrun_clip_text.tiny_tokenizer import build_tiny_clip_tokenizer
-
-            return build_tiny_clip_tokenizer()
-        try:
-            return CLIPTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            raise _load_error("tokenizer", source, exc) from exc
 
     def _load_model(self, config: Config) -> nn.Module:
         from transformers import CLIPTextModelWithProjection
 
         if not config.pretrained:
             return CLIPTextModelWithProjection(self.preset_config(config.preset, self.tokenizer))
-        try:
-            with _quiet_transformers_load_report():
-                model, info = CLIPTextModelWithProjection.from_pretrained(
-                    config.pretrained, dtype=torch.float32, output_loading_info=True
-                )
-        except (OSError, ValueError) as exc:
-            raise _load_error("model", config.pretrained, exc) from exc
-        bad = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "mismatched_keys")}
-        if any(bad.values()):
-            raise MtrunError(
-                f"clip-text: {config.pretrained!r} does not hold a complete CLIP text tower: "
-                + "; ".join(f"{k}: {v[:8]}" for k, v in bad.items() if v)
-            )
-        unexpected = [k for k in info.get("unexpected_keys") or () if not k.startswith(_OTHER_TOWER_PREFIXES)]
-        if unexpected:
-            log.warning("clip-text: %s has keys the text tower does not use: %s", config.pretrained, unexpected[:8])
-        self.loading_info = info
-        return model
+        return self.load_pretrained(
+            CLIPTextModelWithProjection,
+            whole="a complete CLIP text tower",
+            part="text tower",
+            unused=lambda key: key.startswith(_OTHER_TOWER_PREFIXES),
+        )
 
     @staticmethod
     def preset_config(preset: str, tokenizer: Any) -> CLIPTextConfig:
@@ -223,17 +147,6 @@ class ClipTextEncoder(nn.Module):
 
     # ------------------------------------------------------------------ running
 
-    def train(self, mode: bool = True) -> ClipTextEncoder:
-        """Switch modes, except that a frozen tower stays in eval (no dropout, fixed features)."""
-        super().train(mode)
-        if self.config.frozen:
-            self.model.eval()
-        return self
-
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:  # shadowed per instance, see __init__
-        """Tokenize, pad to the longest caption and truncate to ``max_length``."""
-        return ClipTokenize(self.tokenizer, self.max_length)(texts)
-
     def end_of_text_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Position of the first end-of-text token per row (pads may share its id, so the first).
 
@@ -244,25 +157,11 @@ class ClipTextEncoder(nn.Module):
         last_real = attention_mask.long().sum(dim=-1).clamp(min=1) - 1
         return torch.where(is_eos.any(dim=-1), first, last_real)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        *,
-        output_hidden_states: bool = False,
-    ) -> EncoderOutput:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.frozen):
-            out = self.model.text_model(
-                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
-            )
-            tokens = out.last_hidden_state
-            rows = torch.arange(tokens.shape[0], device=tokens.device)
-            pooled = tokens[rows, self.end_of_text_index(input_ids, attention_mask).to(tokens.device)]
-            if self.config.use_projection:
-                pooled = self.model.text_projection(pooled)
-        return EncoderOutput(
-            tokens=tokens,
-            pooled=pooled,
-            mask=attention_mask.bool(),
-            hidden_states=tuple(out.hidden_states) if output_hidden_states else None,
-        )
+    def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool) -> Any:
+        return self.model.text_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+
+    def pool(self, out: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        tokens = out.last_hidden_state
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        pooled = tokens[rows, self.end_of_text_index(input_ids, mask).to(tokens.device)]
+        return self.model.text_projection(pooled) if self.config.use_projection else pooled

@@ -18,17 +18,18 @@ Pooling:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
 from mtrun.errors import MtrunError
-from mtrun.interfaces import EncoderOutput
+
+from mtrun_hf_text.base import HFTextEncoderBase, HFTokenize  # HFTokenize: re-exported
+from mtrun_hf_text.loading import load_error
 
 __all__ = ["POOLINGS", "PRESETS", "HFTextEncoder", "HFTokenize"]
 
@@ -83,47 +84,11 @@ _POOLER_KEYS = re.compile(r"(^|\.)pooler\.")
 _LAYER_KEYS = re.compile(r"(^|\.)encoder\.(layer|block)\.(\d+)\.")
 
 
-@contextlib.contextmanager
-def _quiet_transformers_load_report() -> Iterator[None]:
-    """Hold back transformers' own key table while loading: it lists every expected unused key
-    (heads, decoder, dropped layers) as UNEXPECTED; the checks here report what matters."""
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-class HFTokenize:
-    """The picklable tokenizing callable handed to DataLoader workers (no weights inside)."""
-
-    def __init__(self, tokenizer: Any, max_length: int):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-
-    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
-            list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def _load_error(what: str, name: str, exc: BaseException) -> MtrunError:
-    return MtrunError(
-        f"hf-text: could not load the {what} from {name!r} ({type(exc).__name__}: {exc}). "
-        f"If {name!r} is a hub name, the hub may be unreachable (or HF_HUB_OFFLINE is set) and it is "
-        "not in the local cache: download it where there is a network, or pass a local folder "
-        "written by save_pretrained (config.json, model.safetensors and the tokenizer files)."
-    )
-
-
 def _layer_count_key(config: Any) -> str:
     return "num_layers" if config.model_type in _T5_LIKE else "num_hidden_layers"
 
 
-class HFTextEncoder(nn.Module):
+class HFTextEncoder(HFTextEncoderBase):
     """A transformers encoder with its tokenizer; ``tokens`` are the final hidden states.
 
     Attributes:
@@ -174,27 +139,22 @@ class HFTextEncoder(nn.Module):
             metadata={"help": "No gradients for the encoder and eval mode always."},
         )
 
+    plugin = "hf-text"
+
     def __init__(self, config: Config):
-        super().__init__()
-        self.config = config
-        self.loading_info: dict[str, Any] | None = None
-        self.tokenizer = self._load_tokenizer(config)
+        super().__init__(config)
+        family, hub_name, _ = PRESETS[config.preset]
+        self.tokenizer = self.load_tokenizer(hub_name=hub_name, tiny=family)
         self.model = self._load_model(config)
         model_config = self.model.config
         self.family = str(model_config.model_type)
         self.output_dim = int(model_config.d_model if self.family in _T5_LIKE else model_config.hidden_size)
         self.vocab_size = int(model_config.vocab_size)
         self.mask_token_id = self.tokenizer.mask_token_id
-        self.max_length = int(config.max_length)
         capacity = self._position_capacity(model_config)
-        if capacity is not None and self.max_length > capacity:
-            raise MtrunError(f"hf-text: max_length={self.max_length} exceeds the model's {capacity} positions")
-        # Shadows the ``tokenize`` method: the loader pickles ``encoder.tokenize`` for its
-        # workers, and this object carries the tokenizer only, not the weights.
-        self.tokenize = HFTokenize(self.tokenizer, self.max_length)
-        if config.frozen:
-            self.model.requires_grad_(False)
-            self.model.eval()
+        if capacity is not None and config.max_length > capacity:
+            raise MtrunError(f"hf-text: max_length={config.max_length} exceeds the model's {capacity} positions")
+        self.finish_init(config.max_length)
 
     # ------------------------------------------------------------------ building
 
@@ -209,21 +169,6 @@ class HFTextEncoder(nn.Module):
             # RoBERTa numbers positions from pad_token_id + 1 (514 rows hold 512 tokens).
             positions -= (model_config.pad_token_id or 0) + 1
         return int(positions)
-
-    @staticmethod
-    def _load_tokenizer(config: Config) -> Any:
-        from transformers import AutoTokenizer
-
-        family, hub_name, _ = PRESETS[config.preset]
-        source = config.tokenizer or config.pretrained or hub_name
-        if not source:
-            from mtrun_hf_text.tiny_tokenizers import build_tiny_tokenizer
-
-            return build_tiny_tokenizer(family)
-        try:
-            return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
-            raise _load_error("tokenizer", source, exc) from exc
 
     def _model_class(self, model_type: str) -> Any:
         import transformers
@@ -259,7 +204,7 @@ class HFTextEncoder(nn.Module):
             try:
                 model_config = AutoConfig.from_pretrained(config.pretrained, trust_remote_code=False)
             except (OSError, ValueError) as exc:
-                raise _load_error("config", config.pretrained, exc) from exc
+                raise load_error("hf-text", "config", config.pretrained, exc) from exc
         else:
             model_config = self.preset_config()
         model_type = model_config.model_type
@@ -277,82 +222,36 @@ class HFTextEncoder(nn.Module):
             if model_type in _T5_LIKE:
                 return model_class(model_config)
             return model_class.from_config(model_config, **extra)
-        try:
-            with _quiet_transformers_load_report():
-                model, info = model_class.from_pretrained(
-                    config.pretrained, config=model_config, dtype=torch.float32, output_loading_info=True,
-                    trust_remote_code=False, **extra,
-                )
-        except (OSError, ValueError) as exc:
-            raise _load_error("model", config.pretrained, exc) from exc
-        self.loading_info = info
-        self._check_keys(info, keep)
-        return model
 
-    def _check_keys(self, info: dict[str, Any], keep: int) -> None:
-        """Every weight the encoder uses must come from the checkpoint (the pooler excepted, see
-        the module docstring); unused checkpoint keys are fine when expected (heads, decoder,
-        dropped layers, an unused pooler) and reported otherwise."""
-        name = self.config.pretrained
-        missing = sorted(info.get("missing_keys") or ())
-        mismatched = sorted(info.get("mismatched_keys") or ())
-        fresh_pooler = [k for k in missing if _POOLER_KEYS.search(k)]
-        missing = [k for k in missing if k not in fresh_pooler]
-        if missing or mismatched:
-            raise MtrunError(
-                f"hf-text: {name!r} does not hold every weight of the encoder: "
-                + "; ".join(f"{label}: {keys[:8]}" for label, keys in (("missing", missing), ("mismatched", mismatched)) if keys)
-            )
-        if fresh_pooler:
-            if self.config.frozen:
-                raise MtrunError(
-                    f"hf-text: {name!r} has no pooler weights (RoBERTa checkpoints usually have none), so "
-                    "pooling='pooler' with frozen=true would use a random pooler; use pooling='cls' or 'mean', or unfreeze"
-                )
-            log.warning("hf-text: %s has no pooler weights; the pooler starts random and is trained", name)
-
-        def expected(key: str) -> bool:
+        def expected(key: str) -> bool:  # unused checkpoint keys: heads, decoder, dropped layers, pooler
             layer = _LAYER_KEYS.search(key)
             return bool(_HEAD_KEYS.search(key) or _POOLER_KEYS.search(key) or (layer and int(layer.group(3)) >= keep))
 
-        surprising = [k for k in info.get("unexpected_keys") or () if not expected(k)]
-        if surprising:
-            log.warning("hf-text: %s has keys the encoder does not use: %s", name, surprising[:8])
+        model = self.load_pretrained(
+            model_class, whole="every weight of the encoder", unused=expected, optional=lambda k: bool(_POOLER_KEYS.search(k)),
+            config=model_config, trust_remote_code=False, **extra,
+        )
+        self._check_pooler()
+        return model
+
+    def _check_pooler(self) -> None:
+        """A checkpoint without pooler weights (RoBERTa's, see the module docstring) is fine only
+        when the pooler is trained."""
+        name = self.config.pretrained
+        if not any(_POOLER_KEYS.search(k) for k in self.loading_info.get("missing_keys") or ()):
+            return
+        if self.config.frozen:
+            raise MtrunError(
+                f"hf-text: {name!r} has no pooler weights (RoBERTa checkpoints usually have none), so "
+                "pooling='pooler' with frozen=true would use a random pooler; use pooling='cls' or 'mean', or unfreeze"
+            )
+        log.warning("hf-text: %s has no pooler weights; the pooler starts random and is trained", name)
 
     # ------------------------------------------------------------------ running
 
-    def train(self, mode: bool = True) -> HFTextEncoder:
-        """Switch modes, except that a frozen encoder stays in eval (no dropout)."""
-        super().train(mode)
-        if self.config.frozen:
-            self.model.eval()
-        return self
-
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:  # shadowed per instance, see __init__
-        """Tokenize, pad to the longest caption and truncate to ``max_length``."""
-        return HFTokenize(self.tokenizer, self.max_length)(texts)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        *,
-        output_hidden_states: bool = False,
-    ) -> EncoderOutput:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.frozen):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
-            tokens = out.last_hidden_state
-            mask = attention_mask.bool()
-            if self.config.pooling == "pooler":
-                pooled = out.pooler_output
-            elif self.config.pooling == "cls":
-                pooled = tokens[:, 0]
-            else:
-                weights = mask.to(tokens.dtype).unsqueeze(-1)
-                pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return EncoderOutput(
-            tokens=tokens,
-            pooled=pooled,
-            mask=mask,
-            hidden_states=tuple(out.hidden_states) if output_hidden_states else None,
-        )
+    def pool(self, out: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.config.pooling == "pooler":
+            return out.pooler_output
+        if self.config.pooling == "cls":
+            return out.last_hidden_state[:, 0]
+        return super().pool(out, input_ids, mask)

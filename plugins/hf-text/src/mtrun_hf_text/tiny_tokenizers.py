@@ -1,13 +1,26 @@
-"""Small RoBERTa, BERT and T5 tokenizers built offline and deterministically (``tiny-*`` presets).
+"""Small tokenizers built offline and deterministically, for ``tiny`` presets and tests.
 
-Tests and recipes' ``tiny`` profiles need tokenizers without the model hub. Each builder derives
-a vocabulary from a fixed in-code corpus of music words in several languages, with the family's
-own normaliser, pre-tokeniser and special tokens (it runs the real transformers tokenizer class's
-pipeline on the corpus first), and returns that class: ``RobertaTokenizer`` (byte-level BPE,
-``<mask>`` last like roberta-base), ``BertTokenizer`` (uncased WordPiece) and ``T5Tokenizer``
-(unigram). In transformers 5 these are the tokenizers-backed fast classes (``*TokenizerFast``
-are aliases). Plain counting with explicit tie-breaks makes every vocabulary identical in every
-process; each has a mask token where the family has one, for MLM.
+Tests and recipes' ``tiny`` profiles need tokenizers without the model hub. Each family's
+vocabulary is derived from a fixed in-code corpus of music captions in several languages, with
+the family's own normaliser, pre-tokeniser and special tokens (the real transformers tokenizer
+class's pipeline runs on the corpus first), and is wrapped in that class:
+
+=========  ===================  ===============================================================
+family     class                vocabulary
+=========  ===================  ===============================================================
+roberta    ``RobertaTokenizer``  byte-level BPE, ``<s> <pad> </s> <unk>`` first, ``<mask>`` last
+                                 (roberta-base's layout)
+bert       ``BertTokenizer``     uncased WordPiece: specials, characters, ``##`` characters, words
+t5, mt5    ``T5Tokenizer``       unigram: ``<pad> </s> <unk>`` = 0, 1, 2, ``▁``, characters,
+                                 ``▁word`` by log-frequency; no sentinel ids
+clip       ``CLIPTokenizer``     byte-level BPE with ``</w>`` word ends, ``<|startoftext|>`` and
+                                 ``<|endoftext|>`` the last two ids (CLIP's layout)
+=========  ===================  ===============================================================
+
+In transformers 5 these are the tokenizers-backed fast classes (``*TokenizerFast`` are aliases).
+Merges and word lists come from plain counting with explicit tie-breaks rather than a trainer,
+so every vocabulary is identical in every process, on every machine. The corpora differ by
+family (``mt5`` and ``clip`` cover more scripts); see :data:`CORPORA`.
 """
 
 from __future__ import annotations
@@ -15,12 +28,11 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["CORPUS", "build_tiny_bert_tokenizer", "build_tiny_roberta_tokenizer", "build_tiny_t5_tokenizer", "build_tiny_tokenizer"]
+__all__ = ["CORPORA", "FAMILIES", "build_tiny_tokenizer", "tiny_vocab"]
 
-#: The fixed text every tiny vocabulary is derived from.
-CORPUS: tuple[str, ...] = (
+_ENGLISH = (
     "a calm piano melody with soft strings and a slow tempo",
     "an upbeat rock song with distorted electric guitars and loud drums",
     "a jazz trio with upright bass, brushed drums and a warm saxophone solo",
@@ -30,22 +42,65 @@ CORPUS: tuple[str, ...] = (
     "sad classical orchestra piece in a minor key with cello and violin",
     "happy pop song with catchy vocals, claps and a fast beat",
     "hip hop beat with vinyl crackle, sampled piano and heavy kick",
-    "A reel played on fiddle and flute, traditional Irish music.",
+)
+_REEL = "A reel played on fiddle and flute, traditional Irish music."
+_MORE_ENGLISH = (
     "metal riff, double bass drums, aggressive screaming vocals",
     "relaxing lo-fi instrumental, mellow keys and gentle rain",
+)
+_EUROPEAN = (
     "música alegre con guitarra española y percusión",
+    "canción triste de piano y voz, tempo lento",
     "musique calme au piano avec des cordes douces",
+    "chanson pop joyeuse avec batterie et basse",
     "ruhige Musik mit Klavier und Streichern, langsames Tempo",
+    "fröhlicher Rocksong mit E-Gitarre und Schlagzeug",
+    "música brasileira com violão e samba",
+    "musica italiana con mandolino e fisarmonica",
+)
+_OTHER_SCRIPTS = (
+    "音楽 ピアノ ギター ドラム 静かな曲 明るい歌",
+    "音乐 钢琴 吉他 鼓 安静的歌曲 快乐的旋律",
+    "музыка спокойная мелодия на фортепиано и гитаре",
+    "рок песня с электрогитарой и барабанами",
+    "음악 피아노 기타 드럼 조용한 노래",
+    "संगीत गिटार ढोल शांत गीत",
+    "موسيقى هادئة بيانو جيتار طبول",
+    "μουσική πιάνο κιθάρα τύμπανα",
+)
+_NUMBERS = "0 1 2 3 4 5 6 7 8 9 bpm 120 4/4 3/4"
+_PUNCTUATION = " ! ? ' \" ( ) - : ;"
+
+_SMALL = (
+    *_ENGLISH,
+    _REEL,
+    *_MORE_ENGLISH,
+    _EUROPEAN[0],
+    _EUROPEAN[2],
+    _EUROPEAN[4],
     "音楽 ピアノ ギター ドラム 静かな曲",
     "музыка спокойная мелодия на фортепиано",
-    "0 1 2 3 4 5 6 7 8 9 bpm 120 4/4 3/4 ! ? ' \" ( ) - : ;",
+    _NUMBERS + _PUNCTUATION,
 )
 
-_NUM_MERGES = 300
+#: The fixed text each family's vocabulary is derived from (the order does not matter).
+CORPORA: dict[str, tuple[str, ...]] = {
+    "roberta": _SMALL,
+    "bert": _SMALL,
+    "t5": _SMALL,
+    "mt5": (*_ENGLISH, _REEL, *_EUROPEAN, *_OTHER_SCRIPTS, _NUMBERS + _PUNCTUATION),
+    "clip": (*_ENGLISH, _REEL.lower().rstrip("."), *_MORE_ENGLISH, *_EUROPEAN, *_OTHER_SCRIPTS, _NUMBERS),
+}
+
+FAMILIES = tuple(CORPORA)
+
+_NUM_MERGES = 300  # small enough that the embedding tables stay tiny
+_CHAR_SCORE = -12.0  # unigram: far below any word, so characters are the fallback only
 
 
 def _learn_merges(words: Counter[tuple[str, ...]], num_merges: int) -> list[tuple[str, str]]:
-    """Greedy BPE: merge the most frequent adjacent pair; ties to the smallest pair."""
+    """Greedy BPE: merge the most frequent adjacent pair; ties to the smallest pair, so the
+    result never depends on hash order."""
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
@@ -72,11 +127,18 @@ def _learn_merges(words: Counter[tuple[str, ...]], num_merges: int) -> list[tupl
     return merges
 
 
-def _pieces(backend: Any, text: str) -> list[str]:
-    """Words as the tokenizer's own normaliser and pre-tokeniser cut them."""
-    if backend.normalizer is not None:
-        text = backend.normalizer.normalize_str(text)
-    return [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+def _pieces(family: str, tokenizer_class: str) -> list[str]:
+    """The corpus's words as the tokenizer's own normaliser and pre-tokeniser cut them (an empty
+    tokenizer of the class carries exactly those)."""
+    import transformers
+
+    backend = getattr(transformers, tokenizer_class)().backend_tokenizer
+    pieces: list[str] = []
+    for text in CORPORA[family]:
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        pieces += [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+    return pieces
 
 
 def _ordered(tokens: list[str]) -> dict[str, int]:
@@ -86,71 +148,78 @@ def _ordered(tokens: list[str]) -> dict[str, int]:
     return vocab
 
 
-@functools.lru_cache(maxsize=1)
-def roberta_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level BPE in roberta-base's layout: ``<s> <pad> </s> <unk>``, bytes, merges, ``<mask>``."""
+def _byte_alphabet() -> list[str]:
     from tokenizers import pre_tokenizers
-    from transformers import RobertaTokenizer
 
-    backend = RobertaTokenizer().backend_tokenizer
-    words = Counter(tuple(piece) for line in CORPUS for piece in _pieces(backend, line))
-    merges = _learn_merges(words, _NUM_MERGES)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = _ordered(["<s>", "<pad>", "</s>", "<unk>"] + alphabet + [a + b for a, b in merges] + ["<mask>"])
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def _roberta_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    merges = _learn_merges(Counter(tuple(p) for p in _pieces("roberta", "RobertaTokenizer")), _NUM_MERGES)
+    vocab = _ordered(["<s>", "<pad>", "</s>", "<unk>"] + _byte_alphabet() + [a + b for a, b in merges] + ["<mask>"])
     return vocab, merges
 
 
-@functools.lru_cache(maxsize=1)
-def bert_vocab() -> dict[str, int]:
-    """Uncased WordPiece: specials, every character alone and as ``##`` continuation, whole words."""
-    from transformers import BertTokenizer
+def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    words = Counter((*p[:-1], p[-1] + "</w>") for p in _pieces("clip", "CLIPTokenizer"))
+    merges = _learn_merges(words, _NUM_MERGES)
+    # End-of-text is the largest id, what transformers' legacy argmax pooling assumes.
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
+    return _ordered(tokens + ["<|startoftext|>", "<|endoftext|>"]), merges
 
-    backend = BertTokenizer().backend_tokenizer
-    pieces = [p for line in CORPUS for p in _pieces(backend, line)]
+
+def _bert_vocab() -> dict[str, int]:
+    pieces = _pieces("bert", "BertTokenizer")
     chars = sorted({c for p in pieces for c in p})
     words = Counter(p for p in pieces if len(p) > 1)
     ranked = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))]
     return _ordered(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + ranked)
 
 
-@functools.lru_cache(maxsize=1)
-def t5_vocab() -> tuple[tuple[str, float], ...]:
-    """Unigram pieces: ``<pad> </s> <unk>``, ``▁``, characters (low score), ``▁word`` by log-frequency."""
-    words: Counter[str] = Counter(w for line in CORPUS for w in line.split())
+def _unigram_vocab(corpus: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    words: Counter[str] = Counter(w for line in corpus for w in line.split())
     total = sum(words.values())
-    chars = sorted({c for line in CORPUS for c in line if not c.isspace()} | {c.upper() for line in CORPUS for c in line if c.isascii() and c.isalpha()})
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, -12.0) for c in chars]
+    chars = sorted({c for line in corpus for c in line if not c.isspace()} | {c.upper() for line in corpus for c in line if c.isascii() and c.isalpha()})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, _CHAR_SCORE) for c in chars]
+    # Most frequent words first; ties alphabetical, so the order never depends on hashing.
     pieces += [("▁" + w, math.log(n / total)) for w, n in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))]
     seen: set[str] = set()
     return tuple(p for p in pieces if not (p[0] in seen or seen.add(p[0])))
 
 
-def build_tiny_roberta_tokenizer(**kwargs: Any) -> Any:
-    """A fresh ``RobertaTokenizer`` over the tiny byte-level BPE vocabulary."""
-    from transformers import RobertaTokenizer
-
-    vocab, merges = roberta_vocab()
-    kwargs.setdefault("model_max_length", 512)
-    return RobertaTokenizer(vocab=dict(vocab), merges=list(merges), **kwargs)
-
-
-def build_tiny_bert_tokenizer(**kwargs: Any) -> Any:
-    """A fresh uncased ``BertTokenizer`` over the tiny WordPiece vocabulary."""
-    from transformers import BertTokenizer
-
-    kwargs.setdefault("model_max_length", 512)
-    return BertTokenizer(vocab=dict(bert_vocab()), do_lower_case=True, **kwargs)
+_VOCABS: dict[str, Callable[[], Any]] = {
+    "roberta": _roberta_vocab,
+    "bert": _bert_vocab,
+    "t5": lambda: _unigram_vocab(CORPORA["t5"]),
+    "mt5": lambda: _unigram_vocab(CORPORA["mt5"]),
+    "clip": _clip_vocab,
+}
 
 
-def build_tiny_t5_tokenizer(**kwargs: Any) -> Any:
-    """A fresh ``T5Tokenizer`` over the tiny unigram vocabulary (no sentinel ids)."""
-    from transformers import T5Tokenizer
+@functools.lru_cache(maxsize=None)
+def tiny_vocab(family: str) -> Any:
+    """The vocabulary of ``family``: ``(vocab, merges)`` for BPE (roberta, clip), ``{token: id}``
+    for WordPiece (bert), ``((piece, score), ...)`` for unigram (t5, mt5). Cached; treat as read-only."""
+    if family not in _VOCABS:
+        raise ValueError(f"no tiny tokenizer for family {family!r}; one of {', '.join(FAMILIES)}")
+    return _VOCABS[family]()
 
-    kwargs.setdefault("model_max_length", 512)
-    return T5Tokenizer(vocab=list(t5_vocab()), extra_ids=0, **kwargs)
 
+def build_tiny_tokenizer(family: str, **kwargs: Any) -> Any:
+    """A fresh tiny tokenizer of ``family`` (one of :data:`FAMILIES`).
 
-def build_tiny_tokenizer(family: str) -> Any:
-    """The tiny tokenizer of ``family`` (``roberta``, ``bert`` or ``t5``)."""
-    builders = {"roberta": build_tiny_roberta_tokenizer, "bert": build_tiny_bert_tokenizer, "t5": build_tiny_t5_tokenizer}
-    return builders[family]()
+    Args:
+        family: ``roberta``, ``bert``, ``t5``, ``mt5`` or ``clip``.
+        **kwargs: Passed to the tokenizer class (default ``model_max_length``: 77 for clip, else 512).
+    """
+    import transformers
+
+    vocab = tiny_vocab(family)
+    kwargs.setdefault("model_max_length", 77 if family == "clip" else 512)
+    if family in ("roberta", "clip"):
+        cls = transformers.RobertaTokenizer if family == "roberta" else transformers.CLIPTokenizer
+        return cls(vocab=dict(vocab[0]), merges=list(vocab[1]), **kwargs)
+    if family == "bert":
+        return transformers.BertTokenizer(vocab=dict(vocab), do_lower_case=True, **kwargs)
+    return transformers.T5Tokenizer(vocab=list(vocab), extra_ids=0, **kwargs)

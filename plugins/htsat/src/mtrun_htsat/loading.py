@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 
 from mtrun.errors import MtrunError
+from mtrun.weights import LoadReport, load_matching, read_state_dict
 
 __all__ = ["LAION_IGNORED", "LAION_TO_HF", "LoadReport", "audio_config_from_dict", "laion_to_hf_state_dict", "load_audio_tower"]
 
@@ -64,7 +65,7 @@ LAION_IGNORED: tuple[str, ...] = (
 )
 """LAION-CLAP keys that are not part of the HTS-AT audio tower we run."""
 
-_HF_IGNORED = (r"text_model\..*", r"text_projection\..*", r"audio_projection\..*", r"logit_scale_[at]")
+_HF_IGNORED = (r"text_model\.", r"text_projection\.", r"audio_projection\.", r"logit_scale_[at]$")
 
 _BLOCK_RULES = (
     ("norm1.", "layernorm_before."),
@@ -75,16 +76,6 @@ _BLOCK_RULES = (
     ("mlp.fc1.", "intermediate.dense."),
     ("mlp.fc2.", "output.dense."),
 )
-
-
-@attrs.frozen
-class LoadReport:
-    """What a load did; ``missing``/``unexpected`` are empty on success (otherwise it raised)."""
-
-    matched: int
-    ignored: tuple[str, ...] = ()
-    missing: tuple[str, ...] = ()
-    unexpected: tuple[str, ...] = ()
 
 
 def laion_to_hf_state_dict(state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -157,43 +148,6 @@ def _resolve(pretrained: str) -> Path:
         ) from exc
 
 
-def _read_hf_weights(folder: Path) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import load_file
-
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        index = folder / index_name
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [single]
-        if all((folder / f).is_file() for f in files):
-            state: dict[str, Any] = {}
-            for name in files:
-                state.update(load_file(str(folder / name)) if name.endswith(".safetensors") else torch.load(folder / name, map_location="cpu", weights_only=True))
-            return state
-    raise MtrunError(f"{folder}: no model.safetensors or pytorch_model.bin found")
-
-
-def _exact_load(model: Any, state: dict[str, Any], ignored: list[str], what: str) -> LoadReport:
-    target = model.state_dict()
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}" for k in sorted(set(state) & set(target)) if tuple(state[k].shape) != tuple(target[k].shape)]
-    if missing or unexpected or shapes:
-
-        def listing(label: str, items: list[str]) -> str:
-            shown = "".join(f"\n    {k}" for k in items[:20])
-            more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
-            return f"\n  {label} ({len(items)}):{shown}{more}" if items else ""
-
-        raise MtrunError(
-            f"{what}: the checkpoint does not match the HTS-AT model (check the preset for LAION .pt files)"
-            + listing("missing from the checkpoint", missing)
-            + listing("unexpected in the checkpoint", unexpected)
-            + listing("shape mismatches", shapes)
-        )
-    model.load_state_dict(state, strict=True)
-    return LoadReport(matched=len(target), ignored=tuple(sorted(ignored)))
-
-
 def load_audio_tower(pretrained: str, preset_config: Any) -> tuple[Any, LoadReport]:
     """Build a ``ClapAudioModel`` and load HF CLAP or LAION-CLAP weights into it exactly.
 
@@ -201,30 +155,26 @@ def load_audio_tower(pretrained: str, preset_config: Any) -> tuple[Any, LoadRepo
         pretrained: Hub name, HF folder, or a LAION-CLAP ``.pt``/``.ckpt`` file.
         preset_config: The ``ClapAudioConfig`` to build for LAION files, which carry no config.
     """
-    import torch
     from transformers import ClapAudioModel
 
     what = f"pretrained={pretrained!r}"
+    hint = " (HTS-AT; check the preset for LAION .pt files)"
     path = _resolve(pretrained)
     if path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
-        if not isinstance(state, dict):
-            raise MtrunError(f"{what}: expected a LAION-CLAP checkpoint (a dict with 'state_dict')")
+        state = read_state_dict(path, what=what)
         if any("fusion_model" in k or "mel_conv2d" in k for k in state):
             raise MtrunError(f"{what}: a fusion LAION-CLAP checkpoint; only unfused HTS-AT checkpoints are supported")
         state, ignored = laion_to_hf_state_dict(state)
         model = ClapAudioModel(preset_config)
-        return model, _exact_load(model, state, ignored, what)
+        report = load_matching(model, state, what=what, hint=hint)
+        return model, attrs.evolve(report, ignored=tuple(sorted(ignored)))
     config_path = path / "config.json"
     if not config_path.is_file():
         raise MtrunError(f"{what}: {path} has no config.json")
     model = ClapAudioModel(audio_config_from_dict(json.loads(config_path.read_text())))
-    state: dict[str, Any] = {}
-    ignored = []
-    for key, value in _read_hf_weights(path).items():
-        if any(re.fullmatch(p, key) for p in _HF_IGNORED):
-            ignored.append(key)
-            continue
-        state[key[len("audio_model.") :] if key.startswith("audio_model.") else key] = value
-    return model, _exact_load(model, state, ignored, what)
+    state = read_state_dict(path, what=what)
+    return model, load_matching(model, state, ignore=_HF_IGNORED, rename=_strip_audio_model, what=what, hint=hint)
+
+
+def _strip_audio_model(key: str) -> str:
+    return key.removeprefix("audio_model.")

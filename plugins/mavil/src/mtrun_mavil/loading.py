@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
 
 from mtrun.errors import MtrunError
+from mtrun.weights import load_matching, read_state_dict, strip_prefixes
 
 if TYPE_CHECKING:
     from mtrun_mavil.encoder import MavilEncoder
 
-__all__ = ["IGNORED", "LoadReport", "find_checkpoint_file", "load_checkpoint", "read_state_dict"]
+__all__ = ["IGNORED", "LoadReport", "find_checkpoint_file", "load_checkpoint"]
 
 IGNORED = re.compile(
     r"^(decoder[._]|mask_token|head\.|head_dist\.|"  # MAE decoder, classifier heads
@@ -67,30 +68,6 @@ def find_checkpoint_file(pretrained: str) -> Path:
     )
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, never unpickling arbitrary objects."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Any = load_file(str(path))
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - report what the user can act on
-            raise MtrunError(
-                f"mavil: cannot read {str(path)!r} with torch.load(weights_only=True) ({type(exc).__name__}: {exc}). "
-                "Files that pickle arbitrary objects are refused; re-save the state dict with torch.save(model.state_dict()) or safetensors"
-            ) from exc
-    # Training scripts wrap the weights: {"model": ..., "optimizer": ..., "epoch": ...}.
-    for key in ("model", "state_dict", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise MtrunError(f"mavil: {str(path)!r} does not hold a state dict of tensors (under 'model' or at the top level)")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def _strip_branch_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop a wrapper prefix (``audio_encoder.``, ``encoder.``) when the audio ViT sits under one."""
     if "patch_embed.proj.weight" in state:
@@ -111,29 +88,17 @@ def load_checkpoint(model: MavilEncoder, pretrained: str) -> LoadReport:
             wrong shape (all listed at once).
     """
     path = find_checkpoint_file(pretrained)
-    state = _strip_branch_prefix(read_state_dict(path))
-    expected = model.state_dict()
-    renamed: list[tuple[str, str]] = []
-    if "norm.weight" not in state and "fc_norm.weight" in state:
-        # Fine-tuned AudioMAE models norm the pooled vector (fc_norm); here the same LayerNorm
-        # is applied per token before pooling, the closest use of those weights.
-        for part in ("weight", "bias"):
-            state[f"norm.{part}"] = state.pop(f"fc_norm.{part}")
-            renamed.append((f"fc_norm.{part}", f"norm.{part}"))
-    ignored = sorted(k for k in state if k not in expected and IGNORED.match(k))
-    unexpected = sorted(k for k in state if k not in expected and not IGNORED.match(k))
-    positions_from_file = "pos_embed" in state
-    missing = sorted(k for k in expected if k not in state and k != "pos_embed")
-    wrong = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape
+    state = _strip_branch_prefix(strip_prefixes(read_state_dict(path, what="mavil"), ("module.",)))
+    # Fine-tuned AudioMAE models norm the pooled vector (fc_norm); here the same LayerNorm is
+    # applied per token before pooling, the closest use of those weights.
+    rename = {} if "norm.weight" in state else {f"fc_norm.{p}": f"norm.{p}" for p in ("weight", "bias")}
+    report = load_matching(
+        model,
+        state,
+        ignore=IGNORED,
+        rename=rename,
+        optional=("pos_embed",),
+        what=f"mavil: {str(path)!r}",
+        hint=f" (preset {model.config.preset!r}, target_length {model.target_length}, grid {model.token_grid})",
     )
-    problems = [f"missing keys: {', '.join(missing)}"] if missing else []
-    problems += [f"unexpected keys: {', '.join(unexpected)}"] if unexpected else []
-    problems += [f"shape mismatches: {'; '.join(wrong)}"] if wrong else []
-    if problems:
-        raise MtrunError(
-            f"mavil: {str(path)!r} does not match preset {model.config.preset!r} "
-            f"(target_length {model.target_length}, grid {model.token_grid}):\n  - " + "\n  - ".join(problems)
-        )
-    model.load_state_dict({k: state[k] if k in state else v for k, v in expected.items()}, strict=True)
-    return LoadReport(path=str(path), ignored=tuple(ignored), renamed=tuple(renamed), positions_from_file=positions_from_file)
+    return LoadReport(path=str(path), ignored=report.ignored, renamed=report.renamed, positions_from_file="pos_embed" not in report.kept)

@@ -4,7 +4,7 @@ MERT's hub repositories ship custom code (``model_type: "mert_model"``) that sub
 HuBERT. For the v1 checkpoints that code builds exactly HuBERT's modules (same names), as long
 as the CQT front end and DeepNorm are off, so we never run it: we translate ``config.json``
 into a :class:`~transformers.HubertConfig`, build ``HubertModel`` and load the state dict by
-hand, renaming keys and insisting that every key is matched.
+hand (:func:`mtrun.weights.load_matching`), renaming keys and insisting that every key is matched.
 
 Key renames (checkpoint -> module):
 
@@ -26,17 +26,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import attrs
-
 from mtrun.errors import MtrunError
+from mtrun.weights import LoadReport, load_matching, read_state_dict
 
 __all__ = [
     "LoadReport",
     "hubert_config_from_dict",
     "load_backbone",
-    "load_state_dict_exact",
+    "mert_key",
     "read_state_dict",
-    "rename_mert_keys",
     "resolve_folder",
 ]
 
@@ -44,18 +42,6 @@ __all__ = [
 _DROP_KEYS = {"architectures", "auto_map", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype"}
 _PREFIXES = ("module.", "mert_model.", "hubert.", "model.")
 _WEIGHT_NORM = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
-
-
-@attrs.frozen
-class LoadReport:
-    """What a state-dict load did; every module key matched when ``missing`` and
-    ``unexpected`` are empty (a load that leaves either non-empty raises instead)."""
-
-    matched: int
-    renamed: tuple[tuple[str, str], ...] = ()
-    ignored: tuple[str, ...] = ()
-    missing: tuple[str, ...] = ()
-    unexpected: tuple[str, ...] = ()
 
 
 def resolve_folder(pretrained: str, patterns: list[str]) -> Path:
@@ -79,29 +65,6 @@ def resolve_folder(pretrained: str, patterns: list[str]) -> Path:
             f"({type(exc).__name__}: {exc}). Without network access, download it elsewhere and pass "
             "the local folder as `pretrained`."
         ) from exc
-
-
-def read_state_dict(folder: Path) -> dict[str, Any]:
-    """Tensors from ``model.safetensors`` or ``pytorch_model.bin`` (single or sharded).
-
-    ``.bin`` files are read with ``torch.load(weights_only=True)``: no pickled code runs.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        index = folder / index_name
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [single]
-        if not all((folder / f).is_file() for f in files):
-            continue
-        state: dict[str, Any] = {}
-        for name in files:
-            if name.endswith(".safetensors"):
-                state.update(load_file(str(folder / name)))
-            else:
-                state.update(torch.load(folder / name, map_location="cpu", weights_only=True))
-        return state
-    raise MtrunError(f"{folder}: no model.safetensors or pytorch_model.bin found")
 
 
 def hubert_config_from_dict(values: dict[str, Any]) -> Any:
@@ -130,59 +93,26 @@ def hubert_config_from_dict(values: dict[str, Any]) -> Any:
     return HubertConfig(**kwargs)
 
 
-def rename_mert_keys(state: dict[str, Any], target_keys: set[str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """Map checkpoint key names onto the module's (see the module docstring's table)."""
-    out: dict[str, Any] = {}
-    renamed: list[tuple[str, str]] = []
-    for key, value in state.items():
-        new = key
-        stripped = True
-        while stripped and new not in target_keys:
-            stripped = False
-            for prefix in _PREFIXES:
-                if new.startswith(prefix):
-                    new, stripped = new[len(prefix) :], True
-                    break
-        for old, modern in _WEIGHT_NORM.items():
-            if new.endswith("." + old) and new not in target_keys:
-                candidate = new[: -len(old)] + modern
-                if candidate in target_keys:
-                    new = candidate
-            elif new.endswith("." + modern) and new not in target_keys:
-                candidate = new[: -len(modern)] + old
-                if candidate in target_keys:
-                    new = candidate
-        if new != key:
-            renamed.append((key, new))
-        out[new] = value
-    return out, renamed
-
-
-def load_state_dict_exact(module: Any, state: dict[str, Any], *, what: str, ignored: tuple[str, ...] = (), renamed: list[tuple[str, str]] | None = None) -> LoadReport:
-    """Load ``state`` into ``module`` with every key and shape matched, or raise listing all.
-
-    Raises:
-        MtrunError: missing keys, unexpected keys or shape mismatches, each listed.
-    """
-    target = module.state_dict()
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}" for k in sorted(set(state) & set(target)) if tuple(state[k].shape) != tuple(target[k].shape)]
-    if missing or unexpected or shapes:
-
-        def listing(label: str, items: list[str]) -> str:
-            shown = "".join(f"\n    {k}" for k in items[:20])
-            more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
-            return f"\n  {label} ({len(items)}):{shown}{more}" if items else ""
-
-        raise MtrunError(
-            f"{what}: the checkpoint does not match the model"
-            + listing("missing from the checkpoint", missing)
-            + listing("unexpected in the checkpoint", unexpected)
-            + listing("shape mismatches", shapes)
-        )
-    module.load_state_dict(state, strict=True)
-    return LoadReport(matched=len(target), renamed=tuple(renamed or ()), ignored=tuple(ignored))
+def mert_key(key: str, target_keys: set[str]) -> str:
+    """The module key for a checkpoint key (see the module docstring's table)."""
+    new = key
+    stripped = True
+    while stripped and new not in target_keys:
+        stripped = False
+        for prefix in _PREFIXES:
+            if new.startswith(prefix):
+                new, stripped = new[len(prefix) :], True
+                break
+    for old, modern in _WEIGHT_NORM.items():
+        if new.endswith("." + old) and new not in target_keys:
+            candidate = new[: -len(old)] + modern
+            if candidate in target_keys:
+                new = candidate
+        elif new.endswith("." + modern) and new not in target_keys:
+            candidate = new[: -len(modern)] + old
+            if candidate in target_keys:
+                new = candidate
+    return new
 
 
 def load_backbone(pretrained: str) -> tuple[Any, LoadReport, dict[str, Any]]:
@@ -203,7 +133,7 @@ def load_backbone(pretrained: str) -> tuple[Any, LoadReport, dict[str, Any]]:
         # MERT creates this SpecAugment vector only when masking probabilities are > 0; match it.
         values = {**values, "mask_time_prob": 0.0, "mask_feature_prob": 0.0}
     model = HubertModel(hubert_config_from_dict(values))
-    state, renamed = rename_mert_keys(state, set(model.state_dict()))
-    report = load_state_dict_exact(model, state, what=f"pretrained={pretrained!r}", renamed=renamed)
+    targets = set(model.state_dict())
+    report = load_matching(model, state, rename=lambda key: mert_key(key, targets), what=f"pretrained={pretrained!r}")
     pre = folder / "preprocessor_config.json"
     return model, report, (json.loads(pre.read_text()) if pre.is_file() else {})
