@@ -19,6 +19,7 @@ encoders resample to it anyway), and FLAC is lossless at about half the size of 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -247,6 +248,13 @@ def _render_star(args):
     return render_piece(*args)
 
 
+def _warm_up() -> None:
+    """Import what every piece needs (run once per worker, overlapping the parent's selection)."""
+    import music21.converter  # noqa: F401
+    import soundfile  # noqa: F401
+    import torchaudio.functional  # noqa: F401
+
+
 def build_corpus(
     settings: DemoSettings | None = None,
     *,
@@ -277,17 +285,29 @@ def build_corpus(
     tmp.mkdir()
     try:
         started = time.perf_counter()
-        refs = select_pieces(seed=settings.seed, scale=settings.scale)
-        splits = _assign_splits(refs, settings)
-        jobs = [(ref, splits[ref.id], settings, str(tmp), renderer, timeout_s) for ref in refs]
-        if workers > 1:
-            # spawn, not fork: the parent may hold torch/OpenMP threads that a fork would copy
-            # in a locked state.
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-                results = list(pool.map(_render_star, jobs, chunksize=4))
-        else:
-            results = [_render_star(job) for job in jobs]
+        with contextlib.ExitStack() as stack:
+            pool = None
+            if workers > 1:
+                # spawn, not fork: the parent may hold torch/OpenMP threads that a fork would
+                # copy in a locked state. The workers start importing music21/torch now, while
+                # this process reads the collections' headers.
+                context = multiprocessing.get_context("spawn")
+                pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(workers, mp_context=context))
+                warm = [pool.submit(_warm_up) for _ in range(workers)]
+            refs = select_pieces(seed=settings.seed, scale=settings.scale)
+            splits = _assign_splits(refs, settings)
+            jobs = [(ref, splits[ref.id], settings, str(tmp), renderer, timeout_s) for ref in refs]
+            # Whole-file scores (MusicXML/Humdrum: several times slower to parse than one ABC
+            # tune) go first so that no slow piece is left running alone at the end.
+            order = sorted(range(len(jobs)), key=lambda i: (refs[i].abc is not None, i))
+            if pool is not None:
+                concurrent.futures.wait(warm)
+                done = list(pool.map(_render_star, [jobs[i] for i in order], chunksize=4))
+            else:
+                done = [_render_star(jobs[i]) for i in order]
+            results: list[Any] = [None] * len(jobs)
+            for i, result in zip(order, done):
+                results[i] = result
         rows = sorted((row for rs, _ in results for row in rs), key=lambda r: r["id"])
         skipped = [skip for _, skip in results if skip is not None]
         seconds = time.perf_counter() - started

@@ -177,24 +177,23 @@ def _render_sf2(events, instrument: Instrument, *, n_samples: int, rate: int) ->
     timeline = sorted(
         [(s, 1, p, v) for s, _, p, v in events] + [(e, 0, p, 0) for _, e, p, _ in events]
     )
-    out = np.zeros(n_samples, dtype=np.float32)
+    # The synth writes interleaved stereo straight into one buffer (no per-chunk arrays) and the
+    # channels are averaged once at the end: the same samples as averaging chunk by chunk.
+    stereo = np.zeros((n_samples, 2), dtype=np.float32)
+    view = memoryview(stereo).cast("B")
+    frame = 2 * 4  # bytes per stereo float32 frame
     pos = 0
     for time, is_on, pitch, velocity in timeline:
         target = min(int(round(time * rate)), n_samples)
         if target > pos:
-            out[pos:target] = _generate(synth, target - pos)
+            synth.generate(target - pos, buffer=view[pos * frame : target * frame])
             pos = target
         if is_on:
             synth.noteon(0, pitch, velocity)
         else:
             synth.noteoff(0, pitch)
     if pos < n_samples:
-        out[pos:] = _generate(synth, n_samples - pos)
-    return out
-
-
-def _generate(synth, n: int) -> np.ndarray:
-    stereo = np.frombuffer(synth.generate(n), dtype=np.float32).reshape(n, 2)
+        synth.generate(n_samples - pos, buffer=view[pos * frame :])
     return stereo.mean(axis=1)
 
 

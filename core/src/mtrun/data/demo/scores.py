@@ -18,6 +18,7 @@ and returns its notes in quarter lengths plus key, mode, metre and note density.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import re
@@ -338,11 +339,41 @@ def select_pieces(*, seed: int, scale: float = 1.0) -> list[PieceRef]:
 
 
 def _parse(ref: PieceRef):
+    """The music21 score of ``ref``, read without the steps that only serve notation.
+
+    * ABC: music21's ABC import ends with ``Part.makeBeams``, which groups notes under beams
+      for engraving and was two thirds of the parse time; beams change no pitch, onset,
+      duration or tie, so it is switched off for the parse (:func:`_without_beaming`).
+    * Files (MusicXML, Humdrum) are parsed from source without reading or writing music21's
+      pickle cache (``/tmp/music21``): on a fresh machine the cache is empty and writing it
+      costs time for nothing, and reading it would make a build depend on what ran before.
+    """
     from music21 import converter
 
     if ref.abc is not None:
-        return converter.parse(ref.abc, format="abc")
-    return converter.parse(str(corpus_root() / ref.path))
+        with _without_beaming():
+            return converter.parse(ref.abc, format="abc")
+    return converter.parse(str(corpus_root() / ref.path), forceSource=True, storePickle=False)
+
+
+@contextlib.contextmanager
+def _without_beaming():
+    """Make ``Stream.makeBeams`` a no-op for the duration (restored afterwards)."""
+    from music21 import stream
+
+    original = stream.Stream.__dict__.get("makeBeams")
+    if original is None:  # a music21 without it: nothing to skip
+        yield
+        return
+
+    def no_beams(self, *, inPlace=False, **kwargs):
+        return None if inPlace else self
+
+    stream.Stream.makeBeams = no_beams
+    try:
+        yield
+    finally:
+        stream.Stream.makeBeams = original
 
 
 def _key_of(score) -> tuple[str, str, str]:
