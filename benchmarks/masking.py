@@ -6,7 +6,8 @@ time measured in the same run (median of ``--repeats`` after a warm-up). The fba
 outside the timed region: masking cannot change it.
 
     python benchmarks/masking.py                      # ViT-B (preset base), batch 2, float32
-    python benchmarks/masking.py --bf16               # bf16 autocast (fast on CPUs with AMX)
+    python benchmarks/masking.py --bf16               # bf16 autocast, also as a ratio to float32
+                                                      # (fast only on CPUs with AMX/AVX512-BF16)
     python benchmarks/masking.py --preset tiny --batch 8
 """
 
@@ -55,12 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         features = enc.preprocess(0.1 * torch.randn(args.batch, enc.target_length * 160 + 240, device=device))
 
-    def step(keep) -> float:
+    def step(keep, bf16: bool = args.bf16) -> float:
         enc.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = enc(features, keep_index=keep)
             loss = out.tokens.float().square().mean()
         loss.backward()
@@ -72,9 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     for keep in keeps.values():  # warm-up every shape once
         step(None if keep is None else keep.to(device))
     times: dict[float, list[float]] = {f: [] for f in FRACTIONS}
+    fp32_times: list[float] = []  # with --bf16: the float32 unmasked step, as a second baseline
+    if args.bf16:
+        step(None, bf16=False)
     for _ in range(args.repeats):  # interleave so drift hits every fraction alike
         for f, keep in keeps.items():
             times[f].append(step(None if keep is None else keep.to(device)))
+        if args.bf16:
+            fp32_times.append(step(None, bf16=False))
     base = statistics.median(times[1.0])
     print(
         f"mavil {args.preset}: {full} tokens {grid}, width {enc.output_dim}, batch {args.batch}, "
@@ -85,6 +91,13 @@ def main(argv: list[str] | None = None) -> None:
         kept = full if keeps[f] is None else keeps[f].shape[1]
         print(f"{f:>11.2f} {kept:>5}/{full:<6} {statistics.median(times[f]) / base:>16.3f}")
     print(f"(unmasked forward+backward: {base * 1000:.0f} ms per batch; ratios are medians of {args.repeats})")
+    if args.bf16:
+        fp32 = statistics.median(fp32_times)
+        print(f"bf16 autocast / float32, unmasked: {base / fp32:.3f} (float32: {fp32 * 1000:.0f} ms per batch)")
+        if device.type == "cpu":
+            from mtrun.train.trainer import cpu_has_fast_bf16
+
+            print(f"this CPU multiplies bf16 in hardware (AMX or AVX512-BF16): {cpu_has_fast_bf16()}")
 
 
 if __name__ == "__main__":

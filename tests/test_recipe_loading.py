@@ -143,6 +143,34 @@ def test_profiles_are_inherited_through_extends(tmp_path):
     assert load_recipe(child, profile="tiny")["trainer"] == {"max_steps": 2, "batch_size": 4}
 
 
+def test_a_table_of_another_type_replaces_the_parents_table_wholesale(tmp_path):
+    """A profile (or child) switching a component's type must not inherit the old type's keys."""
+    write(
+        tmp_path / "parent.toml",
+        """
+        [data]
+        type = "clotho"
+        metadata_dir = "~/clotho"
+        audio_root = "~/clotho/audio"
+        [audio_encoder]
+        type = "toy-audio"
+        width = 32
+        [profile.tiny.data]
+        type = "toy-tones"
+        n_items = 8
+        [profile.tiny.audio_encoder]
+        type = "toy-audio"
+        frame = 100
+        """,
+    )
+    tiny = load_recipe(tmp_path / "parent.toml", profile="tiny")
+    assert tiny["data"] == {"type": "toy-tones", "n_items": 8}
+    assert tiny["audio_encoder"] == {"type": "toy-audio", "width": 32, "frame": 100}
+    child = write(tmp_path / "child.toml", "extends = 'parent.toml'\n[audio_encoder]\ntype = 'other'\nsize = 2\n")
+    assert load_recipe(child)["audio_encoder"] == {"type": "other", "size": 2}
+    assert load_recipe(child, profile="tiny")["audio_encoder"] == {"type": "toy-audio", "frame": 100}
+
+
 # ----------------------------------------------------------------------------- overrides
 
 

@@ -211,3 +211,36 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_elsewhere():
     silent = io.StringIO()
     Progress(4, enabled=False, stream=silent).update(4, 0, {"loss": 1.0})
     assert silent.getvalue() == ""
+
+
+class ScriptedScore:
+    """An eval task reporting a scripted sequence of ``score`` values, one per evaluation."""
+
+    def __init__(self, values):
+        self.values = list(values)
+        self.calls = 0
+
+    def evaluate(self, system, samples, *, cache=None):
+        value = self.values[min(self.calls, len(self.values) - 1)]
+        self.calls += 1
+        return {"score": value}
+
+
+def test_early_stopping_after_patience_evaluations_without_a_new_best(tmp_path, toy_trainer):
+    # Best at the 2nd evaluation (4.0); the 3rd..5th do not beat it → stop after the 5th.
+    scores = [5.0, 4.0, 4.5, 4.0, 4.2, 1.0, 1.0, 1.0, 1.0, 1.0]
+    trainer = toy_trainer(tmp_path / "run", steps=10, checkpoint_every=0, evals=[ScriptedScore(scores)])
+    trainer.config = attrs_evolve(trainer.config, eval_every=1, best_metric="val/score", early_stopping_patience=3)
+    result = trainer.fit()
+    assert result["step"] == 5 and result["stopped_early"] == 1.0
+    assert (tmp_path / "run" / "checkpoints" / "best").read_text().strip() == "step-000002"
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000005" / "trainer_state.json").read_text())
+    assert state["stopped_early"] is True and state["evals_since_best"] == 3 and state["best_value"] == 4.0
+    # Resuming a run that stopped early does not train on.
+    again = toy_trainer(tmp_path / "run", steps=10, checkpoint_every=0, resume="latest", evals=[ScriptedScore([0.0])])
+    again.config = attrs_evolve(again.config, eval_every=1, best_metric="val/score", early_stopping_patience=3)
+    assert again.fit()["step"] == 5
+    # Without patience the same scores train to the end.
+    full = toy_trainer(tmp_path / "full", steps=10, checkpoint_every=0, evals=[ScriptedScore(scores)])
+    full.config = attrs_evolve(full.config, eval_every=1, best_metric="val/score")
+    assert full.fit()["step"] == 10

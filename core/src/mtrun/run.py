@@ -22,6 +22,12 @@ class RunConfig:
         metadata={"help": "'' starts fresh, 'latest' continues from the run folder's latest checkpoint, or a checkpoint path"},
     )
     device: str = attrs.field(default="auto", metadata={"help": "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'"})
+    threads: int = attrs.field(
+        default=0,
+        validator=attrs.validators.ge(0),
+        metadata={"help": "CPU threads for PyTorch's operators (torch.set_num_threads); 0 = PyTorch's default, one per core. "
+                  "1 is faster for tiny models on a small machine other jobs share"},
+    )
 
 
 @attrs.frozen

@@ -83,14 +83,20 @@ def parse_override(text: str) -> Override:
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """``top`` over ``base``: tables merge key by key; everything else, arrays of tables
     included, is replaced wholesale (merging ``[[objective]]`` element-wise would silently
-    combine unrelated objectives)."""
+    combine unrelated objectives). A table whose ``type`` differs from the base table's
+    replaces it wholesale too: the keys of another component's config do not carry over
+    (a ``tiny`` profile switching ``[data]`` from a public dataset to ``demo``)."""
     merged = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not _retyped(merged[key], value):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def _retyped(base: dict[str, Any], top: dict[str, Any]) -> bool:
+    return "type" in top and "type" in base and top["type"] != base["type"]
 
 
 def _describe(path: Sequence[str | int]) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +37,21 @@ from mtrun.train.progress import Progress
 from mtrun.train.rng import capture_rng, derive_seed, restore_rng, seed_everything
 from mtrun.train.schedule import warmup_cosine
 
-__all__ = ["DefaultTrainer", "TrainState", "pick_device"]
+__all__ = ["DefaultTrainer", "TrainState", "cpu_has_fast_bf16", "pick_device"]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16).
+
+    Without either, oneDNN and PyTorch's CPU kernels convert bf16 to float32 and back around
+    every matmul and attention block, so ``precision = "bf16"`` costs time instead of saving it
+    (measured 2.6-3.4x slower per ViT training step on an AVX512 Xeon without them; see
+    ``benchmarks/masking.py --bf16``).
+    """
+    cpu = getattr(torch._C, "_cpu", None)
+    if cpu is None:  # an old or stripped build: assume yes rather than warn wrongly
+        return True
+    return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -73,6 +88,8 @@ class TrainState:
         batch: Index of the next global batch within ``epoch``.
         best_value: Best value of the best metric so far (``None`` before any evaluation).
         best_checkpoint: Folder name of the checkpoint holding it.
+        evals_since_best: Evaluations since the best metric last improved (early stopping).
+        stopped_early: Training ended by early stopping; a resumed run does not continue.
     """
 
     step: int = 0
@@ -80,6 +97,8 @@ class TrainState:
     batch: int = 0
     best_value: float | None = None
     best_checkpoint: str | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -193,6 +212,10 @@ class DefaultTrainer:
             default="min", validator=attrs.validators.in_(("min", "max")),
             metadata={"help": "min or max: whether smaller or larger best_metric is better"},
         )
+        early_stopping_patience: int = attrs.field(
+            default=0, validator=_non_negative,
+            metadata={"help": "stop when best_metric has not improved for this many evaluations in a row (0 = off)"},
+        )
         log_every: int = attrs.field(
             default=10, validator=_positive,
             metadata={"help": "log training metrics every N steps"},
@@ -279,6 +302,13 @@ class DefaultTrainer:
 
         system = self.system.to(device)
         system.train()
+        if cfg.precision == "bf16" and device.type == "cpu" and main and not cpu_has_fast_bf16():
+            warnings.warn(
+                "[trainer].precision = 'bf16' on a CPU without AMX or AVX512-BF16: bfloat16 matmuls and "
+                "attention are emulated there and run 2-3x slower than float32; use precision = 'fp32'",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         splits = list(self.data.splits())
         if cfg.train_split not in splits:
             raise TrainingError(f"the data source has no split {cfg.train_split!r} to train on (it has: {', '.join(splits)})")
@@ -342,6 +372,8 @@ class DefaultTrainer:
                 batch=int(saved["batch"]),
                 best_value=saved.get("best_value"),
                 best_checkpoint=saved.get("best_checkpoint"),
+                evals_since_best=int(saved.get("evals_since_best", 0)),
+                stopped_early=bool(saved.get("stopped_early", False)),
             )
 
         trainable = [p for p in system.parameters() if p.requires_grad]
@@ -405,7 +437,7 @@ class DefaultTrainer:
         last_val: dict[str, float] = {}
         evaluated_at = saved_at = -1
         try:
-            while state.step < total:
+            while state.step < total and not state.stopped_early:
                 for b, micros in loader.global_batches(state.epoch, state.batch):
                     step, epoch = state.step, state.epoch
                     seed_everything(derive_seed(seed, "step", step, rank))
@@ -457,16 +489,26 @@ class DefaultTrainer:
                             logger.log(state.step, {"epoch": epoch, **last_val})
                             progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_val.items()))
                             improved = self._update_best(last_val)
-                    if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or done or improved:
+                            if cfg.best_metric in last_val:
+                                state.evals_since_best = 0 if improved else state.evals_since_best + 1
+                    patience = cfg.early_stopping_patience
+                    if patience and not done and state.evals_since_best >= patience:
+                        state.stopped_early = True
+                        progress.message(
+                            f"early stopping at step {state.step}: {cfg.best_metric} has not improved for "
+                            f"{patience} evaluations (best {state.best_value}, {state.best_checkpoint})"
+                        )
+                    stop = done or state.stopped_early
+                    if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or stop or improved:
                         if improved:
                             state.best_checkpoint = step_dir_name(state.step)
                         name = save(state.step)
                         saved_at = state.step
                         if improved and manager is not None:
                             manager.mark_best(ckpt_root / name)
-                    if done:
+                    if stop:
                         break
-            if state.step >= total and evaluated_at != state.step and saved_at != state.step:
+            if (state.step >= total or state.stopped_early) and evaluated_at != state.step and saved_at != state.step:
                 # Resumed a run that had already finished: report its final evaluation.
                 last_val = self._evaluate(system, val_loader, val_samples, device, state.step, state.epoch, steps_per_epoch, total)
         finally:
@@ -476,6 +518,8 @@ class DefaultTrainer:
         result = {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}
         result.update(last_val)
         result["step"] = float(state.step)
+        if state.stopped_early:
+            result["stopped_early"] = 1.0
         return result
 
     def _train_step(

@@ -1,0 +1,17 @@
+"""The ``llm-enriched`` data source for mtrun: FLAP's LLM caption enrichment.
+
+Registered through the ``llm-enrich`` entry point in the ``mtrun`` group.
+"""
+
+from __future__ import annotations
+
+from mtrun.hookspecs import hookimpl
+
+__all__ = ["mtrun_register_components"]
+
+
+@hookimpl
+def mtrun_register_components(registry) -> None:
+    from mtrun_llm_enrich.source import LLMEnriched
+
+    registry.data("llm-enriched", LLMEnriched)
