@@ -10,12 +10,13 @@ pytest is installed, the module also defines two fixtures, enabled in a plugin's
 
 Example::
 
-    import mtrun_mert
     from mtrun.testing import check_component, isolated_registry
 
-    def test_mert_encoder_honours_the_contract():
-        registry = isolated_registry(mtrun_mert)
-        check_component(registry, "audio_encoder", "mert", input_seconds=0.5)
+    import my_plugin  # your plugin's package
+
+    def test_my_encoder_honours_the_contract():
+        registry = isolated_registry(my_plugin)
+        check_component(registry, "audio_encoder", "my-encoder", input_seconds=0.5)
 """
 
 from __future__ import annotations
