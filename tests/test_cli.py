@@ -247,7 +247,10 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
 
     monkeypatch.setattr(mtrun.runner, "train", train)
     assert main(["r.toml"]) == 130
-    assert capsys.readouterr().err == "mtrun: interrupted\n"
+    assert capsys.readouterr().err == "mtrun: interrupted; checkpoints already written are kept. Continue with: mtrun r.toml --resume\n"
+    monkeypatch.setattr(mtrun.runner, "train", train)
+    assert main(["train", "r.toml", "--profile", "tiny"]) == 130
+    assert "Continue with: mtrun r.toml --profile tiny --resume" in capsys.readouterr().err
 
 
 def test_help_is_fast_and_does_not_import_torch():

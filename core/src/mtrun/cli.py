@@ -288,6 +288,18 @@ def _run(argv: list[str]) -> int:
     return _COMMANDS[command](args)
 
 
+def _resume_hint(argv: list[str]) -> str:
+    """For an interrupted training run: where its work is and how to continue it."""
+    if argv and argv[0] == "train":
+        argv = argv[1:]
+    if not argv or argv[0] in SUBCOMMANDS or argv[0].startswith("-"):
+        return ""
+    import shlex
+
+    again = [a for a in argv if a != "--resume"]
+    return f"; checkpoints already written are kept. Continue with: mtrun {shlex.join(again)} --resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mtrun`` command line and return its exit status.
 
@@ -306,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("mtrun: interrupted", file=sys.stderr)
+        print("mtrun: interrupted" + _resume_hint(argv), file=sys.stderr)
         return 130
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         if exc.code is None:
