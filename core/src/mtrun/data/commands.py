@@ -68,6 +68,8 @@ def _shard(args: argparse.Namespace) -> int:
 
     if args.shard_size <= 0:
         raise MtrunError(f"mtrun data shard: --shard-size must be positive (got {args.shard_size})")
+    if not Path(args.manifest).is_file():
+        raise MtrunError(f"mtrun data shard: MANIFEST {args.manifest} is not a file (expected a CSV, JSONL or Parquet manifest)")
     source = ManifestSource(ManifestSource.Config(path=args.manifest, audio_root=args.audio_root))
     splits = {split: source.load(split) for split in source.splits()}
     console = Console(stderr=True)
