@@ -244,3 +244,30 @@ def test_early_stopping_after_patience_evaluations_without_a_new_best(tmp_path, 
     full = toy_trainer(tmp_path / "full", steps=10, checkpoint_every=0, evals=[ScriptedScore(scores)])
     full.config = attrs_evolve(full.config, eval_every=1, best_metric="val/score")
     assert full.fit()["step"] == 10
+
+
+def test_console_lines_leave_bounds_and_subset_repeats_to_the_log_files():
+    from mtrun.train.metrics import console_view
+
+    metrics = {
+        "val/loss": 2.1,
+        "val/retrieval/t2a/R@10": 45.0,
+        "val/retrieval/t2a/R@10:ci_low": 41.0,
+        "val/retrieval/t2a/R@10:ci_high": 50.0,
+        "val/retrieval/t2a/subset/R@10": 46.0,
+    }
+    assert console_view(metrics) == {"val/loss": 2.1, "val/retrieval/t2a/R@10": 45.0}
+
+
+def test_auto_precision_is_bf16_only_where_bf16_is_fast(monkeypatch):
+    from mtrun.train import trainer
+
+    cpu = torch.device("cpu")
+    assert trainer.resolve_precision("fp32", cpu) == "fp32"
+    assert trainer.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: True)
+    assert trainer.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: False)
+    assert trainer.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert trainer.resolve_precision("auto", torch.device("cuda")) == "fp32"

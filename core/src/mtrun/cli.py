@@ -118,12 +118,13 @@ def _registry():
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mtrun.runner import train
+    from mtrun.train.metrics import console_view
 
     result = train(args.recipe, overrides=list(args.overrides), profile=args.profile, resume=args.resume)
     if result:
         shown = "  ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in result.items()
+            for k, v in console_view(result).items()
             if isinstance(v, (int, float, str))
         )
         print(f"done: {shown}")

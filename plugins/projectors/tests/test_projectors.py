@@ -123,3 +123,40 @@ def test_configs_reject_bad_values_and_structure_from_recipe_values():
     converter = config_converter()
     config = converter.structure({"hidden_sizes": [256, 128], "batch_norm": True}, MlpProjector.Config)
     assert config.hidden_sizes == (256, 128)
+
+
+def test_input_standardisation_uses_real_tokens_only_and_running_stats_at_eval():
+    from mtrun_projectors.transformer import MaskedStandardize
+
+    norm = MaskedStandardize(16, momentum=1.0)  # momentum 1: the running stats are the last batch's
+    enc = encoded(seed=1)
+    offset = enc.tokens + 50.0  # a shared offset far larger than the differences between items
+    padded = offset.clone()
+    padded[~enc.mask] = 1e4  # padding must not move the statistics
+    out = norm(padded, enc.mask)
+    real = offset[enc.mask].double()
+    expected = (real - real.mean(0)) / torch.sqrt(real.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(out[enc.mask].double(), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(norm.running_mean.double(), real.mean(0), rtol=0, atol=1e-4)
+    torch.testing.assert_close(norm.running_var.double(), real.var(0, unbiased=True), rtol=1e-4, atol=1e-4)
+    # Evaluation: a single item is standardised with the running statistics, not its own.
+    norm.eval()
+    one = offset[:1]
+    torch.testing.assert_close(norm(one, None).double(), (one.double() - real.mean(0)) / torch.sqrt(norm.running_var.double() + 1e-5), rtol=0, atol=1e-4)
+
+
+def test_transformer_projector_with_input_norm_ignores_padding_and_a_shared_offset():
+    torch.manual_seed(0)
+    proj = TransformerProjector(TransformerProjector.Config(width=32, heads=2, input_norm="batch"), in_features=16)
+    enc = encoded()
+    shifted = EncoderOutput(tokens=enc.tokens + 100.0, pooled=enc.pooled, mask=enc.mask)
+    changed = shifted.tokens.clone()
+    changed[~enc.mask] = 1e3
+    with torch.no_grad():
+        a = proj(shifted)
+        b = proj(EncoderOutput(tokens=changed, pooled=enc.pooled, mask=enc.mask))
+        c = proj(enc)  # training mode: batch statistics remove the offset
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a, c, rtol=0, atol=1e-3)
+    registry = isolated_registry(mtrun_projectors)
+    check_component(registry, "projector", "transformer", config=TransformerProjector.Config(width=32, input_norm="batch"), in_features=24, batch_size=3)

@@ -11,7 +11,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger"]
+__all__ = ["MetricsLogger", "console_view"]
+
+
+def console_view(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics worth a console line: without bootstrap bounds (``…:ci_low``/``…:ci_high``)
+    and random-subset repeats (``…/subset/…``), which stay in ``metrics.jsonl``, TensorBoard and
+    the evaluation report."""
+    return {k: v for k, v in metrics.items() if ":ci_" not in k and "/subset/" not in k}
 
 
 def _number(value: Any) -> float | int | None:

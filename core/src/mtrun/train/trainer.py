@@ -32,12 +32,12 @@ from mtrun.interfaces import AugmentContext, Batch, DataSource, EvalTask
 from mtrun.run import Run
 from mtrun.system import System
 from mtrun.train.checkpoint import CheckpointManager, read_checkpoint, resolve_resume, step_dir_name
-from mtrun.train.metrics import MetricsLogger
+from mtrun.train.metrics import MetricsLogger, console_view
 from mtrun.train.progress import Progress
 from mtrun.train.rng import capture_rng, derive_seed, restore_rng, seed_everything
 from mtrun.train.schedule import warmup_cosine
 
-__all__ = ["DefaultTrainer", "TrainState", "cpu_has_fast_bf16", "pick_device"]
+__all__ = ["DefaultTrainer", "TrainState", "cpu_has_fast_bf16", "pick_device", "resolve_precision"]
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -52,6 +52,18 @@ def cpu_has_fast_bf16() -> bool:
     if cpu is None:  # an old or stripped build: assume yes rather than warn wrongly
         return True
     return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → ``bf16`` where bfloat16 is fast (a CUDA GPU that supports it, a CPU with AMX or
+    AVX512-BF16), else ``fp32``; ``fp32`` and ``bf16`` are returned as they are."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp32"
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -189,8 +201,8 @@ class DefaultTrainer:
             metadata={"help": "clip the global gradient norm to this (0 = off)"},
         )
         precision: str = attrs.field(
-            default="fp32", validator=attrs.validators.in_(("fp32", "bf16")),
-            metadata={"help": "fp32, or bf16 (torch.autocast on CPU and CUDA)"},
+            default="fp32", validator=attrs.validators.in_(("fp32", "bf16", "auto")),
+            metadata={"help": "fp32, bf16 (torch.autocast on CPU and CUDA), or auto: bf16 where the device has fast bf16 (CUDA; CPUs with AMX/AVX512-BF16), else fp32"},
         )
         eval_every: int = attrs.field(
             default=0, validator=_non_negative,
@@ -285,7 +297,7 @@ class DefaultTrainer:
         return groups
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if self.config.precision == "bf16":
+        if resolve_precision(self.config.precision, device) == "bf16":
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -302,6 +314,8 @@ class DefaultTrainer:
 
         system = self.system.to(device)
         system.train()
+        if cfg.precision == "auto" and main:
+            print(f"precision: {resolve_precision(cfg.precision, device)} ([trainer].precision = 'auto' on {device.type})", flush=True)
         if cfg.precision == "bf16" and device.type == "cpu" and main and not cpu_has_fast_bf16():
             warnings.warn(
                 "[trainer].precision = 'bf16' on a CPU without AMX or AVX512-BF16: bfloat16 matmuls and "
@@ -487,7 +501,7 @@ class DefaultTrainer:
                         evaluated_at = state.step
                         if last_val:
                             logger.log(state.step, {"epoch": epoch, **last_val})
-                            progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_val.items()))
+                            progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in console_view(last_val).items()))
                             improved = self._update_best(last_val)
                             if cfg.best_metric in last_val:
                                 state.evals_since_best = 0 if improved else state.evals_since_best + 1

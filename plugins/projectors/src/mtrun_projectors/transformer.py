@@ -9,7 +9,7 @@ from torch import nn
 from mtrun.interfaces import EncoderOutput
 from mtrun.nn import TransformerBlock
 
-__all__ = ["TransformerProjector"]
+__all__ = ["MaskedStandardize", "TransformerProjector"]
 
 
 def _positive(_instance: object, attribute: attrs.Attribute, value: int) -> None:
@@ -20,6 +20,40 @@ def _positive(_instance: object, attribute: attrs.Attribute, value: int) -> None
 def _probability(_instance: object, attribute: attrs.Attribute, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{attribute.name} must be in [0, 1) (got {value})")
+
+
+class MaskedStandardize(nn.Module):
+    """Per-feature standardisation of token sequences over the real tokens of a batch.
+
+    BatchNorm without the affine part, with padding excluded from the statistics: training uses
+    the batch's mean and variance and updates running estimates (momentum 0.1), evaluation uses
+    the running ones. It removes what every clip shares. Random or frozen features can carry a
+    shared offset far larger than what tells clips apart. A pre-norm stack's LayerNorms keep that
+    offset, so the contrastive loss stalls at ln(batch) (docs/duet_mc_ablation.md).
+    """
+
+    def __init__(self, features: int, *, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(features))
+        self.register_buffer("running_var", torch.ones(features))
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``tokens [B, N, D]``, ``mask [B, N]`` (True = real) -> standardised tokens."""
+        if self.training:
+            flat = tokens.float().reshape(-1, tokens.shape[-1])
+            if mask is not None:
+                flat = flat[mask.reshape(-1).bool()]
+            mean = flat.mean(0)
+            var = flat.var(0, unbiased=False)
+            with torch.no_grad():
+                n = flat.shape[0]
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return ((tokens.float() - mean) * torch.rsqrt(var + self.eps)).to(tokens.dtype)
 
 
 class TransformerProjector(nn.Module):
@@ -51,6 +85,11 @@ class TransformerProjector(nn.Module):
         dropout: float = attrs.field(default=0.0, validator=_probability, metadata={"help": "dropout after attention/MLP projections"})
         attn_dropout: float = attrs.field(default=0.0, validator=_probability, metadata={"help": "dropout on attention weights"})
         final_norm: bool = attrs.field(default=True, metadata={"help": "LayerNorm on the [CLS] output (pre-norm stacks end with one)"})
+        input_norm: str = attrs.field(
+            default="none",
+            validator=attrs.validators.in_(("none", "batch")),
+            metadata={"help": "none (DuET-MC), or batch: standardise each input feature over the batch's real tokens (running stats at eval) — for random-init or badly scaled frozen encoders"},
+        )
         dim: int = attrs.field(
             default=0,
             validator=attrs.validators.ge(0),
@@ -67,6 +106,7 @@ class TransformerProjector(nn.Module):
         super().__init__()
         self.config = config
         self.output_dim = config.dim or config.width
+        self.input_norm = MaskedStandardize(in_features) if config.input_norm == "batch" else None
         self.input = nn.Linear(in_features, config.width)
         # 1-D so the trainer's "1-D parameters get no weight decay" rule covers it, like norms.
         self.cls_token = nn.Parameter(torch.zeros(config.width))
@@ -87,7 +127,10 @@ class TransformerProjector(nn.Module):
 
     def forward(self, encoded: EncoderOutput) -> torch.Tensor:
         """``encoded.tokens [B, N, in_features]`` and ``encoded.mask [B, N]`` -> ``[B, output_dim]``."""
-        x = self.input(encoded.tokens)
+        tokens = encoded.tokens
+        if self.input_norm is not None:
+            tokens = self.input_norm(tokens, encoded.mask)
+        x = self.input(tokens)
         b = x.shape[0]
         cls = self.cls_token.to(x.dtype).expand(b, 1, -1)
         x = torch.cat([cls, x], dim=1)

@@ -300,11 +300,17 @@ def build_corpus(
             # Whole-file scores (MusicXML/Humdrum: several times slower to parse than one ABC
             # tune) go first so that no slow piece is left running alone at the end.
             order = sorted(range(len(jobs)), key=lambda i: (refs[i].abc is not None, i))
-            if pool is not None:
-                concurrent.futures.wait(warm)
-                done = list(pool.map(_render_star, [jobs[i] for i in order], chunksize=4))
-            else:
-                done = [_render_star(jobs[i]) for i in order]
+            ordered = [jobs[i] for i in order]
+            with _build_progress(target, len(jobs)) as advance:
+                if pool is not None:
+                    concurrent.futures.wait(warm)
+                    rendered = pool.map(_render_star, ordered, chunksize=4)
+                else:
+                    rendered = map(_render_star, ordered)
+                done = []
+                for result in rendered:
+                    done.append(result)
+                    advance()
             results: list[Any] = [None] * len(jobs)
             for i, result in zip(order, done):
                 results[i] = result
@@ -324,6 +330,27 @@ def build_corpus(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+@contextlib.contextmanager
+def _build_progress(target: Path, total: int):
+    """Say on stderr that the (minutes-long, once per machine) build is running, with a bar.
+
+    Yields a function to call once per finished piece. On a terminal the bar redraws; in a log
+    file rich writes it once, finished, after the line announcing the build.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    console.print(
+        f"building the demo corpus (once per machine, a few minutes): {total} pieces -> {target}",
+        markup=False, highlight=False, soft_wrap=True,
+    )
+    columns = (TextColumn("demo corpus"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("render", total=total)
+        yield lambda: bar.advance(task)
 
 
 def _remove_abandoned(target: Path) -> None:
