@@ -11,7 +11,8 @@ import torchaudio
 import mtrun_mavil
 from mtrun.errors import MtrunError
 from mtrun.testing import check_component, isolated_registry
-from mtrun_mavil.encoder import NORM_MEAN, NORM_STD, MavilEncoder, sincos_table
+from mtrun.nn import sincos_table
+from mtrun_mavil.encoder import NORM_MEAN, NORM_STD, MavilEncoder
 from mtrun_mavil.fbank import kaldi_fbank
 
 TINY = MavilEncoder.Config(preset="tiny")

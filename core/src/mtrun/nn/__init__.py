@@ -15,6 +15,7 @@ from mtrun.nn.attention import (
     resolve_backend,
     xformers_available,
 )
+from mtrun.nn.positions import sincos_table
 
 __all__ = [
     "Mlp",
@@ -23,5 +24,6 @@ __all__ = [
     "attention",
     "attention_backend",
     "resolve_backend",
+    "sincos_table",
     "xformers_available",
 ]

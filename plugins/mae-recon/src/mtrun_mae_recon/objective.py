@@ -10,27 +10,9 @@ from torch import nn
 
 from mtrun.errors import MtrunError
 from mtrun.interfaces import ObjectiveOutput, StepOutputs
-from mtrun.nn import TransformerBlock
+from mtrun.nn import TransformerBlock, sincos_table
 
-__all__ = ["MaeReconstruction", "patchify", "restore_order", "sincos_table"]
-
-
-def sincos_table(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2-D sin-cos positions ``[M*K, dim]`` of a time-major grid (AudioMAE's layout:
-    first half of the channels encodes the position within the group, second half the group)."""
-    if dim % 4:
-        raise ValueError(f"sin-cos positions need a width divisible by 4 (got {dim})")
-    m, k = grid
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-
-    def half(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos[:, None] * omega[None, :]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    time = torch.arange(m, dtype=torch.float64).repeat_interleave(k)
-    freq = torch.arange(k, dtype=torch.float64).repeat(m)
-    return torch.cat([half(freq), half(time)], dim=1).float()
+__all__ = ["MaeReconstruction", "patchify", "restore_order"]
 
 
 def patchify(features: torch.Tensor, patch: int) -> torch.Tensor:

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from mtrun.interfaces import EncoderOutput
-from mtrun.nn import TransformerBlock
+from mtrun.nn import TransformerBlock, sincos_table
 from mtrun_mavil.fbank import FBANK, kaldi_fbank, mel_banks
 
-__all__ = ["NORM_MEAN", "NORM_STD", "PATCH", "PRESETS", "MavilEncoder", "sincos_table"]
+__all__ = ["NORM_MEAN", "NORM_STD", "PATCH", "PRESETS", "MavilEncoder"]
 
 NORM_MEAN = -4.2677393
 NORM_STD = 4.5689974
@@ -27,29 +27,6 @@ PRESETS: dict[str, dict[str, int]] = {
     # test / CPU profile size: 2.56 s of fbank -> 16 x 8 tokens, 2 blocks of width 64
     "tiny": {"dim": 64, "depth": 2, "heads": 2, "mlp_ratio": 4, "target_length": 256},
 }
-
-
-def sincos_table(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """AudioMAE's fixed 2-D sin-cos positions ``[M*K, dim]`` for a time-major ``(M, K)`` grid.
-
-    As ``get_2d_sincos_pos_embed_flexible`` builds it: ``meshgrid(freq, time)`` puts the
-    frequency coordinate first, so the first ``dim/2`` channels encode the position within the
-    group (frequency) and the last ``dim/2`` the time group; each half is
-    ``[sin(p·ω), cos(p·ω)]`` with ``ω_i = 10000^(-i / (dim/4))``.
-    """
-    if dim % 4:
-        raise ValueError(f"sin-cos positions need a width divisible by 4 (got {dim})")
-    m, k = grid
-    time = torch.arange(m, dtype=torch.float64).repeat_interleave(k)  # time-major token order
-    freq = torch.arange(k, dtype=torch.float64).repeat(m)
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-
-    def half(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos[:, None] * omega[None, :]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([half(freq), half(time)], dim=1).float()
 
 
 def _check_preset(instance: Any, attribute: Any, value: str) -> None:
