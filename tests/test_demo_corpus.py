@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("music21")
 pytest.importorskip("soundfile")
 
+from mtrun.errors import MtrunError  # noqa: E402
 from mtrun.data.demo import DemoCorpus, DemoSettings, build_corpus, corpus_dir, subset, write_demo  # noqa: E402
 from mtrun.data.demo.build import TEMPO_BUCKETS, _plan_renders  # noqa: E402
 from mtrun.data.demo.captions import make_captions  # noqa: E402
@@ -200,6 +201,19 @@ def test_cached_build_returns_instantly_and_killed_build_leaves_no_corpus(small_
         build_corpus(settings, root=tmp_path, workers=1)
     assert not corpus_dir(settings, root=tmp_path).exists()
     assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
+
+
+def test_a_build_where_every_piece_fails_is_an_error_and_caches_nothing(monkeypatch, tmp_path):
+    import mtrun.data.demo.build as build
+
+    def broken(ref, *args, **kwargs):
+        return [], {"piece": ref.id, "path": ref.path, "reason": "RuntimeError: no synthesizer"}
+
+    monkeypatch.setattr(build, "render_piece", broken)
+    settings = DemoSettings(scale=0.005, clip_seconds=2.0)
+    with pytest.raises(MtrunError, match="made no clips.*no synthesizer"):
+        build_corpus(settings, root=tmp_path, workers=1)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_demo_and_the_demo_source_read_the_cached_corpus(small_build, monkeypatch, tmp_path, registry):

@@ -141,6 +141,20 @@ def test_eval_errors_are_clear(tmp_path, registry, toy_run):
         evaluate_target(run_dir, registry=registry, tasks=["retreival"])
 
 
+def test_a_damaged_checkpoint_is_a_clear_error_not_a_traceback(tmp_path, registry, toy_run):
+    import shutil
+
+    from mtrun.eval.commands import evaluate_target
+
+    _, run_dir, _ = toy_run
+    damaged = tmp_path / "step-000004"
+    shutil.copytree(run_dir / "checkpoints" / "step-000004", damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk
+    with pytest.raises(MtrunError, match="cannot be loaded into the model"):
+        evaluate_target(damaged, registry=registry, tasks=["retrieval"], out=tmp_path / "out")
+
+
 def test_cli_dispatches_mtrun_eval(toy_run, registry, tmp_path, monkeypatch, capsys):
     import mtrun.plugins
     from mtrun.cli import main

@@ -242,3 +242,19 @@ def test_builtin_eval_tasks_honour_the_contract_and_run_on_a_toy_system(registry
     assert out and all(isinstance(v, float) for v in out.values())
     assert all(k.startswith(name.split("-")[0]) for k in out)
     assert task is not None
+
+
+def test_probe_with_a_mistyped_train_split_names_it_before_embedding_anything():
+    from mtrun.errors import MtrunError
+    from mtrun.eval.probe import Probe
+
+    class Splits:
+        def splits(self):
+            return ["train", "val", "test"]
+
+        def load(self, split):  # pragma: no cover - must not be reached
+            raise AssertionError("loaded a split")
+
+    probe = Probe(Probe.Config(clip_seconds=1.0, train_split="trian"), data=Splits())
+    with pytest.raises(MtrunError, match="train_split 'trian'.*train, val, test"):
+        probe.evaluate(KnownSystem(), known_samples([0, 1] * 4))

@@ -216,8 +216,16 @@ def evaluate_target(
     warning = None
     step = None
     if checkpoint is not None:
-        state = read_model_state(checkpoint)
-        missing, unexpected = system.load_state_dict(state, strict=False)
+        from safetensors import SafetensorError
+
+        try:
+            state = read_model_state(checkpoint)
+            missing, unexpected = system.load_state_dict(state, strict=False)
+        except (OSError, RuntimeError, ValueError, SafetensorError) as exc:  # unreadable file, or tensors of other shapes
+            raise EvalError(
+                f"mtrun eval: checkpoint {checkpoint} cannot be loaded into the model its recipe builds: {exc}. "
+                "Was the recipe changed by an override or a plugin upgrade, or is the file damaged?"
+            ) from None
         if missing or unexpected:
             raise EvalError(
                 f"mtrun eval: checkpoint {checkpoint} does not fit the model its recipe builds "

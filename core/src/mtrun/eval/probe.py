@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import attrs
 import numpy as np
 
+from mtrun.errors import MtrunError
 from mtrun.eval import metrics
 from mtrun.eval.embed import EmbeddingTask, EmbedSettings, EvalCache
 from mtrun.eval.zeroshot import label_matrix
@@ -195,6 +196,10 @@ class Probe(EmbeddingTask):
         cfg = self.config
         target = cfg.regression_key or cfg.category
         prefix = f"probe/{target}"
+        if cfg.train_split and self._data is not None:  # checked before any embedding work
+            splits = list(self._data.splits())
+            if cfg.train_split not in splits:
+                raise MtrunError(f"[eval] probe: train_split {cfg.train_split!r} is not a split of the data source (it has: {', '.join(splits)})")
         emb = self.embeddings(system, samples, cache)
         x = self._features(emb)
         rows = emb.samples(samples)

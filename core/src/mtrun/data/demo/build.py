@@ -37,6 +37,7 @@ import attrs
 from mtrun.data.demo.captions import make_captions
 from mtrun.data.demo.render import INSTRUMENTS, available_renderer, render_clip, schedule_notes, soundfont_path
 from mtrun.data.demo.scores import COLLECTIONS, PieceRef, analyse_piece, select_pieces
+from mtrun.errors import MtrunError
 
 __all__ = ["BUILD_VERSION", "TEMPO_BUCKETS", "DemoSettings", "build_corpus", "cache_root", "corpus_dir"]
 
@@ -316,6 +317,9 @@ def build_corpus(
                 results[i] = result
         rows = sorted((row for rs, _ in results for row in rs), key=lambda r: r["id"])
         skipped = [skip for _, skip in results if skip is not None]
+        if not rows:  # never cache an empty corpus: it would be reused as if it were complete
+            reasons = "; ".join(f"{s['piece']}: {s['reason']}" for s in skipped[:3])
+            raise MtrunError(f"demo corpus build made no clips: every piece failed (first reasons: {reasons})")
         seconds = time.perf_counter() - started
         _write_metadata(tmp, rows, skipped, settings, renderer, seconds, len(refs))
         if force and target.exists():
