@@ -160,3 +160,15 @@ def test_transformer_projector_with_input_norm_ignores_padding_and_a_shared_offs
     torch.testing.assert_close(a, c, rtol=0, atol=1e-3)
     registry = isolated_registry(mtrun_projectors)
     check_component(registry, "projector", "transformer", config=TransformerProjector.Config(width=32, input_norm="batch"), in_features=24, batch_size=3)
+
+
+def test_input_standardisation_keeps_its_running_stats_through_a_batch_without_real_tokens():
+    from mtrun_projectors.transformer import MaskedStandardize
+
+    norm = MaskedStandardize(16)
+    enc = encoded(seed=2)
+    norm(enc.tokens, enc.mask)
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    norm(enc.tokens, torch.zeros_like(enc.mask))
+    assert torch.equal(norm.running_mean, mean) and torch.equal(norm.running_var, var)
+    assert torch.isfinite(mean).all() and not torch.equal(mean, torch.zeros(16))

@@ -257,6 +257,7 @@ class DefaultTrainer:
         self.run = run
         self.evals = list(evals)
         self.state = TrainState()
+        self._precision = "fp32" if config.precision == "auto" else config.precision  # resolved in _fit
 
     # ------------------------------------------------------------------ public
 
@@ -297,7 +298,7 @@ class DefaultTrainer:
         return groups
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if resolve_precision(self.config.precision, device) == "bf16":
+        if self._precision == "bf16":
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -314,8 +315,7 @@ class DefaultTrainer:
 
         system = self.system.to(device)
         system.train()
-        if cfg.precision == "auto" and main:
-            print(f"precision: {resolve_precision(cfg.precision, device)} ([trainer].precision = 'auto' on {device.type})", flush=True)
+        self._precision = resolve_precision(cfg.precision, device)
         if cfg.precision == "bf16" and device.type == "cpu" and main and not cpu_has_fast_bf16():
             warnings.warn(
                 "[trainer].precision = 'bf16' on a CPU without AMX or AVX512-BF16: bfloat16 matmuls and "
@@ -414,6 +414,8 @@ class DefaultTrainer:
         manager = CheckpointManager(ckpt_root, keep_last=cfg.keep_last) if main else None
         logger = MetricsLogger(run_dir, enabled=main, resume_step=state.step if checkpoint is not None else None)
         progress = Progress(total, start_step=state.step, enabled=main, log_every=cfg.log_every)
+        if cfg.precision == "auto":
+            progress.message(f"precision: {self._precision} ([trainer].precision = 'auto' on {device.type})")
         if checkpoint is not None:
             progress.message(f"resumed from {resume_from} at step {state.step}")
         elif run.config.resume == "latest":

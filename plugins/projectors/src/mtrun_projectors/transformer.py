@@ -42,15 +42,18 @@ class MaskedStandardize(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``tokens [B, N, D]``, ``mask [B, N]`` (True = real) -> standardised tokens."""
         if self.training:
-            flat = tokens.float().reshape(-1, tokens.shape[-1])
-            if mask is not None:
-                flat = flat[mask.reshape(-1).bool()]
-            mean = flat.mean(0)
-            var = flat.var(0, unbiased=False)
+            x = tokens.float()
+            # Masked sums rather than boolean indexing: no host-device sync on a GPU.
+            weight = torch.ones_like(x[..., :1]) if mask is None else mask[..., None].to(x.dtype)
+            n = weight.sum()
+            mean = (x * weight).sum((0, 1)) / n.clamp_min(1.0)
+            var = ((x - mean).square() * weight).sum((0, 1)) / n.clamp_min(1.0)
             with torch.no_grad():
-                n = flat.shape[0]
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
+                # A batch without real tokens has no statistics to learn from: keep the old ones.
+                keep = (n > 0).to(x.dtype) * self.momentum
+                unbiased = var * n / (n - 1).clamp_min(1.0)
+                self.running_mean.lerp_(mean.detach(), keep)
+                self.running_var.lerp_(unbiased.detach(), keep)
         else:
             mean, var = self.running_mean, self.running_var
         return ((tokens.float() - mean) * torch.rsqrt(var + self.eps)).to(tokens.dtype)
