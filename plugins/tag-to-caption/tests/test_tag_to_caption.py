@@ -268,3 +268,17 @@ def test_changing_the_prompt_or_model_changes_the_key(tiny_lm, tmp_path):
     tags = sample(0).tags
     assert a.key(tags) != b.key(tags)
     assert a.key(tags) == a.key({k: list(reversed(v)) for k, v in reversed(list(tags.items()))})  # order-free
+
+
+def test_cache_survives_a_line_cut_by_a_crash_and_a_damaged_byte(tmp_path):
+    from mtrun_tag_to_caption.cache import CaptionCache
+
+    cache = CaptionCache(tmp_path)
+    cache.add([{"key": "a", "caption": "first"}])
+    with open(cache.path, "ab") as raw:  # a crash mid-write, and a byte that is not UTF-8
+        raw.write(b'{"key": "b", "capt\xff')
+    again = CaptionCache(tmp_path)
+    assert again.get("a") == "first" and again.get("b") is None
+    assert again.add([{"key": "c", "caption": "third"}]) == 1
+    fresh = CaptionCache(tmp_path)  # what a restarted process reads back
+    assert fresh.get("a") == "first" and fresh.get("c") == "third"

@@ -95,7 +95,8 @@ class CaptionCache:
         data: dict[str, str] = {}
         stamp = self._file_stamp()
         if stamp is not None:
-            with open(self.path, encoding="utf-8") as handle:
+            # errors="replace": a damaged byte spoils its own line (skipped below), not the file.
+            with open(self.path, encoding="utf-8", errors="replace") as handle:
                 for line in handle:
                     try:
                         record = json.loads(line)
@@ -103,6 +104,17 @@ class CaptionCache:
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue  # a line cut by a crash mid-write
         self._data, self._stamp = data, stamp
+
+    def _ends_with_newline(self) -> bool:
+        """True for an empty or missing file, or one whose last byte ends a line."""
+        try:
+            with open(self.path, "rb") as raw:
+                if raw.seek(0, os.SEEK_END) == 0:
+                    return True
+                raw.seek(-1, os.SEEK_END)
+                return raw.read(1) == b"\n"
+        except FileNotFoundError:
+            return True
 
     def get(self, key: str, *, refresh: bool = True) -> str | None:
         """The cached caption, or None. On a miss the file is re-read if it changed since."""
@@ -148,11 +160,13 @@ class CaptionCache:
                         continue
                     self._data[key] = str(record["caption"])
                     lines.append(json.dumps(dict(record), ensure_ascii=False) + "\n")
+                written = len(lines)
+                if lines and not self._ends_with_newline():  # a line cut by a crash would eat the next record
+                    lines.insert(0, "\n")
                 handle.seek(0, os.SEEK_END)
                 handle.write("".join(lines))
                 handle.flush()
                 os.fsync(handle.fileno())
-                written = len(lines)
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         self._stamp = self._file_stamp()
