@@ -280,3 +280,14 @@ def test_one_training_step_with_infonce_through_the_system():
     batch_plain = Batch({k: v for k, v in batch.items() if k != "hard_negatives"})
     loss_plain, _ = plain(batch_plain, context())
     assert not torch.allclose(loss, loss_plain)
+
+
+def test_a_dictionary_with_nothing_to_swap_is_an_error_not_a_silent_no_op(tmp_path):
+    from mtrun.errors import MtrunError
+    from mtrun_textswap.dictionary import SwapDictionary
+
+    user = tmp_path / "words.toml"
+    user.write_text('[genres]\nrock = ["rock"]\n')  # category misspelled
+    with pytest.raises(MtrunError, match="no concepts.*genre.*genres"):
+        SwapDictionary.load(["genre"], user_file=str(user), use_default=False)
+    assert SwapDictionary.load(["genre"]).concepts["genre"]  # the shipped dictionary has genres

@@ -154,6 +154,15 @@ class SwapDictionary:
             table = _coerce(tomllib.loads(text), DEFAULT_DICTIONARY)
         if user_file:
             table = _merge(table, load_dictionary_file(user_file))
+        categories = tuple(categories)
+        if not any(table.get(c) for c in categories):
+            # Nothing to swap would make TextSwap a silent no-op for the whole run.
+            raise MtrunError(
+                f"textswap: no concepts for any of the categories {list(categories)} "
+                f"(the dictionary has: {', '.join(sorted(table)) or 'nothing'}"
+                f"{'' if use_default else '; use_default_dictionary = false'}"
+                f"{f', dictionary = {user_file!r}' if user_file else ''})"
+            )
         return cls(table, categories)
 
     @staticmethod
