@@ -25,7 +25,7 @@ import torch
 
 from mtrun.errors import MtrunError
 
-__all__ = ["WRAPPER_KEYS", "LoadReport", "load_matching", "read_state_dict", "strip_prefixes"]
+__all__ = ["WRAPPER_KEYS", "LoadReport", "load_matching", "read_json", "read_state_dict", "strip_prefixes"]
 
 #: Keys under which training scripts nest the weights ({"model": state, "epoch": ...}).
 WRAPPER_KEYS = ("model", "state_dict", "module")
@@ -114,6 +114,21 @@ def read_state_dict(path: str | Path, *, what: str = "") -> dict[str, torch.Tens
             )
         state.update(blob)
     return state
+
+
+def read_json(path: str | Path, *, what: str = "") -> dict[str, Any]:
+    """A checkpoint folder's JSON settings file (``config.json``, ``preprocessor_config.json``).
+
+    Raises:
+        MtrunError: The file is unreadable, not JSON, or not a JSON object; names ``what``.
+    """
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MtrunError(f"{_label(what)}{path} is not a readable JSON file ({exc})") from None
+    if not isinstance(value, dict):
+        raise MtrunError(f"{_label(what)}{path} holds a JSON {type(value).__name__}, expected an object")
+    return value
 
 
 def strip_prefixes(state: Mapping[str, Any], prefixes: Sequence[str]) -> dict[str, Any]:

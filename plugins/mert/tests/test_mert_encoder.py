@@ -207,3 +207,14 @@ def test_unreachable_hub_name_asks_for_a_local_folder(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(MtrunError, match=r"pretrained='m-a-p/MERT-v1-330M'.*local folder"):
         _tiny(pretrained="m-a-p/MERT-v1-330M")
+
+
+def test_a_damaged_config_json_is_a_clear_error(tmp_path):
+    import pytest
+
+    from mtrun.errors import MtrunError
+
+    _source_model().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"hidden_size": 32,')  # cut short
+    with pytest.raises(MtrunError, match="config.json is not a readable JSON file"):
+        _tiny(pretrained=str(tmp_path))

@@ -83,3 +83,14 @@ def test_a_full_seq2seq_checkpoint_loads_its_encoder(tmp_path):
 def test_unreachable_hub_name_is_a_clear_error(monkeypatch, tmp_path):
     name = "google/mt5-small"
     check_offline_hub_error(lambda: MT5TextEncoder(MT5TextEncoder.Config(pretrained=name)), name, monkeypatch, tmp_path)
+
+
+def test_a_folder_of_another_model_is_a_clear_error(tmp_path):
+    import pytest
+    from transformers import BertConfig, BertModel
+
+    from mtrun.errors import MtrunError
+
+    BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)).save_pretrained(tmp_path)
+    with pytest.raises(MtrunError, match=str(tmp_path)):
+        MT5TextEncoder(MT5TextEncoder.Config(pretrained=str(tmp_path)))

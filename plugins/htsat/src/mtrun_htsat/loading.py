@@ -19,7 +19,6 @@ Every module key must be matched: missing, unexpected and mis-shaped keys raise,
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import attrs
 
 from mtrun.errors import MtrunError
-from mtrun.weights import LoadReport, load_matching, read_state_dict
+from mtrun.weights import LoadReport, load_matching, read_json, read_state_dict
 
 __all__ = ["LAION_IGNORED", "LAION_TO_HF", "LoadReport", "audio_config_from_dict", "laion_to_hf_state_dict", "load_audio_tower"]
 
@@ -171,7 +170,7 @@ def load_audio_tower(pretrained: str, preset_config: Any) -> tuple[Any, LoadRepo
     config_path = path / "config.json"
     if not config_path.is_file():
         raise MtrunError(f"{what}: {path} has no config.json")
-    model = ClapAudioModel(audio_config_from_dict(json.loads(config_path.read_text())))
+    model = ClapAudioModel(audio_config_from_dict(read_json(config_path, what=what)))
     state = read_state_dict(path, what=what)
     return model, load_matching(model, state, ignore=_HF_IGNORED, rename=_strip_audio_model, what=what, hint=hint)
 

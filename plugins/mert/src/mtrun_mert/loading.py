@@ -22,12 +22,11 @@ checkpoint key                             module key
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mtrun.errors import MtrunError
-from mtrun.weights import LoadReport, load_matching, read_state_dict
+from mtrun.weights import LoadReport, load_matching, read_json, read_state_dict
 
 __all__ = [
     "LoadReport",
@@ -127,13 +126,14 @@ def load_backbone(pretrained: str) -> tuple[Any, LoadReport, dict[str, Any]]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise MtrunError(f"pretrained={pretrained!r}: {folder} has no config.json")
-    values = json.loads(config_path.read_text())
-    state = read_state_dict(folder)
+    what = f"pretrained={pretrained!r}"
+    values = read_json(config_path, what=what)
+    state = read_state_dict(folder, what=what)
     if not any(k == "masked_spec_embed" or k.endswith(".masked_spec_embed") for k in state):
         # MERT creates this SpecAugment vector only when masking probabilities are > 0; match it.
         values = {**values, "mask_time_prob": 0.0, "mask_feature_prob": 0.0}
     model = HubertModel(hubert_config_from_dict(values))
     targets = set(model.state_dict())
-    report = load_matching(model, state, rename=lambda key: mert_key(key, targets), what=f"pretrained={pretrained!r}")
+    report = load_matching(model, state, rename=lambda key: mert_key(key, targets), what=what)
     pre = folder / "preprocessor_config.json"
-    return model, report, (json.loads(pre.read_text()) if pre.is_file() else {})
+    return model, report, (read_json(pre, what=what) if pre.is_file() else {})
