@@ -169,6 +169,19 @@ def test_lp_musiccaps_file_without_split_name_is_an_error(tmp_path):
 # ------------------------------------------------------------------------------ AudioCaps
 
 
+def test_a_short_row_reads_as_empty_fields_and_a_bad_number_names_its_column(tmp_path):
+    header = "audiocap_id,youtube_id,start_time,caption\n"
+    for name in ("train.csv", "val.csv"):
+        (tmp_path / name).write_text(header + "1,abc,20,A dog barks\n")
+    (tmp_path / "test.csv").write_text(header + "2,short\n3,bad,2O,Rain on a roof\n")  # "2O": letter O
+    source = AudioCaps(AudioCaps.Config(metadata_dir=str(tmp_path), audio_root=AUDIO))
+    with pytest.raises(MtrunError, match=r"audiocaps: test.csv: column start_time holds '2O', not a number"):
+        source.load("test")
+    (tmp_path / "test.csv").write_text(header + "2,short\n")
+    short = by_id(AudioCaps(AudioCaps.Config(metadata_dir=str(tmp_path), audio_root=AUDIO)).load("test"))["short"]
+    assert short.captions == [] and short.extra["start_time"] is None
+
+
 def test_audiocaps_groups_rows_by_youtube_id_into_five_caption_clips():
     source = AudioCaps(
         AudioCaps.Config(metadata_dir=str(FIXTURES / "audiocaps"), audio_root=AUDIO, audio_pattern="{split}/{youtube_id}.wav")

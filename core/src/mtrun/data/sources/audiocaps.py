@@ -13,7 +13,7 @@ from pathlib import Path
 import attrs
 
 from mtrun.data.sources.base import SplitSource
-from mtrun.data.sources.published import audio_location, read_delimited
+from mtrun.data.sources.published import audio_location, parse_number, read_delimited
 from mtrun.interfaces import Sample
 
 __all__ = ["AudioCaps"]
@@ -69,12 +69,14 @@ class AudioCaps(SplitSource):
                 sample = clips.get(youtube_id)
                 if sample is None:
                     fields = {**row, "split": split, "subset": Path(name).stem}
-                    start = row["start_time"].strip()
                     sample = clips[youtube_id] = Sample(
                         id=youtube_id,
                         audio=audio_location(cfg.audio_root, cfg.audio_pattern, fields, source="audiocaps"),
                         group=youtube_id,
-                        extra={"start_time": float(start) if start else None, "audiocap_ids": []},
+                        extra={
+                            "start_time": parse_number(row["start_time"], source="audiocaps", where=name, column="start_time"),
+                            "audiocap_ids": [],
+                        },
                     )
                 caption = (row.get("caption") or "").strip()
                 if caption:

@@ -14,7 +14,7 @@ from pathlib import Path
 import attrs
 
 from mtrun.data.sources.base import SplitSource
-from mtrun.data.sources.published import audio_location, require_dir, require_file
+from mtrun.data.sources.published import audio_location, parse_number, require_dir, require_file
 from mtrun.errors import MtrunError
 from mtrun.interfaces import Sample
 
@@ -121,7 +121,7 @@ class MTGJamendo(SplitSource):
                         extra={
                             "artist_id": row["ARTIST_ID"],
                             "album_id": row["ALBUM_ID"],
-                            "duration": float(row["DURATION"]) if row["DURATION"] else None,
+                            "duration": parse_number(row["DURATION"], source="mtg-jamendo", where=str(file), column="DURATION"),
                         },
                     )
                 )

@@ -114,7 +114,8 @@ def read_table(path: str | Path, *, format: str = "auto") -> list[dict[str, Any]
     fmt = _format_of(file, format)
     if fmt in ("csv", "tsv"):
         with file.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, delimiter="," if fmt == "csv" else "\t")
+            # restval: a row with fewer fields than the header reads its missing ones as "".
+            reader = csv.DictReader(handle, delimiter="," if fmt == "csv" else "\t", restval="")
             try:
                 rows = []
                 for row in reader:
@@ -124,8 +125,8 @@ def read_table(path: str | Path, *, format: str = "auto") -> list[dict[str, Any]
                             f"({len(reader.fieldnames or [])} columns)"
                         )
                     rows.append({(k or "").strip(): v for k, v in row.items()})
-            except csv.Error as exc:
-                raise MtrunError(f"{file}: not a valid {fmt.upper()} file: {exc}") from None
+            except (csv.Error, UnicodeDecodeError) as exc:
+                raise MtrunError(f"{file}: not a valid UTF-8 {fmt.upper()} file: {exc}") from None
         return rows
     if fmt == "parquet":
         try:

@@ -11,21 +11,12 @@ from __future__ import annotations
 import attrs
 
 from mtrun.data.sources.base import SplitSource
-from mtrun.data.sources.published import audio_location, hold_out, parse_bool, parse_list, read_delimited
+from mtrun.data.sources.published import audio_location, hold_out, parse_bool, parse_list, parse_number, read_delimited
 from mtrun.interfaces import Sample
 
 __all__ = ["MusicCaps"]
 
 _COLUMNS = ("ytid", "start_s", "end_s", "aspect_list", "caption", "is_audioset_eval")
-
-
-def _number(text: str) -> float | int | None:
-    """``30`` stays an int, ``30.5`` a float; empty is ``None`` (a crop the loader skips)."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    value = float(text)
-    return int(value) if value.is_integer() else value
 
 
 class MusicCaps(SplitSource):
@@ -86,8 +77,8 @@ class MusicCaps(SplitSource):
                     tags={"aspect": aspects} if aspects else {},
                     group=ytid,
                     extra={
-                        "start_s": _number(row["start_s"]),
-                        "end_s": _number(row["end_s"]),
+                        "start_s": parse_number(row["start_s"], source="musiccaps", where=str(cfg.csv), column="start_s"),
+                        "end_s": parse_number(row["end_s"], source="musiccaps", where=str(cfg.csv), column="end_s"),
                         "author_id": (row.get("author_id") or "").strip(),
                         "audioset_labels": parse_list(row.get("audioset_positive_labels")),
                         "is_balanced_subset": parse_bool(row.get("is_balanced_subset", "")),

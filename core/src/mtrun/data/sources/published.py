@@ -64,20 +64,31 @@ def read_delimited(
     would otherwise become part of the first column's name.
 
     Raises:
-        MtrunError: The file is missing, or lacks one of the ``required`` columns (the message
-            lists the columns it has, which is usually enough to spot a wrong file).
+        MtrunError: The file is missing, not UTF-8 CSV/TSV, has a row with more fields than
+            the header, or lacks one of the ``required`` columns (the message lists the
+            columns it has, which is usually enough to spot a wrong file). A row with fewer
+            fields reads the missing ones as empty strings.
     """
+    from mtrun.data.sources.manifest import read_table
+
     file = require_file(path, source=source, key=key)
-    with file.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise MtrunError(
-                f"{source}: {file} (set by [data].{key}) lacks the column(s) {', '.join(missing)}; "
-                f"it has: {', '.join(columns) or 'no header'}"
-            )
-        return [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+    if delimiter not in (",", "\t"):
+        raise ValueError(f"delimiter must be ',' or a tab (got {delimiter!r})")
+    try:
+        with file.open(newline="", encoding="utf-8-sig") as handle:
+            columns = [c.strip() for c in next(csv.reader(handle, delimiter=delimiter), [])]
+        rows = read_table(file, format="csv" if delimiter == "," else "tsv")
+    except UnicodeDecodeError as exc:
+        raise MtrunError(f"{source}: {file} (set by [data].{key}) is not UTF-8 text: {exc}") from None
+    except MtrunError as exc:
+        raise MtrunError(f"{source}: {exc} (set by [data].{key})") from None
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise MtrunError(
+            f"{source}: {file} (set by [data].{key}) lacks the column(s) {', '.join(missing)}; "
+            f"it has: {', '.join(columns) or 'no header'}"
+        )
+    return rows
 
 
 def read_records(path: str | Path, *, source: str, key: str) -> list[dict[str, Any]]:
@@ -124,6 +135,22 @@ def audio_location(
     except (ValueError, IndexError) as exc:
         raise MtrunError(f"{source}: [data].{key} = {pattern!r} is not a valid pattern: {exc}") from None
     return str(Path(audio_root).expanduser() / relative)
+
+
+def parse_number(text: str | None, *, source: str, where: str, column: str) -> int | float | None:
+    """A numeric metadata field: ``30`` stays an int, ``30.5`` a float, empty is ``None``.
+
+    Raises:
+        MtrunError: The field is not a number; names the source, the file and the column.
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise MtrunError(f"{source}: {where}: column {column} holds {text!r}, not a number") from None
+    return int(value) if value.is_integer() else value
 
 
 def parse_bool(value: Any) -> bool:

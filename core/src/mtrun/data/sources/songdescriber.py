@@ -12,7 +12,7 @@ import attrs
 
 from mtrun.data.sources.base import SplitSource
 from mtrun.data.sources.jamendo import read_autotagging_tsv
-from mtrun.data.sources.published import audio_location, parse_bool, parse_list, read_delimited
+from mtrun.data.sources.published import audio_location, parse_bool, parse_list, parse_number, read_delimited
 from mtrun.interfaces import Sample
 
 __all__ = ["SongDescriber"]
@@ -92,7 +92,7 @@ class SongDescriber(SplitSource):
                         "familiarity": [],
                         "artist_id": (row.get("artist_id") or "").strip(),
                         "album_id": (row.get("album_id") or "").strip(),
-                        "duration": float(row["duration"]) if (row.get("duration") or "").strip() else None,
+                        "duration": parse_number(row.get("duration"), source="song-describer", where=str(cfg.csv), column="duration"),
                     },
                 )
             sample.captions.append(caption)
