@@ -14,6 +14,7 @@ from mtrun.cli import main
 from mtrun.data.audio import load_waveform
 from mtrun.data.sources.manifest import ManifestSource
 from mtrun.data.sources.shards import WebDatasetSource
+from mtrun.errors import MtrunError
 
 
 def make_manifest(tmp_path, n=7, broken=("b2",)):
@@ -70,6 +71,19 @@ def test_split_patterns_and_streaming_read_the_same_items(tmp_path):
     assert [s.id for s in streamed] == [f"item{i}" for i in range(5)]
     for s, m in zip(streamed, by_index.load("train")):
         assert torch.equal(load_waveform(s, 8000), load_waveform(m, 8000))
+        assert (s.captions, s.tags, s.group, s.extra) == (m.captions, m.tags, m.group, m.extra)
+    with pytest.raises(MtrunError, match="no split 'tets'"):
+        next(by_index.stream("tets"))
+
+
+def test_a_damaged_shard_index_is_a_clear_error(tmp_path):
+    manifest = make_manifest(tmp_path, broken=())
+    out = tmp_path / "shards"
+    assert main(["data", "shard", str(manifest), str(out), "--shard-size", "2"]) == 0
+    for damage in ('{"splits": {"train": ', '{"version": 1}'):  # cut short by a crash; not an index
+        (out / "index.json").write_text(damage)
+        with pytest.raises(MtrunError, match="index.json is not a valid shard index"):
+            WebDatasetSource(WebDatasetSource.Config(path=str(out))).splits()
 
 
 def test_shards_are_plain_webdataset_tars_written_deterministically(tmp_path):

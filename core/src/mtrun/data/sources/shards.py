@@ -33,7 +33,7 @@ import attrs
 from mtrun.errors import MtrunError
 from mtrun.interfaces import Sample
 
-__all__ = ["INDEX_FILE", "TarMember", "WebDatasetSource", "expand_pattern", "read_shard", "write_shards"]
+__all__ = ["INDEX_FILE", "TarMember", "WebDatasetSource", "expand_pattern", "read_shard", "sample_from_metadata", "write_shards"]
 
 INDEX_FILE = "index.json"
 AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a", "aac", "aiff", "aif", "au", "wv")
@@ -133,22 +133,24 @@ def read_shard(path: str | Path) -> list[Sample]:
         if "audio" not in group or "json" not in group:
             what = "audio" if "audio" not in group else "json metadata"
             raise MtrunError(f"{file}: key {key!r} has no {what} member")
-        meta = group["json"]
-        captions = meta.get("captions")
-        if captions is None:
-            captions = [meta["caption"]] if meta.get("caption") else []
-        samples.append(
-            Sample(
-                id=str(meta.get("id", key)),
-                audio=group["audio"],
-                sample_rate=None,
-                captions=[str(c) for c in captions],
-                tags={str(k): [str(v) for v in vs] for k, vs in (meta.get("tags") or {}).items()},
-                group=meta.get("group"),
-                extra=dict(meta.get("extra") or {}),
-            )
-        )
+        samples.append(sample_from_metadata(group["json"], key, group["audio"]))
     return samples
+
+
+def sample_from_metadata(meta: dict[str, Any], key: str, audio: Any, sample_rate: int | None = None) -> Sample:
+    """A :class:`Sample` from a shard member's JSON; one reading for files and streams."""
+    captions = meta.get("captions")
+    if captions is None:
+        captions = [meta["caption"]] if meta.get("caption") else []
+    return Sample(
+        id=str(meta.get("id", key)),
+        audio=audio,
+        sample_rate=sample_rate,
+        captions=[str(c) for c in captions],
+        tags={str(k): [str(v) for v in vs] for k, vs in (meta.get("tags") or {}).items()},
+        group=meta.get("group"),
+        extra=dict(meta.get("extra") or {}),
+    )
 
 
 class WebDatasetSource:
@@ -188,8 +190,14 @@ class WebDatasetSource:
             raise MtrunError(f"webdataset: shard folder not found: {base} (set by [data].path)")
         index = base / INDEX_FILE
         if index.is_file():
-            data = json.loads(index.read_text())
-            return {split: [str(base / name) for name in entry["shards"]] for split, entry in data["splits"].items()}
+            try:
+                data = json.loads(index.read_text(encoding="utf-8"))
+                return {split: [str(base / name) for name in entry["shards"]] for split, entry in data["splits"].items()}
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise MtrunError(
+                    f"webdataset: {index} is not a valid shard index ({type(exc).__name__}: {exc}); "
+                    f"rewrite it with `mtrun data shard`, or delete it to list the folder's SPLIT-NNNNNN.tar files"
+                ) from None
         found: dict[str, list[str]] = {}
         for shard in sorted(base.glob("*.tar")):
             split = shard.name.rsplit("-", 1)[0]
@@ -218,23 +226,20 @@ class WebDatasetSource:
 
         from mtrun.data.audio import decode
 
-        urls = self.shard_files()[split]
+        files = self.shard_files()
+        if split not in files:
+            raise MtrunError(f"webdataset: no split {split!r}; these shards have: {', '.join(files) or 'none'}")
+        urls = files[split]
         dataset = webdataset.WebDataset(urls, shardshuffle=False, empty_check=False)
         for item in dataset:
+            if "json" not in item:
+                raise MtrunError(f"webdataset: key {item.get('__key__')!r} in {item.get('__url__')} has no json metadata member")
             meta = json.loads(item["json"])
             audio_ext = next((k for k in item if k.rpartition(".")[2] in AUDIO_EXTENSIONS), None)
             if audio_ext is None:
                 raise MtrunError(f"webdataset: key {item.get('__key__')!r} in {item.get('__url__')} has no audio member")
             wave, rate = decode(_BytesAudio(item[audio_ext], f"{item.get('__url__')}#{item.get('__key__')}.{audio_ext}"))
-            yield Sample(
-                id=str(meta.get("id", item["__key__"])),
-                audio=wave,
-                sample_rate=rate,
-                captions=list(meta.get("captions") or []),
-                tags=dict(meta.get("tags") or {}),
-                group=meta.get("group"),
-                extra=dict(meta.get("extra") or {}),
-            )
+            yield sample_from_metadata(meta, item["__key__"], wave, rate)
 
 
 @attrs.frozen
