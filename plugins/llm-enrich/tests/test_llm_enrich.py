@@ -170,3 +170,16 @@ def test_evaluation_splits_and_bad_prompts_and_folders_are_refused(tmp_path):
         source.load("train")
     with pytest.raises(MtrunError, match="lm_path is empty"):
         LLMEnriched(LLMEnriched.Config(manifest=str(tmp_path / "manifest.jsonl"))).load("train")
+
+
+def test_sampling_settings_are_checked_like_tag_to_captions_and_keyed_the_same_way():
+    from mtrun_tag_to_caption.augmenter import TagToCaption
+
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        LLMEnriched.Config(do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match=r"top_p must be in \[0, 1\]"):
+        LLMEnriched.Config(do_sample=True, top_p=5.0)
+    shared = {"prompt": "{caption} / {tags}", "use_chat_template": False, "max_new_tokens": 9, "do_sample": True, "temperature": 0.5, "top_p": 0.8, "seed": 3}
+    enriched = LLMEnriched(LLMEnriched.Config(**shared)).generation_settings()
+    assert enriched == {"prompt": "{caption} / {tags}", "chat": False, "max_new_tokens": 9, "do_sample": True, "temperature": 0.5, "top_p": 0.8, "seed": 3}
+    assert enriched == TagToCaption(TagToCaption.Config(**shared)).generation_settings()

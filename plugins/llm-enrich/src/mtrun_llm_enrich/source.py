@@ -32,6 +32,7 @@ import attrs
 from mtrun.data.sources.base import SplitSource
 from mtrun.errors import MtrunError
 from mtrun.interfaces import Sample
+from mtrun_tag_to_caption.settings import generation_settings, positive, unit_interval
 
 __all__ = ["DEFAULT_PROMPT", "LLMEnriched", "default_cache_dir", "enrichment_key"]
 
@@ -77,11 +78,6 @@ def _training_splits(_instance: object, _attribute: attrs.Attribute, value: tupl
         )
 
 
-def _positive(_instance: object, attribute: attrs.Attribute, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"must be at least 1 (got {value})")
-
-
 class LLMEnriched(SplitSource):
     """Base items plus, in the training split, one extra pair per rewritten caption.
 
@@ -102,12 +98,12 @@ class LLMEnriched(SplitSource):
         prompt: str = attrs.field(default=DEFAULT_PROMPT, validator=_has_caption_slot, metadata={"help": "LLM prompt; {caption} = the original caption, {tags} = 'category: tag, tag; ...'"})
         use_chat_template: bool = attrs.field(default=True, metadata={"help": "wrap the prompt in the tokenizer's chat template when it has one"})
         cache_dir: str = attrs.field(default="", metadata={"help": "cache folder; '' = $MTRUN_CACHE/enriched-captions or ~/.cache/mtrun/enriched-captions"})
-        max_new_tokens: int = attrs.field(default=77, validator=_positive, metadata={"help": "LLM tokens generated per caption"})
+        max_new_tokens: int = attrs.field(default=77, validator=positive, metadata={"help": "LLM tokens generated per caption"})
         do_sample: bool = attrs.field(default=False, metadata={"help": "sample (temperature, top_p) instead of greedy decoding"})
-        temperature: float = attrs.field(default=0.7, metadata={"help": "sampling temperature"})
-        top_p: float = attrs.field(default=0.9, metadata={"help": "nucleus sampling mass"})
+        temperature: float = attrs.field(default=0.7, validator=positive, metadata={"help": "sampling temperature"})
+        top_p: float = attrs.field(default=0.9, validator=unit_interval, metadata={"help": "nucleus sampling mass"})
         seed: int = attrs.field(default=0, metadata={"help": "seed of sampled generation"})
-        batch_size: int = attrs.field(default=8, validator=_positive, metadata={"help": "prompts per generate call"})
+        batch_size: int = attrs.field(default=8, validator=positive, metadata={"help": "prompts per generate call"})
         device: str = attrs.field(default="", metadata={"help": "device of the LM ('' = cuda when available, else cpu)"})
 
     def __init__(self, config: Config):
@@ -130,16 +126,7 @@ class LLMEnriched(SplitSource):
 
     def generation_settings(self) -> dict[str, Any]:
         """What, besides the model, decides a rewrite (part of every cache key)."""
-        cfg = self.config
-        settings: dict[str, Any] = {
-            "prompt": cfg.prompt,
-            "chat": cfg.use_chat_template,
-            "max_new_tokens": cfg.max_new_tokens,
-            "do_sample": cfg.do_sample,
-        }
-        if cfg.do_sample:
-            settings.update(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
-        return settings
+        return generation_settings(self.config)
 
     def prompt_for(self, caption: str, tags: dict[str, list[str]]) -> str:
         from mtrun_tag_to_caption.augmenter import format_tags

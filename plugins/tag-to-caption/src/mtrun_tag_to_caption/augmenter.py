@@ -43,6 +43,7 @@ import attrs
 from mtrun.errors import MtrunError
 from mtrun.interfaces import AugmentContext, Sample
 from mtrun_tag_to_caption.cache import CaptionCache, caption_key, canonical_tags, default_cache_dir, lm_identity
+from mtrun_tag_to_caption.settings import generation_settings, positive, unit_interval
 from mtrun_tag_to_caption.templates import render_caption
 
 __all__ = ["DEFAULT_PROMPT", "TagToCaption", "format_tags"]
@@ -58,16 +59,6 @@ DEFAULT_PROMPT = (
 def format_tags(tags: dict[str, list[str]]) -> str:
     """``genre: reel; instrument: fiddle, flute`` (categories and values in canonical order)."""
     return "; ".join(f"{c}: {', '.join(v)}" for c, v in canonical_tags(tags).items())
-
-
-def _unit_interval(_instance: object, attribute: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1] (got {value})")
-
-
-def _positive(_instance: object, attribute: attrs.Attribute, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive (got {value})")
 
 
 def _has_tags_slot(_instance: object, attribute: attrs.Attribute, value: str) -> None:
@@ -95,7 +86,7 @@ class TagToCaption:
     class Config:
         p_cap: float = attrs.field(
             default=0.5,
-            validator=_unit_interval,
+            validator=unit_interval,
             metadata={"help": "probability that a pair's text is a caption rather than its joined tags (DuET-MC's p_cap)"},
         )
         use_original: bool = attrs.field(
@@ -116,15 +107,15 @@ class TagToCaption:
         cache_dir: str = attrs.field(
             default="", metadata={"help": "caption cache folder; empty = $MTRUN_CACHE/captions or ~/.cache/mtrun/captions"}
         )
-        max_new_tokens: int = attrs.field(default=60, validator=_positive, metadata={"help": "LLM tokens generated per caption"})
+        max_new_tokens: int = attrs.field(default=60, validator=positive, metadata={"help": "LLM tokens generated per caption"})
         do_sample: bool = attrs.field(default=False, metadata={"help": "sample (temperature, top_p) instead of greedy decoding"})
-        temperature: float = attrs.field(default=0.7, validator=_positive, metadata={"help": "sampling temperature"})
-        top_p: float = attrs.field(default=0.9, validator=_unit_interval, metadata={"help": "nucleus sampling mass"})
+        temperature: float = attrs.field(default=0.7, validator=positive, metadata={"help": "sampling temperature"})
+        top_p: float = attrs.field(default=0.9, validator=unit_interval, metadata={"help": "nucleus sampling mass"})
         seed: int = attrs.field(default=0, metadata={"help": "seed of sampled generation"})
-        batch_size: int = attrs.field(default=8, validator=_positive, metadata={"help": "prompts per generate() call in prepare"})
+        batch_size: int = attrs.field(default=8, validator=positive, metadata={"help": "prompts per generate() call in prepare"})
         template_keep: float = attrs.field(
             default=0.8,
-            validator=_unit_interval,
+            validator=unit_interval,
             metadata={"help": "templates: probability each tag category is mentioned (one always is)"},
         )
         synonyms: bool = attrs.field(default=True, metadata={"help": "templates: use synonyms of tag words half the time"})
@@ -152,16 +143,7 @@ class TagToCaption:
 
     def generation_settings(self) -> dict[str, Any]:
         """What besides the model and the tags decides an LLM caption (part of the cache key)."""
-        c = self.config
-        settings: dict[str, Any] = {
-            "prompt": c.prompt,
-            "chat": c.use_chat_template,
-            "max_new_tokens": c.max_new_tokens,
-            "do_sample": c.do_sample,
-        }
-        if c.do_sample:
-            settings.update(temperature=c.temperature, top_p=c.top_p, seed=c.seed)
-        return settings
+        return generation_settings(self.config)
 
     def key(self, tags: dict[str, list[str]]) -> str:
         """The cache key of the LLM caption of ``tags`` for this model and these settings."""
