@@ -76,6 +76,19 @@ def test_split_patterns_and_streaming_read_the_same_items(tmp_path):
         next(by_index.stream("tets"))
 
 
+def test_shards_are_not_rewritten_over_an_earlier_run_without_force(tmp_path, capsys):
+    manifest = make_manifest(tmp_path, broken=())
+    out = tmp_path / "shards"
+    assert main(["data", "shard", str(manifest), str(out), "--shard-size", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["data", "shard", str(manifest), str(out), "--shard-size", "3"]) == 1
+    assert "already holds shards" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    assert main(["data", "shard", str(manifest), str(out), "--shard-size", "3", "--force"]) == 0
+    assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]  # 5 items by 3
+    assert [s.id for s in WebDatasetSource(WebDatasetSource.Config(path=str(out))).load("train")] == [f"item{i}" for i in range(5)]
+
+
 def test_a_damaged_shard_index_is_a_clear_error(tmp_path):
     manifest = make_manifest(tmp_path, broken=())
     out = tmp_path / "shards"

@@ -1,9 +1,10 @@
 """``mtrun data``: prepare data — shard a manifest, write the demo corpus.
 
-``mtrun data shard MANIFEST OUT/ [--audio-root DIR] [--shard-size N]`` decodes every file the
+``mtrun data shard MANIFEST OUT/ [--audio-root DIR] [--shard-size N] [--force]`` decodes every file the
 manifest lists, excludes (and reports) the broken ones, and writes WebDataset tar shards
 ``OUT/{split}-{i:06d}.tar`` with ``OUT/index.json``; train on them with
-``[data] type = "webdataset"`` and ``path = "OUT"``.
+``[data] type = "webdataset"`` and ``path = "OUT"``. A folder holding earlier shards is refused
+unless ``--force`` replaces them.
 
 ``mtrun data demo OUT/ [--force]`` builds the demo corpus (manifest + audio) and prints the
 manifest's path.
@@ -34,6 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     shard.add_argument("out", help="output folder for the shards")
     shard.add_argument("--audio-root", default="", help="folder the manifest's audio paths are relative to (default: the manifest's folder)")
     shard.add_argument("--shard-size", type=int, default=1000, metavar="N", help="items per shard (default 1000)")
+    shard.add_argument("--force", action="store_true", help="replace the shards an earlier run wrote in OUT")
 
     demo = sub.add_parser(
         "demo",
@@ -80,7 +82,7 @@ def _shard(args: argparse.Namespace) -> int:
         def advance(split: str, done: int) -> None:
             bar.update(tasks[split], completed=done)
 
-        index = write_shards(splits, args.out, shard_size=args.shard_size, source=str(args.manifest), progress=advance)
+        index = write_shards(splits, args.out, shard_size=args.shard_size, source=str(args.manifest), progress=advance, overwrite=args.force)
     out = Path(args.out)
     for split, entry in index["splits"].items():
         print(f"{split}: {entry['count']} items in {len(entry['shards'])} shard(s)")

@@ -271,6 +271,7 @@ def write_shards(
     shard_size: int = 1000,
     source: str = "",
     progress: Callable[[str, int], Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Check that every sample decodes, then write ``OUT/{split}-{i:06d}.tar`` and an index.
 
@@ -284,6 +285,9 @@ def write_shards(
         shard_size: Items per shard.
         source: Where the samples came from, recorded in the index.
         progress: Called with ``(split, items done)`` after each item (for a progress bar).
+        overwrite: Replace the shards an earlier run wrote in ``OUT``. Without it such a folder
+            is refused: shards are rewritten in place, so a crash part-way would leave the old
+            index pointing at half-written tars.
 
     Returns:
         The index written to ``OUT/index.json``: ``splits`` (shards and counts per split),
@@ -297,6 +301,11 @@ def write_shards(
         raise MtrunError(f"shard size must be positive (got {shard_size})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = sorted(p for p in out.iterdir() if p.name == INDEX_FILE or p.suffix == ".tar")
+    if earlier and not overwrite:
+        raise MtrunError(f"{out} already holds shards ({len(earlier)} files, e.g. {earlier[0].name}); pick another folder, or pass --force to replace them")
+    for old in sorted(earlier, key=lambda p: p.name != INDEX_FILE):  # the index first: never one pointing at new tars
+        old.unlink()
     index: dict[str, Any] = {"format": "mtrun-webdataset", "version": 1, "source": source, "splits": {}, "excluded": []}
     for split, samples in splits.items():
         shards: list[str] = []
