@@ -166,6 +166,9 @@ class ViewDropout:
         self.config = config
         # Only the integer travels to DataLoader workers, not the run object.
         self.run_seed = int(getattr(getattr(run, "config", None), "seed", 0) or 0)
+        # The views depend only on the seeds, the id and the tags: draw them once per item
+        # rather than at every step (per process; a worker fills its own).
+        self._drawn: dict[tuple, list[tuple[dict[str, list[str]], str]]] = {}
 
     # ------------------------------------------------------------------ views
 
@@ -179,13 +182,20 @@ class ViewDropout:
 
     def views(self, sample: Sample) -> list[dict[str, list[str]]]:
         """The item's views in order (see the module docstring); ``[]`` when it has no tags in scope."""
-        return [view for view, _ in self._draw(sample)]
+        return [{c: list(v) for c, v in view.items()} for view, _ in self._draw(sample)]
 
     def captions(self, sample: Sample) -> list[str]:
         """The rendered caption of each view (what ``output = "caption"`` uses)."""
         return [caption for _, caption in self._draw(sample)]
 
     def _draw(self, sample: Sample) -> list[tuple[dict[str, list[str]], str]]:
+        key = (str(sample.id), tuple((c, tuple(map(str, v))) for c, v in sample.tags.items()))
+        drawn = self._drawn.get(key)
+        if drawn is None:
+            drawn = self._drawn[key] = self._draw_views(sample)
+        return drawn
+
+    def _draw_views(self, sample: Sample) -> list[tuple[dict[str, list[str]], str]]:
         cfg = self.config
         tags = {c: list(dict.fromkeys(str(t) for t in v)) for c, v in sample.tags.items() if v}
         cats = self._categories(tags)
