@@ -126,7 +126,7 @@ def synthetic_batch(system, n: int = 6, seconds: float = 2.0):
 @pytest.mark.parametrize(
     "recipe, overrides",
     [
-        ("duet_mc.toml", []),
+        ("duet_mc.toml", ["objective.0.learnable=false"]),  # the paper's fixed τ (the profile learns it)
         ("duet_mc_mt5.toml", []),
         ("duet_mc.toml", ["objective.0.learnable=true"]),
         ("duet_mc_htsat.toml", ["audio_encoder.frozen=true"]),  # the variant trains HTS-AT; locked here
@@ -135,7 +135,10 @@ def synthetic_batch(system, n: int = 6, seconds: float = 2.0):
 )
 def test_only_aggregator_and_projectors_train_with_locked_encoders(tmp_path, recipe, overrides):
     # The tiny profile trains its random CLIP-T/mT5; the paper (and this test) lock both encoders.
-    resolved, built = build(tmp_path, recipe, [*overrides, "text_encoder.frozen=true"])
+    # The paper's projectors take the features as they are: the profile's input standardisation
+    # would cancel the aggregator's bias (a constant shift) exactly, leaving it no gradient.
+    paper = ["text_encoder.frozen=true", 'audio_projector.input_norm="none"', 'text_projector.input_norm="none"']
+    resolved, built = build(tmp_path, recipe, [*overrides, *paper])
     system = built.system
     assert resolved.components["audio_encoder"].config.frozen and resolved.components["text_encoder"].config.frozen
     system.train()
