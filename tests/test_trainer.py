@@ -1,4 +1,4 @@
-"""DefaultTrainer: exact kill-and-resume, non-finite loss, metrics, best checkpoint, bf16."""
+"""DefaultTrainer: exact kill-and-resume, checkpoint on SIGTERM/Ctrl-C, non-finite loss, metrics, best checkpoint, bf16."""
 
 from __future__ import annotations
 
@@ -78,6 +78,44 @@ def test_killed_run_resumes_onto_the_uninterrupted_trajectory(tmp_path, referenc
     ref_opt = load_file(str(reference_run / "checkpoints" / "step-000020" / "optimizer.safetensors"))
     new_opt = load_file(str(run_dir / "checkpoints" / "step-000020" / "optimizer.safetensors"))
     assert all(torch.equal(ref_opt[key], new_opt[key]) for key in ref_opt), context
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_the_finished_step_and_resumes_onto_the_uninterrupted_trajectory(tmp_path, reference_run, sig):
+    """SIGTERM/Ctrl-C with no periodic checkpoints: the step in progress finishes, is saved, and
+    a resume from it ends bit-for-bit where the uninterrupted run did."""
+    k = random.randint(3, 12)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(TESTS / "toyrun.py"), str(run_dir), "--step-delay", "0.12", "--checkpoint-every", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while logged_steps(run_dir) < k:
+            assert proc.poll() is None, f"run ended before step {k}: {proc.stderr.read()}"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
+    stopped_at = logged_steps(run_dir)
+    assert k <= stopped_at < 20, "the signal came too late to test anything"
+    assert saved == [f"step-{stopped_at:06d}"], f"expected only the interrupted step's checkpoint, got {saved}"
+    assert f"{sig.name} after step {stopped_at}: saved" in out + err
+
+    run_toy(run_dir, "--resume", "latest")
+
+    reference = load_file(str(reference_run / "checkpoints" / "step-000020" / "model.safetensors"))
+    resumed = load_file(str(run_dir / "checkpoints" / "step-000020" / "model.safetensors"))
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), f"{key} differs (stopped after step {stopped_at})"
+    assert train_losses(run_dir) == train_losses(reference_run)
 
 
 class NanAtStep:
