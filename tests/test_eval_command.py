@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,8 +84,8 @@ def test_eval_of_a_checkpoint_writes_json_report_and_figures(toy_run, registry, 
     _, run_dir, _ = toy_run
     checkpoint = run_dir / "checkpoints" / "step-000004"
     result = evaluate_target(checkpoint, registry=registry, tasks=["retrieval", "modality-gap"], overrides=["eval.0.bootstrap=50"])
-    out = run_dir / "eval-test-4"
-    assert result["out_dir"] == str(out) and result["step"] == 4
+    out = Path(result["out_dir"])
+    assert out.parent == run_dir and out.name.startswith("eval-test-4") and result["step"] == 4
     saved = json.loads((out / "eval.json").read_text())
     assert saved["split"] == "test" and saved["checkpoint"] == str(checkpoint)
     assert 0 <= saved["metrics"]["retrieval/t2a/R@10"] <= 100
@@ -106,6 +107,20 @@ def test_same_checkpoint_evaluated_twice_gives_the_same_numbers(toy_run, registr
     b = evaluate_target(checkpoint, registry=registry, out=tmp_path / "b")
     assert a["metrics"] == b["metrics"]
     assert "zero-shot/pitch/accuracy" in a["metrics"]  # the recipe's [[eval]] tables by default
+
+
+def test_a_second_eval_writes_beside_the_first_report_not_over_it(toy_run, registry):
+    from mtrun.eval.commands import evaluate_target
+
+    _, run_dir, _ = toy_run
+    checkpoint = run_dir / "checkpoints" / "step-000004"
+    first = Path(evaluate_target(checkpoint, registry=registry, tasks=["retrieval"])["out_dir"])
+    report = (first / "report.md").read_text()
+    second = Path(evaluate_target(checkpoint, registry=registry, tasks=["modality-gap"])["out_dir"])
+    assert second != first and second.parent == run_dir
+    assert second.name.startswith("eval-test-4-") and second.name.rsplit("-", 1)[1].isdigit()
+    assert (first / "report.md").read_text() == report
+    assert "modality-gap" in (second / "report.md").read_text() and "modality-gap" not in report
 
 
 def test_eval_of_a_recipe_loads_its_latest_checkpoint(toy_run, registry, tmp_path):

@@ -39,7 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "default: the recipe's [[eval]] tables, else retrieval",
     )
     parser.add_argument("--split", default="test", help="data split to evaluate (default: test)")
-    parser.add_argument("--out", metavar="DIR", help="output folder (default: RUN/eval-SPLIT-STEP)")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default: RUN/eval-SPLIT-STEP, or RUN/eval-SPLIT-STEP-2, -3, ... if that exists)")
     parser.add_argument("--profile", metavar="NAME", help="merge the recipe's [profile.NAME] table (recipes only)")
     parser.add_argument("--device", help="'cpu', 'cuda', 'cuda:N' (default: the recipe's [run].device)")
     parser.add_argument(
@@ -175,7 +175,7 @@ def evaluate_target(
         target: A checkpoint folder, a run folder or a recipe file.
         tasks: Eval task names replacing the recipe's ``[[eval]]`` tables.
         split: Data split to evaluate.
-        out: Output folder; default ``RUN/eval-SPLIT-STEP``.
+        out: Output folder; default ``RUN/eval-SPLIT-STEP``, with ``-2``, ``-3``, ... added while it exists.
         profile: A ``[profile.NAME]`` of a recipe file.
         overrides: ``KEY=VALUE`` / ``~KEY`` recipe overrides.
         device: Overrides the recipe's ``[run].device``.
@@ -191,7 +191,7 @@ def evaluate_target(
     import torch
 
     from mtrun.assemble import assemble
-    from mtrun.eval.run import default_out_dir, evaluate_run
+    from mtrun.eval.run import default_out_dir, evaluate_run, unused_dir
     from mtrun.recipe import resolve_recipe
     from mtrun.run import Run
     from mtrun.train.checkpoint import read_model_state
@@ -240,7 +240,7 @@ def evaluate_target(
         )
         print(f"WARNING: {warning}", file=sys.stderr)
     system.to(pick_device(device or resolved.run.device))
-    out_dir = Path(out) if out is not None else default_out_dir(run_dir, split, step)
+    out_dir = Path(out) if out is not None else unused_dir(default_out_dir(run_dir, split, step))
     info = {
         "source": str(target),
         "checkpoint": str(checkpoint) if checkpoint is not None else None,

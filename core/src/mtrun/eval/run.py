@@ -27,6 +27,16 @@ def default_out_dir(run_dir: str | os.PathLike[str], split: str, step: int | Non
     return Path(run_dir) / f"eval-{split}-{'untrained' if step is None else step}"
 
 
+def unused_dir(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... if it exists: a later evaluation (other tasks,
+    other overrides) never overwrites the report that training or an earlier one wrote."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
 def _labelled(tasks: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
     if isinstance(tasks, Mapping):
         return list(tasks.items())
