@@ -38,6 +38,15 @@ def logged_steps(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
+def wait_until_logged(proc: subprocess.Popen, run_dir: Path, k: int, timeout: float = 90) -> None:
+    """Block until the toy run in ``proc`` has logged step ``k``."""
+    deadline = time.monotonic() + timeout
+    while logged_steps(run_dir) < k:
+        assert proc.poll() is None, f"run ended before step {k}: {proc.stderr.read()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_killed_run_resumes_onto_the_uninterrupted_trajectory(tmp_path, reference_run):
     """SIGKILL at a random step (augmentation on, grad_accum 2), resume, compare bit-for-bit."""
     k = random.randint(3, 15)
@@ -47,13 +56,10 @@ def test_killed_run_resumes_onto_the_uninterrupted_trajectory(tmp_path, referenc
         [sys.executable, str(TESTS / "toyrun.py"), str(run_dir), "--step-delay", "0.12"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        text=True,
     )
     try:
-        deadline = time.monotonic() + 90
-        while logged_steps(run_dir) < k:
-            assert proc.poll() is None, f"run ended before step {k}: {proc.stderr.read().decode()}"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until_logged(proc, run_dir, k)
         time.sleep(extra_delay)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
@@ -93,11 +99,7 @@ def test_signal_saves_the_finished_step_and_resumes_onto_the_uninterrupted_traje
         text=True,
     )
     try:
-        deadline = time.monotonic() + 90
-        while logged_steps(run_dir) < k:
-            assert proc.poll() is None, f"run ended before step {k}: {proc.stderr.read()}"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until_logged(proc, run_dir, k)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
