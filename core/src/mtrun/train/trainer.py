@@ -457,7 +457,7 @@ class DefaultTrainer:
         stop_requests = StopRequests(enabled=world == 1)
         try:
             with stop_requests:
-                while state.step < total and not state.stopped_early:
+                while state.step < total and not state.stopped_early and not stop_requests.requested:
                     for b, micros in loader.global_batches(state.epoch, state.batch):
                         step, epoch = state.step, state.epoch
                         seed_everything(derive_seed(seed, "step", step, rank))
@@ -526,10 +526,10 @@ class DefaultTrainer:
                             saved_at = state.step
                             if improved and manager is not None:
                                 manager.mark_best(ckpt_root / name)
-                        if stop:
+                        if stop or stop_requests.requested:
                             break
-                        if stop_requests.requested:
-                            raise KeyboardInterrupt
+                if stop_requests.requested:  # also when it came during the last step
+                    raise KeyboardInterrupt
                 if (state.step >= total or state.stopped_early) and evaluated_at != state.step and saved_at != state.step:
                     # Resumed a run that had already finished: report its final evaluation.
                     last_val = self._evaluate(system, val_loader, val_samples, device, state.step, state.epoch, steps_per_epoch, total)
