@@ -38,6 +38,12 @@ def logged_steps(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
+def start_toy(run_dir: Path, *args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """The toy run in a subprocess, slowed to 0.12 s a step so a test can stop it mid-run."""
+    cmd = [sys.executable, str(TESTS / "toyrun.py"), str(run_dir), "--step-delay", "0.12", *args]
+    return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
 def wait_until_logged(proc: subprocess.Popen, run_dir: Path, k: int, timeout: float = 90) -> None:
     """Block until the toy run in ``proc`` has logged step ``k``."""
     deadline = time.monotonic() + timeout
@@ -52,12 +58,7 @@ def test_killed_run_resumes_onto_the_uninterrupted_trajectory(tmp_path, referenc
     k = random.randint(3, 15)
     extra_delay = random.uniform(0.0, 0.12)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "toyrun.py"), str(run_dir), "--step-delay", "0.12"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_toy(run_dir, stdout=subprocess.DEVNULL)
     try:
         wait_until_logged(proc, run_dir, k)
         time.sleep(extra_delay)
@@ -92,12 +93,7 @@ def test_signal_saves_the_finished_step_and_resumes_onto_the_uninterrupted_traje
     a resume from it ends bit-for-bit where the uninterrupted run did."""
     k = random.randint(3, 12)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "toyrun.py"), str(run_dir), "--step-delay", "0.12", "--checkpoint-every", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_toy(run_dir, "--checkpoint-every", "0")
     try:
         wait_until_logged(proc, run_dir, k)
         proc.send_signal(sig)

@@ -1,7 +1,7 @@
 """Ctrl-C and SIGTERM during training: finish the step, save it, then stop.
 
 A signal that lands mid-step would otherwise lose every step since the last periodic
-checkpoint. While :class:`StopRequests` is active, the first SIGINT or SIGTERM only records
+checkpoint. While :class:`StopRequests` is installed, the first SIGINT or SIGTERM only records
 itself; the training loop checks :attr:`StopRequests.requested` after each step, writes a
 checkpoint and raises ``KeyboardInterrupt`` (the command line then prints how to resume). A
 second signal interrupts at once, for a step that takes too long.
@@ -20,7 +20,8 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopRequests:
-    """Context manager that defers SIGINT/SIGTERM to the next step boundary.
+    """Defers SIGINT/SIGTERM to the next step boundary between :meth:`install` and
+    :meth:`restore`.
 
     Inactive (signals behave as before) when ``enabled`` is false or outside the main thread,
     where Python cannot install handlers. The trainer disables it under DDP: ranks would see
@@ -43,13 +44,13 @@ class StopRequests:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
 
-    def __enter__(self) -> StopRequests:
+    def install(self) -> None:
         if self.enabled:
             for sig in _SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def restore(self) -> None:
+        """Put back the handlers that were there before :meth:`install`."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -456,83 +456,83 @@ class DefaultTrainer:
         start_step = state.step
         stop_requests = StopRequests(enabled=world == 1)
         try:
-            with stop_requests:
-                while state.step < total and not state.stopped_early and not stop_requests.requested:
-                    for b, micros in loader.global_batches(state.epoch, state.batch):
-                        step, epoch = state.step, state.epoch
-                        seed_everything(derive_seed(seed, "step", step, rank))
-                        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
-                        loss_value, metrics, grad_norm = self._train_step(
-                            model, micros, device, step=step, epoch=epoch, steps_per_epoch=steps_per_epoch, total=total, rank=rank
+            stop_requests.install()
+            while state.step < total and not state.stopped_early and not stop_requests.requested:
+                for b, micros in loader.global_batches(state.epoch, state.batch):
+                    step, epoch = state.step, state.epoch
+                    seed_everything(derive_seed(seed, "step", step, rank))
+                    lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
+                    loss_value, metrics, grad_norm = self._train_step(
+                        model, micros, device, step=step, epoch=epoch, steps_per_epoch=steps_per_epoch, total=total, rank=rank
+                    )
+                    if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
+                        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                        raise TrainingError(
+                            f"non-finite {what} at step {step + 1} (epoch {epoch}); stopped before the optimizer step. "
+                            f"Last good checkpoint: {last_checkpoint or 'none written yet'}"
                         )
-                        if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
-                            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                            raise TrainingError(
-                                f"non-finite {what} at step {step + 1} (epoch {epoch}); stopped before the optimizer step. "
-                                f"Last good checkpoint: {last_checkpoint or 'none written yet'}"
-                            )
-                        if optimizer is not None:
-                            optimizer.step()
-                            scheduler.step()
-                        state.step += 1
-                        state.epoch, state.batch = (epoch + 1, 0) if b + 1 == steps_per_epoch else (epoch, b + 1)
-                        system.on_step_end(state.step, total)
+                    if optimizer is not None:
+                        optimizer.step()
+                        scheduler.step()
+                    state.step += 1
+                    state.epoch, state.batch = (epoch + 1, 0) if b + 1 == steps_per_epoch else (epoch, b + 1)
+                    system.on_step_end(state.step, total)
 
-                        window_loss += loss_value
-                        window_steps += 1
-                        for key, value in metrics.items():
-                            window_metrics[key] = window_metrics.get(key, 0.0) + value
-                        if grad_norm is not None:
-                            window_metrics["grad_norm"] = window_metrics.get("grad_norm", 0.0) + grad_norm
-                        done = state.step >= total
-                        if state.step % cfg.log_every == 0 or done:
-                            elapsed = max(time.perf_counter() - window_start, 1e-9)
-                            record = {
-                                "epoch": epoch,
-                                "lr": lr,
-                                "loss": window_loss / window_steps,
-                                "samples_per_s": window_steps * cfg.batch_size / elapsed,
-                                **{k: v / window_steps for k, v in window_metrics.items()},
-                            }
-                            final.update(logger.log(state.step, record))
-                            progress.update(state.step, epoch, record)
-                            window_loss, window_steps, window_metrics = 0.0, 0, {}
-                            window_start = time.perf_counter()
-                        else:
-                            progress.update(state.step, epoch)
+                    window_loss += loss_value
+                    window_steps += 1
+                    for key, value in metrics.items():
+                        window_metrics[key] = window_metrics.get(key, 0.0) + value
+                    if grad_norm is not None:
+                        window_metrics["grad_norm"] = window_metrics.get("grad_norm", 0.0) + grad_norm
+                    done = state.step >= total
+                    if state.step % cfg.log_every == 0 or done:
+                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        record = {
+                            "epoch": epoch,
+                            "lr": lr,
+                            "loss": window_loss / window_steps,
+                            "samples_per_s": window_steps * cfg.batch_size / elapsed,
+                            **{k: v / window_steps for k, v in window_metrics.items()},
+                        }
+                        final.update(logger.log(state.step, record))
+                        progress.update(state.step, epoch, record)
+                        window_loss, window_steps, window_metrics = 0.0, 0, {}
+                        window_start = time.perf_counter()
+                    else:
+                        progress.update(state.step, epoch)
 
-                        improved = False
-                        if (cfg.eval_every and state.step % cfg.eval_every == 0) or done:
-                            last_val = self._evaluate(system, val_loader, val_samples, device, state.step, epoch, steps_per_epoch, total)
-                            evaluated_at = state.step
-                            if last_val:
-                                logger.log(state.step, {"epoch": epoch, **last_val})
-                                progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in console_view(last_val).items()))
-                                improved = self._update_best(last_val)
-                                if cfg.best_metric in last_val:
-                                    state.evals_since_best = 0 if improved else state.evals_since_best + 1
-                        patience = cfg.early_stopping_patience
-                        if patience and not done and state.evals_since_best >= patience:
-                            state.stopped_early = True
-                            progress.message(
-                                f"early stopping at step {state.step}: {cfg.best_metric} has not improved for "
-                                f"{patience} evaluations (best {state.best_value}, {state.best_checkpoint})"
-                            )
-                        stop = done or state.stopped_early
-                        if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or stop or improved:
-                            if improved:
-                                state.best_checkpoint = step_dir_name(state.step)
-                            name = save(state.step)
-                            saved_at = state.step
-                            if improved and manager is not None:
-                                manager.mark_best(ckpt_root / name)
-                        if stop or stop_requests.requested:
-                            break
-                if stop_requests.requested:  # also when it came during the last step
-                    raise KeyboardInterrupt
-                if (state.step >= total or state.stopped_early) and evaluated_at != state.step and saved_at != state.step:
-                    # Resumed a run that had already finished: report its final evaluation.
-                    last_val = self._evaluate(system, val_loader, val_samples, device, state.step, state.epoch, steps_per_epoch, total)
+                    improved = False
+                    if (cfg.eval_every and state.step % cfg.eval_every == 0) or done:
+                        last_val = self._evaluate(system, val_loader, val_samples, device, state.step, epoch, steps_per_epoch, total)
+                        evaluated_at = state.step
+                        if last_val:
+                            logger.log(state.step, {"epoch": epoch, **last_val})
+                            progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in console_view(last_val).items()))
+                            improved = self._update_best(last_val)
+                            if cfg.best_metric in last_val:
+                                state.evals_since_best = 0 if improved else state.evals_since_best + 1
+                    patience = cfg.early_stopping_patience
+                    if patience and not done and state.evals_since_best >= patience:
+                        state.stopped_early = True
+                        progress.message(
+                            f"early stopping at step {state.step}: {cfg.best_metric} has not improved for "
+                            f"{patience} evaluations (best {state.best_value}, {state.best_checkpoint})"
+                        )
+                    stop = done or state.stopped_early
+                    if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or stop or improved:
+                        if improved:
+                            state.best_checkpoint = step_dir_name(state.step)
+                        name = save(state.step)
+                        saved_at = state.step
+                        if improved and manager is not None:
+                            manager.mark_best(ckpt_root / name)
+                    if stop or stop_requests.requested:
+                        break
+            if stop_requests.requested:  # also when it came during the last step
+                raise KeyboardInterrupt
+            if (state.step >= total or state.stopped_early) and evaluated_at != state.step and saved_at != state.step:
+                # Resumed a run that had already finished: report its final evaluation.
+                last_val = self._evaluate(system, val_loader, val_samples, device, state.step, state.epoch, steps_per_epoch, total)
         except BaseException as exc:
             if not stop_requests.requested or stop_requests.forced:
                 raise
@@ -546,6 +546,7 @@ class DefaultTrainer:
                 raise
             raise KeyboardInterrupt from exc
         finally:
+            stop_requests.restore()
             progress.close()
             logger.close()
         distributed.barrier()
