@@ -167,7 +167,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"plugins": entries}, indent=2))
         return 0
-    from rich.console import Console
+    from mtrun.console import make_console
     from rich.markup import escape
     from rich.table import Table
 
@@ -177,7 +177,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     for e in entries:
         comps = "\n".join(f"{c['kind']}: {c['name']}" for c in e["components"]) or "-"
         table.add_row(escape(e["name"]), escape(e["distribution"] or "-"), escape(e["version"] or "-"), escape(comps))
-    Console().print(table)
+    make_console().print(table)
     return 0
 
 
@@ -195,7 +195,7 @@ def _unknown(what: str, value: str, choices: Sequence[str], listing: str = "inst
 
 
 def _cmd_components(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from mtrun.console import make_console
     from rich.markup import escape
     from rich.table import Table
 
@@ -208,7 +208,7 @@ def _cmd_components(args: argparse.Namespace) -> int:
     if args.markdown:
         print(render_markdown(registry, args.plugin or None), end="")
         return 0
-    console = Console()
+    console = make_console()
     kind = args.kind
     if kind is not None and kind not in KINDS:
         # Accept slot names too: `mtrun components audio_projector` means projectors.

@@ -22,6 +22,8 @@ KINDS: dict[str, tuple[str, ...]] = {
     "trainer": ("fit",),
     "data": ("splits", "load"),
     "eval": ("evaluate",),
+    "optimizer": ("step", "zero_grad", "state_dict", "load_state_dict"),
+    "schedule": ("factor",),
 }
 """Every component kind with the methods its interface requires."""
 
@@ -138,6 +140,12 @@ class Registry:
 
     def eval(self, name: str, cls: type) -> None:
         self.add("eval", name, cls)
+
+    def optimizer(self, name: str, cls: type) -> None:
+        self.add("optimizer", name, cls)
+
+    def schedule(self, name: str, cls: type) -> None:
+        self.add("schedule", name, cls)
 
     # ------------------------------------------------------------------------ lookup
 

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from mtrun.console import make_console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -74,7 +74,7 @@ def _shard(args: argparse.Namespace) -> int:
         raise MtrunError(f"mtrun data shard: MANIFEST {args.manifest} is not a file (expected a CSV, JSONL or Parquet manifest)")
     source = ManifestSource(ManifestSource.Config(path=args.manifest, audio_root=args.audio_root))
     splits = {split: source.load(split) for split in source.splits()}
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         tasks = {split: bar.add_task(f"shard {split}", total=len(items)) for split, items in splits.items()}

@@ -40,7 +40,7 @@ class Progress:
         self._bar = None
         self._task = None
         if enabled and self.stream.isatty():
-            from rich.console import Console
+            from mtrun.console import make_console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
             from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -51,7 +51,7 @@ class Progress:
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[info]}"),
-                console=Console(file=self.stream),
+                console=make_console(file=self.stream),
             )
             self._task = self._bar.add_task("train", total=total_steps, completed=start_step, info="")
             self._bar.start()

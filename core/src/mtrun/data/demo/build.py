@@ -343,10 +343,10 @@ def _build_progress(target: Path, total: int):
     Yields a function to call once per finished piece. On a terminal the bar redraws; in a log
     file rich writes it once, finished, after the line announcing the build.
     """
-    from rich.console import Console
+    from mtrun.console import make_console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     console.print(
         f"building the demo corpus (once per machine, a few minutes): {total} pieces -> {target}",
         markup=False, highlight=False, soft_wrap=True,
