@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mtrun.assemble import BuildError, assemble, construct
-from mtrun.recipe import ComponentSpec, resolve_recipe
+from mtrun import ComponentSpec
+from mtrun.recipe import resolve_recipe
 from mtrun.run import LoaderConfig, Run, RunConfig
 
 TOY = {

@@ -1,39 +1,33 @@
 """Building a resolved recipe into live components by constructor injection.
 
-Every component is built as ``cls(config, **dependencies)``. Dependencies are the
-keyword-only parameters of ``cls.__init__``, filled by name from what has been built so far:
+Slots are built in the order :data:`mtrun.schema.SLOTS` declares. Each component is built as
+``cls(config, **dependencies)`` (:func:`mtrun.spec.construct`); its keyword-only parameters are
+filled by name from what has been built before it:
 
-==================  =============================================================
-``run``             the :class:`mtrun.run.Run` (folder, seed, resolved recipe)
-``data``            the data source
-``audio_encoder``   the audio encoder (projectors, objectives, augmenters)
-``text_encoder``    the text encoder
-``in_features``     the width of the encoder a projector sits on
-``audio_projector`` / ``text_projector``  (objectives that copy the online arms, e.g. BYOL)
-``system``          the assembled :class:`mtrun.system.System` (trainer, eval tasks)
-``evals``           the eval tasks (trainer)
-==================  =============================================================
+* ``run``: the :class:`mtrun.run.Run` (folder, seed, resolved recipe);
+* every earlier slot under its :attr:`~mtrun.schema.Slot.inject_as` name (``data``,
+  ``audio_encoder``, ..., ``augmenters``, ``objectives``, ``evals``);
+* the slot's declared ``inputs`` (a projector's ``in_features``: its encoder's width);
+* ``system``: the assembled :class:`mtrun.system.System`, once every model slot is built
+  (eval tasks and the trainer).
 
-Components never see the registry; a keyword-only parameter without a default that is not in
-this table is a plugin bug, reported with the component's recipe slot.
+Components never see the registry; a keyword-only parameter without a default that is none of
+these is a plugin bug, reported with the component's recipe table.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import attrs
 
-from mtrun.errors import MtrunError
-from mtrun.recipe import ComponentSpec, ResolvedRecipe
+from mtrun import schema
+from mtrun.recipe import ResolvedRecipe
 from mtrun.run import Run
+from mtrun.schema import Slot
+from mtrun.spec import BuildError, construct
 
 __all__ = ["Assembly", "BuildError", "assemble", "construct"]
-
-
-class BuildError(MtrunError):
-    """A component could not be built from its (valid) configuration."""
 
 
 @attrs.frozen
@@ -46,57 +40,41 @@ class Assembly:
     evals: tuple[Any, ...]
 
 
-def construct(spec: ComponentSpec, available: dict[str, Any], source: str = "<recipe>") -> Any:
-    """Build one component, injecting the keyword-only dependencies it asks for by name."""
-    where = f"{source}: [{spec.slot}] (type {spec.name!r})"
-    try:
-        params = inspect.signature(spec.cls.__init__).parameters.values()
-    except (TypeError, ValueError):  # builtins without a signature take the config alone
-        params = ()
-    kwargs: dict[str, Any] = {}
-    for p in params:
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+def _inputs(slot: Slot, available: dict[str, Any]) -> dict[str, Any]:
+    """The slot's declared extra inputs: ``{"in_features": "audio_encoder.output_dim"}``."""
+    values = {}
+    for keyword, source in slot.inputs.items():
+        owner, attribute = source.split(".", 1)
+        values[keyword] = getattr(available[owner], attribute)
+    return values
+
+
+def _system(resolved: ResolvedRecipe, available: dict[str, Any]) -> Any:
+    from mtrun.system import System, WeightedObjective
+
+    modules: dict[str, Any] = {}
+    for slot in schema.SLOTS:
+        if not slot.model or slot.name in ("augmenter", "objective"):
             continue
-        if p.name in available:
-            kwargs[p.name] = available[p.name]
-        elif p.default is inspect.Parameter.empty:
-            raise BuildError(
-                f"{where}: its constructor asks for {p.name!r}, which mtrun cannot inject; "
-                f"injectable dependencies are: {', '.join(sorted(available))}"
-            )
-    try:
-        return spec.cls(spec.config, **kwargs)
-    except MtrunError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - reported with the recipe slot; MTRUN_DEBUG shows the trace
-        raise BuildError(f"{where} failed to build: {type(exc).__name__}: {exc}") from exc
+        if slot.name in available:
+            modules[slot.name] = available[slot.name]
+    objectives = [
+        WeightedObjective(spec.label, spec.weight, built)
+        for spec, built in zip(resolved.objectives, available.get("objectives", ()))
+    ]
+    return System(objectives=objectives, augmenters=available.get("augmenters", ()), **modules)
 
 
 def assemble(resolved: ResolvedRecipe, run: Run) -> Assembly:
-    """Build data, encoders, projectors, augmenters, objectives, the system, evals and trainer."""
-    from mtrun.system import System, WeightedObjective
-
+    """Build every slot in order, the system after the last model slot, and the trainer last."""
     src = resolved.source
-    specs = resolved.components
     available: dict[str, Any] = {"run": run}
-    available["data"] = construct(specs["data"], available, src)
-    available["audio_encoder"] = construct(specs["audio_encoder"], available, src)
-    available["text_encoder"] = construct(specs["text_encoder"], available, src)
-    for arm in ("audio", "text"):
-        width = {"in_features": available[f"{arm}_encoder"].output_dim}
-        available[f"{arm}_projector"] = construct(specs[f"{arm}_projector"], {**available, **width}, src)
-    augmenters = [construct(s, available, src) for s in resolved.augmenters]
-    objectives = [WeightedObjective(s.label, s.weight, construct(s, available, src)) for s in resolved.objectives]
-    system = System(
-        audio_encoder=available["audio_encoder"],
-        text_encoder=available["text_encoder"],
-        audio_projector=available["audio_projector"],
-        text_projector=available["text_projector"],
-        objectives=objectives,
-        augmenters=augmenters,
-    )
-    available["system"] = system
-    evals = tuple(construct(s, available, src) for s in resolved.evals)
-    available["evals"] = evals
-    trainer = construct(specs["trainer"], available, src)
-    return Assembly(system=system, trainer=trainer, data=available["data"], evals=evals)
+    for slot in schema.SLOTS:
+        if not slot.model and "system" not in available and any(s.model for s in schema.SLOTS[: schema.SLOTS.index(slot)]):
+            available["system"] = _system(resolved, available)
+        built = [construct(spec, {**available, **_inputs(slot, available)}, src) for spec in resolved.specs(slot)]
+        if slot.many:
+            available[slot.inject_as] = tuple(built)
+        elif built:
+            available[slot.inject_as] = built[0]
+    return Assembly(system=available["system"], trainer=available["trainer"], data=available["data"], evals=available.get("evals", ()))

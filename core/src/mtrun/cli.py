@@ -136,15 +136,22 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     data = load_recipe(args.recipe, overrides=args.overrides, profile=args.profile)
     resolved = resolve_recipe(data, _registry(), str(args.recipe))
+    rows: list[tuple[str, str]] = []
+    for spec in resolved.all_specs():
+        desc = spec.name
+        if spec.slot.startswith("objective[") and "." not in spec.slot:
+            desc += f" (weight {spec.weight:g}" + (f", name {spec.label}" if spec.label != spec.name else "") + ")"
+        rows.append((spec.slot, desc))
     if args.print_recipe:
+        # The recipe as resolved, then the component tree (nested tables included, defaults
+        # filled in) as comments, so the output still loads as a recipe.
         print(dump_recipe(resolved.data), end="")
+        print("\n# Components, as resolved (defaults included):")
+        for slot, desc in rows:
+            depth = slot.count(".")
+            print(f"# {'  ' * depth}{slot}: {desc}")
         return 0
     print(f"{args.recipe}: recipe OK" + (f" (profile {args.profile})" if args.profile else ""))
-    rows: list[tuple[str, str]] = [(spec.slot, spec.name) for spec in resolved.components.values()]
-    for spec in resolved.objectives:
-        extra = f" (weight {spec.weight:g}" + (f", name {spec.label}" if spec.label != spec.name else "") + ")"
-        rows.append((spec.slot, spec.name + extra))
-    rows += [(spec.slot, spec.name) for spec in resolved.augmenters + resolved.evals]
     width = max(len(slot) for slot, _ in rows) if rows else 0
     for slot, desc in rows:
         print(f"  {slot:<{width}}  {desc}")
@@ -199,10 +206,9 @@ def _cmd_components(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from mtrun.recipe.slots import SLOTS
-    from mtrun.registry import KINDS
+    from mtrun.schema import KINDS, SLOTS
 
-    from mtrun.reference import default_text, render_markdown, type_text
+    from mtrun.reference import default_text, field_type_text, render_markdown
 
     registry = _registry()
     if args.markdown:
@@ -210,11 +216,12 @@ def _cmd_components(args: argparse.Namespace) -> int:
         return 0
     console = make_console()
     kind = args.kind
-    if kind is not None and kind not in KINDS:
+    kinds = [k.name for k in KINDS]
+    if kind is not None and kind not in kinds:
         # Accept slot names too: `mtrun components audio_projector` means projectors.
         slot = next((s for s in SLOTS if s.name == kind), None)
         if slot is None:
-            return _unknown("component kind", kind, list(KINDS), listing="kinds")
+            return _unknown("component kind", kind, kinds, listing="kinds")
         kind = slot.kind
     if kind is None:
         table = Table(title="mtrun components")
@@ -252,7 +259,7 @@ def _cmd_components(args: argparse.Namespace) -> int:
         table.add_column(column)
     for f in fields:
         table.add_row(
-            escape(f.name), escape(type_text(f.type)), escape(default_text(f)), escape(str(f.metadata.get("help", "")))
+            escape(f.name), escape(field_type_text(f)), escape(default_text(f)), escape(str(f.metadata.get("help", "")))
         )
     console.print(table)
     return 0

@@ -28,6 +28,6 @@ def mtrun_register_components(registry: Registry) -> None:
     Called once per plugin while the registry is built, before any recipe is read. Call
     ``registry.add(kind, name, cls)`` (or the per-kind shortcuts such as
     ``registry.audio_encoder("mert", MertEncoder)``) for each component. ``kind`` is one of
-    :data:`mtrun.registry.KINDS`; ``cls`` must have an attrs ``Config`` class and the methods of
+    :data:`mtrun.KINDS` (declared in :mod:`mtrun.schema`); ``cls`` must have an attrs ``Config`` class and the methods of
     its interface. Return nothing; raise to report a broken plugin.
     """

@@ -36,10 +36,13 @@ __all__ = [
     "DataSource",
     "EncoderOutput",
     "EvalTask",
+    "HardNegatives",
     "Objective",
     "ObjectiveOutput",
+    "Optimizer",
     "Projector",
     "Sample",
+    "Schedule",
     "StepOutputs",
     "TextEncoder",
     "Trainer",
@@ -86,15 +89,64 @@ class DataSource(Protocol):
     def load(self, split: str) -> Sequence[Sample]: ...
 
 
+@attrs.define
+class HardNegatives:
+    """Hard-negative captions a ``batch`` augmenter adds for a contrastive objective.
+
+    Written to ``batch.hard_negatives`` (TextSwap); read by an objective that provides the
+    ``hard_negatives`` capability (InfoNCE). Indices are local to the batch the augmenter sees
+    (this rank's micro-batch); under DDP the objective converts them.
+
+    Attributes:
+        anchor: ``LongTensor [H]``: for each hard negative, the index ``0 <= anchor < B`` of
+            the audio item it is a negative for (its owner row).
+        replaces: ``LongTensor [H]``: the index ``j != anchor`` of the in-batch caption it
+            replaces in the anchor's audio->text row, or ``-1`` to add it as an extra negative.
+        texts: The ``H`` captions; the objective tokenizes them with the text encoder.
+        text_inputs: Their tokenizer output (``input_ids``, ``attention_mask`` ``[H, L]``), when
+            the augmenter tokenized them already; used instead of ``texts``.
+    """
+
+    anchor: torch.Tensor
+    replaces: torch.Tensor
+    texts: list[str] = attrs.field(factory=list)
+    text_inputs: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return int(self.anchor.shape[0])
+
+
 class Batch(dict):
     """A training or evaluation batch: a dict with attribute access.
 
-    Keys the core collate function fills: ``ids`` (list[str]), ``waveforms`` (float
-    ``[B, T]`` at the audio encoder's rate), ``texts`` (list[str], one chosen text per item),
-    ``tags`` (list of tag dicts), ``groups`` (list[str | None]), ``text_inputs`` (the text
-    encoder's tokenizer output). Augmenters and the model add more (``features``,
-    ``audio_keep_index``, ``hard_negatives`` (see the infonce plugin), ``mlm_labels``, ...); each documents its keys.
+    The fields below are the documented ones; a plugin may add its own keys (say which in its
+    docstring) and reads them with ``batch.get(key)``.
     """
+
+    # Filled by the core collate function:
+    ids: list[str]
+    """Sample ids."""
+    waveforms: torch.Tensor
+    """Float ``[B, T]`` mono waveforms at the audio encoder's rate."""
+    texts: list[str]
+    """One chosen text per item."""
+    tags: list[dict[str, list[str]]]
+    """Each item's tags by category."""
+    groups: list[str | None]
+    """Each item's group (items of one group are not negatives of each other)."""
+    text_inputs: dict[str, torch.Tensor]
+    """The text encoder's tokenizer output for ``texts``."""
+    # Filled by the system on the way to the encoders:
+    features: torch.Tensor
+    """The audio encoder's ``preprocess`` output, after ``features`` augmenters."""
+    token_grid: tuple[int, int] | None
+    """The audio encoder's token grid (``audio_tokens`` augmenters read it)."""
+    # Filled by augmenters:
+    audio_keep_index: torch.Tensor
+    """``LongTensor [B, N']``: grid tokens to keep, ascending (``audio_tokens`` augmenters;
+    the encoder must provide the ``keep_index`` capability)."""
+    hard_negatives: HardNegatives
+    """Hard-negative captions (``batch`` augmenters such as TextSwap)."""
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -117,9 +169,11 @@ class EncoderOutput:
         tokens: Token sequence ``[B, N, D]``.
         pooled: One vector per item ``[B, D]`` (the encoder's own pooling).
         mask: ``[B, N]`` bool, True where ``tokens`` holds a real (non-padding) token.
-        hidden_states: Per-layer sequences when asked for with ``output_hidden_states``.
-        keep_index: ``[B, N]`` indices of the kept tokens in the full grid when tokens were
-            dropped (FLAP masking), so a reconstruction decoder can restore their order.
+        hidden_states: Per-layer sequences ``([B, N, D], ...)`` when asked for with
+            ``output_hidden_states`` (encoders that provide the ``hidden_states`` capability).
+        keep_index: ``[B, N']`` indices of the kept tokens in the full grid when tokens were
+            dropped (FLAP masking; encoders that provide ``keep_index``), so a reconstruction
+            decoder can restore their order.
     """
 
     tokens: torch.Tensor
@@ -287,6 +341,37 @@ class Trainer(Protocol):
     ``run`` (folder, seed, resolved recipe) injected; ``fit`` returns the final metrics."""
 
     def fit(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class Optimizer(Protocol):
+    """A torch optimizer built over the system's parameters (``[trainer.optimizer]``).
+
+    Constructed as ``cls(config, *, model)``; a subclass of a ``torch.optim`` optimizer is the
+    usual way to write one.
+    """
+
+    param_groups: list[dict[str, Any]]
+
+    def step(self) -> Any: ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """The learning rate over training, as a multiplier of the peak (``[trainer.schedule]``).
+
+    Constructed as ``cls(config, *, total_steps, steps_per_epoch)``.
+    """
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate for the 0-based optimizer step ``step``."""
+        ...
 
 
 @runtime_checkable

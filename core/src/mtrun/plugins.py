@@ -20,7 +20,7 @@ from mtrun import hookspecs
 from mtrun.errors import PluginError
 from mtrun.registry import PluginInfo, Registry
 
-__all__ = ["LoadedPlugin", "PluginSet", "get_plugins", "load_plugins"]
+__all__ = ["LoadedPlugin", "PluginSet", "check_api_version", "get_plugins", "load_plugins"]
 
 ENTRY_POINT_GROUP = "mtrun"
 BUILTINS = "builtins"
@@ -114,6 +114,7 @@ def load_plugins(extra: Iterable[tuple[PluginInfo, Any]] = (), *, entry_points: 
     candidates.extend(extra)
 
     for info, module in candidates:
+        check_api_version(info, module)
         try:
             pm.register(module, name=info.name)
         except ValueError as exc:
@@ -140,6 +141,33 @@ def load_plugins(extra: Iterable[tuple[PluginInfo, Any]] = (), *, entry_points: 
             ) from exc
     registry.current_plugin = PluginInfo(name="<direct>")
     return PluginSet(tuple(loaded), registry)
+
+
+def check_api_version(info: PluginInfo, module: Any) -> None:
+    """Refuse a plugin whose declared ``MTRUN_API`` range excludes this mtrun's API version.
+
+    Raises:
+        PluginError: Naming the plugin, its distribution, its range and this API version.
+    """
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    from mtrun import API_VERSION
+
+    declared = getattr(module, "MTRUN_API", None)
+    if declared is None:
+        return
+    try:
+        supported = SpecifierSet(str(declared))
+    except InvalidSpecifier as exc:
+        raise PluginError(
+            f"{info.describe()} declares MTRUN_API = {declared!r}, which is not a version range "
+            f"(write e.g. '>=1.0,<2'): {exc}"
+        ) from exc
+    if API_VERSION not in supported:
+        raise PluginError(
+            f"{info.describe()} supports mtrun API {declared}, but this mtrun provides API {API_VERSION}; "
+            "install a release of the plugin made for this mtrun, or disable it with MTRUN_DISABLE_PLUGINS"
+        )
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,25 +7,10 @@ from typing import Any, Iterator
 
 import attrs
 
+from mtrun import schema
 from mtrun.errors import RegistrationError
-from mtrun.interfaces import AUGMENT_STAGES
 
-__all__ = ["KINDS", "Component", "PluginInfo", "Registry", "suggest"]
-
-KINDS: dict[str, tuple[str, ...]] = {
-    # kind -> methods a class of that kind must define
-    "audio_encoder": ("preprocess", "forward"),
-    "text_encoder": ("tokenize", "forward"),
-    "projector": ("forward",),
-    "objective": ("forward",),
-    "augmenter": ("__call__",),
-    "trainer": ("fit",),
-    "data": ("splits", "load"),
-    "eval": ("evaluate",),
-    "optimizer": ("step", "zero_grad", "state_dict", "load_state_dict"),
-    "schedule": ("factor",),
-}
-"""Every component kind with the methods its interface requires."""
+__all__ = ["Component", "PluginInfo", "Registry", "suggest"]
 
 
 @attrs.frozen
@@ -82,12 +67,14 @@ class Registry:
     def add(self, kind: str, name: str, cls: type) -> None:
         """Register ``cls`` as the component ``name`` of ``kind``; checks the contract."""
         where = self.current_plugin.describe()
-        if kind not in KINDS:
-            hint = suggest(kind, KINDS)
+        declared = schema.kind(kind)
+        if declared is None:
+            kinds = [k.name for k in schema.KINDS]
+            hint = suggest(kind, kinds)
             raise RegistrationError(
                 f"{where} registers {name!r} under unknown kind {kind!r}"
                 + (f" (did you mean {hint!r}?)" if hint else "")
-                + f"; kinds are: {', '.join(KINDS)}"
+                + f"; kinds are: {', '.join(kinds)}"
             )
         if not isinstance(name, str) or not name:
             raise RegistrationError(f"{where} registers a {kind} with an empty or non-string name")
@@ -97,17 +84,18 @@ class Registry:
                 f"{where}: {kind} {name!r} ({cls.__qualname__}) has no attrs `Config` class; "
                 "declare one with @attrs.frozen (it may have no fields)"
             )
-        missing = [m for m in KINDS[kind] if not callable(getattr(cls, m, None))]
+        missing = [m for m in declared.methods if not callable(getattr(cls, m, None))]
         if missing:
             raise RegistrationError(
                 f"{where}: {kind} {name!r} ({cls.__qualname__}) lacks the interface method(s) "
                 f"{', '.join(missing)}"
             )
-        if kind == "augmenter" and getattr(cls, "stage", None) not in AUGMENT_STAGES:
-            raise RegistrationError(
-                f"{where}: augmenter {name!r} declares stage {getattr(cls, 'stage', None)!r}; "
-                f"expected one of {', '.join(AUGMENT_STAGES)}"
-            )
+        for attribute in declared.attributes:
+            value = getattr(cls, attribute.name, None)
+            if attribute.on_class and not attribute.check(value):
+                raise RegistrationError(
+                    f"{where}: {kind} {name!r} declares {attribute.name} {value!r}; expected {attribute.expected}"
+                )
         existing = self._components.get((kind, name))
         if existing is not None and existing.cls is not cls:
             raise RegistrationError(
@@ -116,36 +104,6 @@ class Registry:
                 f"({cls.__module__}.{cls.__qualname__}); disable one with MTRUN_DISABLE_PLUGINS"
             )
         self._components[(kind, name)] = Component(kind, name, cls, self.current_plugin)
-
-    def audio_encoder(self, name: str, cls: type) -> None:
-        self.add("audio_encoder", name, cls)
-
-    def text_encoder(self, name: str, cls: type) -> None:
-        self.add("text_encoder", name, cls)
-
-    def projector(self, name: str, cls: type) -> None:
-        self.add("projector", name, cls)
-
-    def objective(self, name: str, cls: type) -> None:
-        self.add("objective", name, cls)
-
-    def augmenter(self, name: str, cls: type) -> None:
-        self.add("augmenter", name, cls)
-
-    def trainer(self, name: str, cls: type) -> None:
-        self.add("trainer", name, cls)
-
-    def data(self, name: str, cls: type) -> None:
-        self.add("data", name, cls)
-
-    def eval(self, name: str, cls: type) -> None:
-        self.add("eval", name, cls)
-
-    def optimizer(self, name: str, cls: type) -> None:
-        self.add("optimizer", name, cls)
-
-    def schedule(self, name: str, cls: type) -> None:
-        self.add("schedule", name, cls)
 
     # ------------------------------------------------------------------------ lookup
 
@@ -164,3 +122,17 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._components)
+
+
+def _shortcut(kind_name: str):
+    def register(self: Registry, name: str, cls: type) -> None:
+        self.add(kind_name, name, cls)
+
+    register.__name__ = kind_name
+    register.__doc__ = f"Register ``cls`` as the {kind_name} ``name`` (same as ``add({kind_name!r}, name, cls)``)."
+    return register
+
+
+# One shortcut per declared kind: registry.audio_encoder("mert", MertEncoder), ...
+for _kind in schema.KINDS:
+    setattr(Registry, _kind.name, _shortcut(_kind.name))

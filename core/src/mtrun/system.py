@@ -47,6 +47,8 @@ class System(nn.Module):
         objectives: Weighted objectives; the loss is their weighted sum.
         augmenters: Augmenters of every stage; ``sample``-stage ones are handed to the data
             loader (:attr:`sample_augmenters`), the rest run in :meth:`encode`.
+        **modules: Components of further model slots declared in :mod:`mtrun.schema`, held
+            (and trained and saved) under their slot name: ``system.fusion``.
     """
 
     def __init__(
@@ -58,8 +60,11 @@ class System(nn.Module):
         text_projector: Projector,
         objectives: Sequence[WeightedObjective] = (),
         augmenters: Sequence[Augmenter] = (),
+        **modules: Any,
     ):
         super().__init__()
+        for name, module in modules.items():
+            setattr(self, name, module)
         self.audio_encoder = audio_encoder
         self.text_encoder = text_encoder
         self.audio_projector = audio_projector

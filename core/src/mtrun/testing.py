@@ -28,8 +28,8 @@ from typing import Any, Sequence
 
 import attrs
 
-from mtrun.interfaces import AUGMENT_STAGES
-from mtrun.registry import KINDS, PluginInfo, Registry
+from mtrun import schema
+from mtrun.registry import PluginInfo, Registry
 
 __all__ = ["ContractError", "check_component", "config_converter", "isolated_registry"]
 
@@ -75,12 +75,13 @@ def isolated_registry(*plugin_modules: ModuleType | str, builtins: bool = True) 
     return load_plugins(extra=extra, entry_points=False).registry
 
 
-def config_converter() -> Any:
+def config_converter(registry: Registry | None = None) -> Any:
     """The cattrs converter recipes are structured with (extra keys and loose types refused),
-    so a config that passes here also loads from a recipe."""
+    so a config that passes here also loads from a recipe. Pass the ``registry`` for configs
+    with nested components (:func:`mtrun.component_field`)."""
     from mtrun.recipe import make_converter
 
-    return make_converter()
+    return make_converter(registry)
 
 
 # ------------------------------------------------------------------------------- the check
@@ -138,7 +139,7 @@ def check_component(
     subject = f"{kind} {name!r} ({cls.__module__}.{cls.__qualname__}, {component.plugin.describe()})"
     problems: list[str] = []
 
-    config = _check_config(cls, config, problems)
+    config = _check_config(cls, config, problems, registry)
     if kind == "projector":
         deps.setdefault("in_features", 16)
     instance = _construct(cls, config, deps, problems) if config is not None else None
@@ -159,7 +160,7 @@ def check_component(
     return instance
 
 
-def _check_config(cls: type, config: Any, problems: list[str]) -> Any:
+def _check_config(cls: type, config: Any, problems: list[str], registry: Registry) -> Any:
     config_cls = getattr(cls, "Config", None)
     if config_cls is None or not attrs.has(config_cls):
         problems.append("has no attrs `Config` class")
@@ -180,7 +181,7 @@ def _check_config(cls: type, config: Any, problems: list[str]) -> Any:
             problems.append("Config is mutable; declare it with @attrs.frozen so a built component cannot drift from its recipe")
         except attrs.exceptions.FrozenInstanceError:
             pass
-    converter = config_converter()
+    converter = config_converter(registry)
     try:
         data = converter.unstructure(config)
         again = converter.structure(data, type(config))
@@ -223,30 +224,31 @@ def _construct(cls: type, config: Any, deps: dict[str, Any], problems: list[str]
         return None
 
 
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _check_attributes(kind: str, obj: Any, problems: list[str]) -> None:
-    for method in KINDS[kind]:
+    """The methods and attributes :mod:`mtrun.schema` declares for ``kind``, on the instance."""
+    declared = schema.kind(kind)
+    for method in declared.methods:
         if not callable(getattr(obj, method, None)):
             problems.append(f"instance lacks the interface method {method}()")
-    if kind == "audio_encoder":
-        if not _is_positive_int(getattr(obj, "sample_rate", None)):
-            problems.append(f"sample_rate must be a positive int (got {getattr(obj, 'sample_rate', '<missing>')!r})")
-        if not hasattr(obj, "token_grid"):
-            problems.append("token_grid is missing; set it to None when the encoder cannot drop tokens")
-        else:
-            grid = obj.token_grid
-            if grid is not None and not (isinstance(grid, tuple) and len(grid) == 2 and all(_is_positive_int(g) for g in grid)):
-                problems.append(f"token_grid must be None or a (time, freq) tuple of positive ints (got {grid!r})")
-    if kind in ("audio_encoder", "text_encoder", "projector"):
-        if not _is_positive_int(getattr(obj, "output_dim", None)):
-            problems.append(f"output_dim must be a positive int (got {getattr(obj, 'output_dim', '<missing>')!r})")
-    if kind == "text_encoder" and not _is_positive_int(getattr(obj, "max_length", None)):
-        problems.append(f"max_length must be a positive int (got {getattr(obj, 'max_length', '<missing>')!r})")
-    if kind == "augmenter" and getattr(obj, "stage", None) not in AUGMENT_STAGES:
-        problems.append(f"stage must be one of {', '.join(AUGMENT_STAGES)} (got {getattr(obj, 'stage', '<missing>')!r})")
+    for attribute in declared.attributes:
+        if not hasattr(obj, attribute.name):
+            problems.append(f"{attribute.name} is missing; expected {attribute.expected}")
+        elif not attribute.check(getattr(obj, attribute.name)):
+            problems.append(f"{attribute.name} must be {attribute.expected} (got {getattr(obj, attribute.name)!r})")
+    config = getattr(obj, "config", None)
+    try:
+        provided = schema.declared_provides(type(obj), config)
+        needs = schema.declared_requires(type(obj), config)
+    except Exception as exc:  # noqa: BLE001 - a crash is a contract failure to report
+        problems.append(f"provides/requires raised {type(exc).__name__}: {exc}")
+        return
+    for capability in provided:
+        if not isinstance(capability, str) or not capability:
+            problems.append(f"provides must name capabilities as strings (got {capability!r})")
+    for need in needs:
+        if not isinstance(need, schema.Need) or schema.slot(need.slot) is None:
+            slots = ", ".join(s.name for s in schema.SLOTS)
+            problems.append(f"requires must hold mtrun.Need(slot, capability) with slot one of {slots} (got {need!r})")
 
 
 # ----------------------------------------------------------------------- forward checks

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mtrun_clip_text
-from mtrun.errors import MtrunError
+from mtrun import MtrunError
 from mtrun.testing import check_component, isolated_registry
 from mtrun_clip_text import ClipTextEncoder
 from mtrun_hf_text.testing import (

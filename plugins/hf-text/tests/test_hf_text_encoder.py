@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mtrun_hf_text
-from mtrun.errors import MtrunError
+from mtrun import MtrunError
 from mtrun.testing import check_component, isolated_registry
 from mtrun_hf_text import HFTextEncoder
 from mtrun_hf_text.testing import (

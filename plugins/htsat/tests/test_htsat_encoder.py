@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mtrun_htsat
-from mtrun.errors import MtrunError
+from mtrun import MtrunError
 from mtrun.testing import check_component, isolated_registry
 from mtrun_htsat import HtsatEncoder
 from mtrun_htsat.encoder import preset_config

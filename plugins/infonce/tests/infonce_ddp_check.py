@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mtrun.interfaces import Batch, EncoderOutput, StepOutputs
+from mtrun import Batch, EncoderOutput, StepOutputs
 
 WIDTH, DIM, FEATURES = 8, 6, 5
 
@@ -142,12 +142,12 @@ def main(out: str) -> int:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from mtrun import distributed
+    import mtrun
     from mtrun_infonce.objective import InfoNCE
 
     torch.set_num_threads(1)
-    distributed.init_from_env("cpu")
-    rank, world = distributed.rank(), distributed.world_size()
+    mtrun.init_from_env("cpu")
+    rank, world = mtrun.rank(), mtrun.world_size()
     assert world == len(SIZES), world
     config = InfoNCE.Config(temperature=0.1, learnable=True, mask_same_group=True)
     features, texts, groups = global_batch()
@@ -162,7 +162,7 @@ def main(out: str) -> int:
         result = ddp(local_features, local_batch)
         result.loss.backward()
 
-        with distributed.local_only():
+        with mtrun.local_only():
             ref_features, ref_batch = merged_batch(features, texts, groups, scenario)
             expected = reference(ref_features, ref_batch)
         expected.loss.backward()
@@ -179,7 +179,7 @@ def main(out: str) -> int:
         }
         dist.barrier()
     Path(out, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": world, "scenarios": results}))
-    distributed.cleanup()
+    mtrun.cleanup()
     return 0
 
 

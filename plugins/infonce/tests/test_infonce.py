@@ -19,7 +19,7 @@ if str(HERE) not in sys.path:
 
 import infonce_ddp_check as toy  # noqa: E402
 import mtrun_infonce  # noqa: E402
-from mtrun.interfaces import Batch, EncoderOutput, StepOutputs  # noqa: E402
+from mtrun import Batch, EncoderOutput, StepOutputs  # noqa: E402
 from mtrun.testing import check_component, isolated_registry  # noqa: E402
 from mtrun_infonce.objective import InfoNCE, contrastive_logits, group_ids  # noqa: E402
 
@@ -270,7 +270,7 @@ def test_invalid_hard_negative_indices_are_refused(anchor, replaces):
 
 def test_one_training_step_of_a_system_with_hard_negatives():
     """System.forward with a batch-stage augmenter that inserts hard negatives: one step."""
-    from mtrun.system import System, WeightedObjective
+    from mtrun import System, WeightedObjective
 
     class ToyAudio(torch.nn.Module):
         sample_rate, output_dim, token_grid = 8000, 4, None
@@ -293,7 +293,7 @@ def test_one_training_step_of_a_system_with_hard_negatives():
             batch["hard_negatives"] = {"anchor": torch.tensor([0]), "replaces": torch.tensor([1]), "texts": ["rock piano"]}
             return batch
 
-    from mtrun.interfaces import AugmentContext
+    from mtrun import AugmentContext
 
     torch.manual_seed(0)
     text_encoder, text_projector = toy.ToyText(), toy.ToyProjector(toy.WIDTH)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mtrun_llm_enrich
-from mtrun.errors import MtrunError
+from mtrun import MtrunError
 from mtrun.testing import check_component, isolated_registry
 from mtrun_llm_enrich.source import LLMEnriched
 from mtrun_tag_to_caption.cache import CACHE_FILE

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import mtrun_mae_recon
-from mtrun.errors import MtrunError
-from mtrun.interfaces import Batch, EncoderOutput, StepOutputs
+from mtrun import Batch, EncoderOutput, MtrunError, StepOutputs
 from mtrun.testing import check_component, isolated_registry
 from mtrun_mae_recon.objective import MaeReconstruction, patchify, restore_order
 

@@ -9,9 +9,8 @@ import torch
 import torchaudio
 
 import mtrun_mavil
-from mtrun.errors import MtrunError
+from mtrun import MtrunError, sincos_table
 from mtrun.testing import check_component, isolated_registry
-from mtrun.nn import sincos_table
 from mtrun_mavil.encoder import NORM_MEAN, NORM_STD, MavilEncoder
 from mtrun_mavil.fbank import kaldi_fbank
 

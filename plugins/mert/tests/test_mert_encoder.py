@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mtrun_mert
-from mtrun.errors import MtrunError
+from mtrun import MtrunError
 from mtrun.testing import check_component, isolated_registry
 from mtrun_mert import MertEncoder
 from mtrun_mert.encoder import preset_config
@@ -214,7 +214,7 @@ def test_unreachable_hub_name_asks_for_a_local_folder(monkeypatch):
 def test_a_damaged_config_json_is_a_clear_error(tmp_path):
     import pytest
 
-    from mtrun.errors import MtrunError
+    from mtrun import MtrunError
 
     _source_model().save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text('{"hidden_size": 32,')  # cut short

@@ -89,7 +89,7 @@ def test_a_folder_of_another_model_is_a_clear_error(tmp_path):
     import pytest
     from transformers import BertConfig, BertModel
 
-    from mtrun.errors import MtrunError
+    from mtrun import MtrunError
 
     BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)).save_pretrained(tmp_path)
     with pytest.raises(MtrunError, match=str(tmp_path)):

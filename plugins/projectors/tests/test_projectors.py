@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mtrun_projectors
-from mtrun.interfaces import EncoderOutput
+from mtrun import EncoderOutput
 from mtrun.testing import check_component, config_converter, isolated_registry
 from mtrun_projectors.simple import LinearProjector, MlpProjector
 from mtrun_projectors.transformer import TransformerProjector

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mtrun_specaugment
-from mtrun.interfaces import AugmentContext
+from mtrun import AugmentContext
 from mtrun.testing import check_component, isolated_registry
 from mtrun_specaugment.augmenter import SpecAugment, band_masks
 

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import mtrun_tag_to_caption
-from mtrun.errors import MtrunError
-from mtrun.interfaces import AugmentContext, Sample
+from mtrun import AugmentContext, MtrunError, Sample
 from mtrun.testing import check_component, isolated_registry
 from mtrun_tag_to_caption.augmenter import TagToCaption, format_tags
 from mtrun_tag_to_caption.cache import CACHE_FILE, default_cache_dir
@@ -237,7 +236,6 @@ def test_cache_survives_a_process_restart_without_transformers_or_torch(tiny_lm,
 import sys, json
 sys.modules["transformers"] = None  # importing either would fail: the cache alone must serve
 sys.modules["torch"] = None
-from mtrun.interfaces import Sample
 from mtrun_tag_to_caption.augmenter import TagToCaption
 aug = TagToCaption(TagToCaption.Config(**json.loads({json.dumps(json.dumps(settings))})))
 item = Sample(id="s4", audio=None, tags=json.loads({json.dumps(json.dumps(item.tags))}))

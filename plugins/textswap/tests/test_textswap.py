@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import mtrun_textswap
-from mtrun.errors import MtrunError
-from mtrun.interfaces import AugmentContext, Batch
+from mtrun import AugmentContext, Batch, MtrunError
 from mtrun.testing import check_component, isolated_registry
 from mtrun_textswap.augmenter import TextSwap
 
@@ -248,7 +247,7 @@ def test_one_training_step_with_infonce_through_the_system():
     if str(TESTKIT) not in sys.path:
         sys.path.insert(0, str(TESTKIT))
     import mtrun_testkit as kit
-    from mtrun.system import System, WeightedObjective
+    from mtrun import System, WeightedObjective
     from mtrun_infonce.objective import InfoNCE
 
     torch.manual_seed(0)
@@ -283,7 +282,7 @@ def test_one_training_step_with_infonce_through_the_system():
 
 
 def test_a_dictionary_with_nothing_to_swap_is_an_error_not_a_silent_no_op(tmp_path):
-    from mtrun.errors import MtrunError
+    from mtrun import MtrunError
     from mtrun_textswap.dictionary import SwapDictionary
 
     user = tmp_path / "words.toml"

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import mtrun_token_mask
-from mtrun.errors import MtrunError
-from mtrun.interfaces import AugmentContext, Batch
+from mtrun import AugmentContext, Batch, MtrunError
 from mtrun.testing import check_component, isolated_registry
 from mtrun_token_mask.masking import TokenMask, kept_count
 
@@ -76,7 +75,7 @@ def test_kept_fraction_reports_flap_defaults():
 
 def test_mask_drives_a_token_dropping_encoder_end_to_end():
     """Kept indices select exactly those grid tokens in a ViT-style encoder (the interface)."""
-    from mtrun.interfaces import EncoderOutput
+    from mtrun import EncoderOutput
 
     class GridEcho(torch.nn.Module):
         token_grid = (4, 3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mtrun_view_dropout
-from mtrun.interfaces import AugmentContext, Sample
+from mtrun import AugmentContext, Sample
 from mtrun.testing import check_component, isolated_registry
 from mtrun_view_dropout.augmenter import ViewDropout, render_template
 

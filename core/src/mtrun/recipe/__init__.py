@@ -8,18 +8,15 @@ table into its component's attrs ``Config``, reporting every problem at once.
 from __future__ import annotations
 
 from mtrun.recipe.loader import Override, RecipeData, deep_merge, load_recipe, parse_override
-from mtrun.recipe.resolve import ComponentSpec, ResolvedRecipe, make_converter, resolve_recipe
-from mtrun.recipe.slots import PLAIN_TABLES, SLOTS, Slot
+from mtrun.recipe.resolve import ResolvedRecipe, make_converter, resolve_recipe
+from mtrun.recipe.tables import PLAIN_TABLES
 from mtrun.recipe.toml_io import dump_recipe, parse_value, read_toml
 
 __all__ = [
     "PLAIN_TABLES",
-    "SLOTS",
-    "ComponentSpec",
     "Override",
     "RecipeData",
     "ResolvedRecipe",
-    "Slot",
     "deep_merge",
     "dump_recipe",
     "load_recipe",

@@ -8,42 +8,29 @@ the first mistake: every problem in the recipe becomes one line of a single
 
 from __future__ import annotations
 
+import contextvars
 import typing
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import attrs
 
+from mtrun import schema
 from mtrun.errors import RecipeError
-from mtrun.recipe.slots import PLAIN_TABLES, SLOTS, TOP_LEVEL_SCALARS, Slot, known_tables, plain_table_class
+from mtrun.recipe.tables import PLAIN_TABLES, TOP_LEVEL_SCALARS, known_tables, plain_table_class
 from mtrun.registry import Registry, suggest
 from mtrun.run import LoaderConfig, RunConfig
+from mtrun.schema import Slot
+from mtrun.spec import COMPONENT_FIELD, ComponentSpec, component_fields
 
-__all__ = ["ComponentSpec", "ResolvedRecipe", "make_converter", "resolve_recipe", "structure_config"]
+__all__ = ["ResolvedRecipe", "make_converter", "nested_specs", "resolve_recipe", "structure_config"]
 
 _MISSING = object()
+_ABSENT = object()  # a nested component's table that the recipe leaves out
 
-
-@attrs.frozen
-class ComponentSpec:
-    """One component the recipe asks for, with its config already structured and checked.
-
-    Attributes:
-        slot: Where in the recipe it was declared: ``audio_encoder`` or ``objective[0]``.
-        kind: The registry kind.
-        name: The registered type name.
-        cls: The component class.
-        config: An instance of ``cls.Config``.
-        weight: The objective's weight in the summed loss (1.0 for other kinds).
-        label: Metric prefix: the slot-level ``name`` or, by default, the type name.
-    """
-
-    slot: str
-    kind: str
-    name: str
-    cls: type
-    config: Any
-    weight: float = 1.0
-    label: str = ""
+_TABLE_PATH: contextvars.ContextVar[tuple] = contextvars.ContextVar("mtrun_table_path", default=())
+"""Path of the table being structured, so a nested component's problems name their table."""
+_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("mtrun_recipe_source", default="<recipe>")
+"""The recipe file being resolved; every spec keeps it for its build errors."""
 
 
 @attrs.frozen
@@ -58,9 +45,8 @@ class ResolvedRecipe:
         loader: The ``[loader]`` table.
         components: Single-table slots by slot name (``data``, ``audio_encoder``, ...,
             ``trainer``); absent optional slots are missing from the dict.
-        objectives: The ``[[objective]]`` tables in order.
-        augmenters: The ``[[augmenter]]`` tables in order.
-        evals: The ``[[eval]]`` tables in order.
+        arrays: Array slots by slot name (``objective``: the ``[[objective]]`` tables in
+            order); absent ones are empty.
     """
 
     source: str
@@ -68,9 +54,41 @@ class ResolvedRecipe:
     run: RunConfig
     loader: LoaderConfig
     components: dict[str, ComponentSpec]
-    objectives: tuple[ComponentSpec, ...]
-    augmenters: tuple[ComponentSpec, ...]
-    evals: tuple[ComponentSpec, ...]
+    arrays: dict[str, tuple[ComponentSpec, ...]]
+
+    @property
+    def objectives(self) -> tuple[ComponentSpec, ...]:
+        return self.arrays.get("objective", ())
+
+    @property
+    def augmenters(self) -> tuple[ComponentSpec, ...]:
+        return self.arrays.get("augmenter", ())
+
+    @property
+    def evals(self) -> tuple[ComponentSpec, ...]:
+        return self.arrays.get("eval", ())
+
+    def specs(self, slot: Slot) -> tuple[ComponentSpec, ...]:
+        """The slot's components: none, one, or an array's entries."""
+        if slot.many:
+            return self.arrays.get(slot.name, ())
+        return (self.components[slot.name],) if slot.name in self.components else ()
+
+    def all_specs(self) -> Iterator[ComponentSpec]:
+        """Every component of the recipe, nested ones after their owner, in slot order."""
+        for slot in schema.SLOTS:
+            for spec in self.specs(slot):
+                yield spec
+                yield from nested_specs(spec.config)
+
+
+def nested_specs(config: Any) -> Iterator[ComponentSpec]:
+    """The nested components held by ``config``'s component fields, depth first."""
+    for field in component_fields(type(config)):
+        spec = getattr(config, field.name)
+        if isinstance(spec, ComponentSpec):
+            yield spec
+            yield from nested_specs(spec.config)
 
 
 # ----------------------------------------------------------------------------- converter
@@ -93,16 +111,71 @@ def _strict(expected: type, accept: tuple[type, ...], cast: Any = None):
     return hook
 
 
-def make_converter():
-    """The cattrs converter recipes are structured with: unknown keys and loose types refused."""
+def make_converter(registry: Registry | None = None):
+    """The cattrs converter recipes are structured with: unknown keys and loose types refused.
+
+    With a ``registry``, config fields declared with :func:`mtrun.component_field` structure
+    from their own table (``type`` picks the class) into a :class:`~mtrun.ComponentSpec`, and
+    unstructure back to that table; without one, such a table is refused.
+    """
     import cattrs
+    from cattrs.gen import make_dict_structure_fn, override
 
     converter = cattrs.Converter(forbid_extra_keys=True)
     converter.register_structure_hook(int, _strict(int, (int,)))
     converter.register_structure_hook(float, _strict(float, (int, float), float))
     converter.register_structure_hook(str, _strict(str, (str,)))
     converter.register_structure_hook(bool, _strict(bool, (bool,)))
+    converter.register_unstructure_hook(ComponentSpec, lambda spec: {"type": spec.name, **converter.unstructure(spec.config)})
+
+    def nested_hook(field: attrs.Attribute):
+        nested_slot = Slot(field.name, field.metadata[COMPONENT_FIELD], default_type=field.metadata.get("default_type"))
+
+        def structure(value: Any, _type: Any) -> ComponentSpec:
+            if value is None or isinstance(value, ComponentSpec):  # None: a config built in Python
+                return value
+            if value is _ABSENT:
+                installed = ", ".join(registry.names(nested_slot.kind)) if registry is not None else "?"
+                raise _NestedProblems(
+                    [_Problem(_TABLE_PATH.get() + (field.name,), f'missing; a table with type = "NAME" is required (installed {nested_slot.kind}s: {installed or "none"})')]
+                )
+            if not isinstance(value, dict):
+                raise TypeError(f"expected a table with type = \"NAME\" (a {nested_slot.kind}), got {type(value).__name__}")
+            if registry is None:
+                raise TypeError("nested components need a registry to be structured (make_converter(registry))")
+            path = _TABLE_PATH.get() + (field.name,)
+            spec, problems = _resolve_entry(nested_slot, value, path, registry, converter)
+            if problems:
+                raise _NestedProblems(problems)
+            return spec
+
+        return structure
+
+    def structure_with_components(cls: type):
+        fields = component_fields(cls)
+        hook = make_dict_structure_fn(
+            cls, converter, _cattrs_forbid_extra_keys=True, **{f.name: override(struct_hook=nested_hook(f)) for f in fields}
+        )
+        def structure(value: Any, cl: type) -> Any:
+            if isinstance(value, dict):
+                # An absent table means the default type with its default settings; without a
+                # default type it is a missing table.
+                absent = {f.name: {} if f.metadata.get("default_type") else _ABSENT for f in fields if f.name not in value}
+                value = {**absent, **value}
+            return hook(value, cl)
+
+        return structure
+
+    converter.register_structure_hook_factory(lambda cls: bool(component_fields(cls)), structure_with_components)
     return converter
+
+
+class _NestedProblems(Exception):
+    """A nested component's table had problems; they carry their full paths already."""
+
+    def __init__(self, problems: list[_Problem]):
+        super().__init__(f"{len(problems)} problem(s)")
+        self.problems = problems
 
 
 # ------------------------------------------------------------------------------ problems
@@ -142,6 +215,8 @@ def _walk(exc: BaseException, path: tuple, raw: Any, expected: Any, extra_known:
     """Turn a cattrs exception tree into one problem per leaf, with the user's value."""
     from cattrs.errors import AttributeValidationNote, ForbiddenExtraKeysError
 
+    if isinstance(exc, _NestedProblems):
+        return list(exc.problems)
     if isinstance(exc, ForbiddenExtraKeysError):
         known = sorted([f.name for f in attrs.fields(exc.cl)] + list(extra_known))
         out = []
@@ -192,7 +267,7 @@ def _validate_fields(instance: Any, path: tuple) -> list[_Problem]:
                     if hint:
                         msg += f" (did you mean {hint!r}?)"
                 problems.append(_Problem(path + (field.name,), f"invalid value (got {value!r}): {msg}"))
-        if attrs.has(type(value)):
+        if attrs.has(type(value)) and not isinstance(value, ComponentSpec):  # nested specs were checked
             problems += _validate_fields(value, path + (field.name,))
     return problems
 
@@ -205,27 +280,41 @@ def structure_config(
     Validators are switched off while cattrs builds the instance and run one by one afterwards,
     because attrs stops at the first failing validator and we want them all.
     """
-    from cattrs.errors import ClassValidationError
+    import contextlib
 
     converter = converter or make_converter()
-    problems: list[_Problem] = []
-    with attrs.validators.disabled():
-        try:
-            instance = converter.structure(table, cls)
-        except ClassValidationError as exc:
-            problems = _walk(exc, path, table, cls, extra_known)
-            # Retry without the keys already reported so the validators of the remaining keys
-            # still run: a user should see `crop` is invalid even when `num_workers` is too.
-            bad = {p.path[len(path)] for p in problems if len(p.path) > len(path)}
-            try:
-                instance = converter.structure({k: v for k, v in table.items() if k not in bad}, cls)
-            except Exception:  # noqa: BLE001 - nothing more to learn from this class
-                return None, problems
-        except Exception as exc:  # noqa: BLE001 - __attrs_post_init__ or converters
-            return None, [_Problem(path, f"invalid settings: {type(exc).__name__}: {exc}")]
+    token = _TABLE_PATH.set(path)
+    # A nested component's table is structured inside its owner's: leave validators off then.
+    switch = contextlib.nullcontext() if attrs.validators.get_disabled() else attrs.validators.disabled()
+    try:
+        with switch:
+            instance, problems = _structure(converter, cls, table, path, extra_known)
+    finally:
+        _TABLE_PATH.reset(token)
+    if instance is None:
+        return None, problems
     reported = {p.path for p in problems}
     problems += [p for p in _validate_fields(instance, path) if p.path not in reported]
     return (None if problems else instance), problems
+
+
+def _structure(converter: Any, cls: type, table: dict[str, Any], path: tuple, extra_known: Sequence[str]) -> tuple[Any, list[_Problem]]:
+    """cattrs' part of :func:`structure_config`: the instance (validators off) and type problems."""
+    from cattrs.errors import ClassValidationError
+
+    try:
+        return converter.structure(table, cls), []
+    except ClassValidationError as exc:
+        problems = _walk(exc, path, table, cls, extra_known)
+    except Exception as exc:  # noqa: BLE001 - __attrs_post_init__ or converters
+        return None, [_Problem(path, f"invalid settings: {type(exc).__name__}: {exc}")]
+    # Retry without the keys already reported so the validators of the remaining keys still
+    # run: a user should see `crop` is invalid even when `num_workers` is too.
+    bad = {p.path[len(path)] for p in problems if len(p.path) > len(path)}
+    try:
+        return converter.structure({k: v for k, v in table.items() if k not in bad}, cls), problems
+    except Exception:  # noqa: BLE001 - nothing more to learn from this class
+        return None, problems
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -233,11 +322,18 @@ def structure_config(
 
 def _render_path(path: tuple, data: dict[str, Any]) -> str:
     top = path[0]
-    slot = next((s for s in SLOTS if s.name == top), None)
+    slot = next((s for s in schema.SLOTS if s.name == top), None)
     rest = list(path[1:])
-    if slot is not None:
+    if slot is not None and not slot.many:
+        # A nested component's table is written [trainer.optimizer]; name it so.
+        names, table = [top], data.get(top)
+        while len(rest) > 1 and isinstance(rest[0], str) and isinstance(table, dict) and isinstance(table.get(rest[0]), dict):
+            table = table[rest[0]]
+            names.append(rest.pop(0))
+        text = "[" + ".".join(names) + "]"
+    elif slot is not None:
         text = slot.table()
-        if slot.many and rest and isinstance(rest[0], int):
+        if rest and isinstance(rest[0], int):
             text += f"[{rest.pop(0)}]"
     elif isinstance(data.get(top), dict) or top in PLAIN_TABLES:
         text = f"[{top}]"
@@ -321,7 +417,7 @@ def _resolve_entry(
     problems += config_problems
     if problems:
         return None, problems
-    slot_label = f"{slot.name}[{path[1]}]" if slot.many else slot.name
+    slot_label = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)[1:]
     return (
         ComponentSpec(
             slot=slot_label,
@@ -331,6 +427,7 @@ def _resolve_entry(
             config=config,
             weight=float(weight),
             label=label if isinstance(label, str) else type_name,
+            source=_SOURCE.get(),
         ),
         problems,
     )
@@ -355,10 +452,34 @@ def resolve_recipe(
         overrides = getattr(data, "overrides", ())
     overrides = tuple(overrides)
     created = getattr(data, "created", {})
-    converter = make_converter()
+    token = _SOURCE.set(source)
+    try:
+        problems, resolved = _resolve(data, registry, source)
+    finally:
+        _SOURCE.reset(token)
+    if resolved is not None:
+        for spec, message in schema.check_contracts(resolved.all_specs(), registry):
+            problems.append(_Problem(_spec_path(spec.slot) + ("type",), message, value=spec.name))
+    if problems:
+        raise RecipeError(source, [_render(p, data, overrides, created) for p in problems])
+    return resolved
+
+
+def _spec_path(label: str) -> tuple:
+    """``objective[0].predictor`` -> ``("objective", 0, "predictor")``."""
+    path: list[Any] = []
+    for part in label.split("."):
+        name, *indices = part.replace("]", "").split("[")
+        path.append(name)
+        path.extend(int(i) for i in indices)
+    return tuple(path)
+
+
+def _resolve(data: dict[str, Any], registry: Registry, source: str) -> tuple[list[_Problem], ResolvedRecipe | None]:
+    converter = make_converter(registry)
     problems: list[_Problem] = []
     components: dict[str, ComponentSpec] = {}
-    lists: dict[str, list[ComponentSpec]] = {"objective": [], "augmenter": [], "eval": []}
+    lists: dict[str, list[ComponentSpec]] = {s.name: [] for s in schema.SLOTS if s.many}
 
     tables = known_tables()
     for key, value in data.items():
@@ -367,7 +488,7 @@ def resolve_recipe(
         hint = suggest(key, tables + list(TOP_LEVEL_SCALARS))
         is_table = isinstance(value, dict) or (isinstance(value, list) and value and all(isinstance(v, dict) for v in value))
         if is_table:
-            shown = f"[[{hint}]]" if hint and (slot := _slot(hint)) and slot.many else f"[{hint}]"
+            shown = f"[[{hint}]]" if hint and (slot := schema.slot(hint)) and slot.many else f"[{hint}]"
             msg = "unknown table" + (f" (did you mean {shown}?)" if hint else "")
         else:
             msg = "unknown top-level key" + (f" (did you mean {hint!r}?)" if hint else "")
@@ -387,7 +508,7 @@ def resolve_recipe(
         plain[name], found = structure_config(cls, table, (name,), (), converter)
         problems += found
 
-    for slot in SLOTS:
+    for slot in schema.SLOTS:
         value = data.get(slot.name, _MISSING)
         if value is _MISSING:
             if slot.required:
@@ -429,21 +550,15 @@ def resolve_recipe(
                 components[slot.name] = spec
 
     if problems:
-        raise RecipeError(source, [_render(p, data, overrides, created) for p in problems])
-    return ResolvedRecipe(
+        return problems, None
+    return problems, ResolvedRecipe(
         source=source,
         data=data,
         run=plain["run"],
         loader=plain["loader"],
         components=components,
-        objectives=tuple(lists["objective"]),
-        augmenters=tuple(lists["augmenter"]),
-        evals=tuple(lists["eval"]),
+        arrays={name: tuple(specs) for name, specs in lists.items()},
     )
-
-
-def _slot(name: str) -> Slot | None:
-    return next((s for s in SLOTS if s.name == name), None)
 
 
 def _duplicate_labels(slot: Slot, entries: list[dict[str, Any]]) -> list[_Problem]:

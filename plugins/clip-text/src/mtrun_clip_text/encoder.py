@@ -17,7 +17,7 @@ import attrs
 import torch
 from torch import nn
 
-from mtrun.errors import MtrunError
+from mtrun import MtrunError
 from mtrun_hf_text.base import HFTextEncoderBase
 
 if TYPE_CHECKING:

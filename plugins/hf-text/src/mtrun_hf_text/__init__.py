@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from mtrun.hookspecs import hookimpl
+from mtrun import hookimpl
 
 from mtrun_hf_text.encoder import PRESETS, HFTextEncoder
 
 __all__ = ["PRESETS", "HFTextEncoder", "mtrun_register_components"]
+
+MTRUN_API = ">=1.0,<2"
+"""The mtrun public API versions this plugin is written for."""
 
 
 @hookimpl

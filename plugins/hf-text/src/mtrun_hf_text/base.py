@@ -29,7 +29,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
-from mtrun.interfaces import EncoderOutput
+from mtrun import EncoderOutput
 
 from mtrun_hf_text.loading import check_loading_info, from_pretrained, load_tokenizer
 
@@ -71,6 +71,8 @@ class HFTextEncoderBase(nn.Module):
         config: The subclass's config; read here: ``pretrained``, ``tokenizer``, ``frozen``.
         loading_info: transformers' report of missing/unexpected keys when loaded from a checkpoint.
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"hidden_states"})
 
     #: Prefix of error and log messages: the registered name.
     plugin: ClassVar[str] = "hf-text"

@@ -26,7 +26,7 @@ import attrs
 import torch
 from torch import nn
 
-from mtrun.errors import MtrunError
+from mtrun import MtrunError
 
 from mtrun_hf_text.base import HFTextEncoderBase, HFTokenize  # HFTokenize: re-exported
 from mtrun_hf_text.loading import load_error

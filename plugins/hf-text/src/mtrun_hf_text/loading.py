@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from mtrun.errors import MtrunError
+from mtrun import MtrunError
 
 __all__ = ["check_loading_info", "from_pretrained", "load_error", "load_tokenizer", "quiet_transformers_load_report"]
 

@@ -117,7 +117,7 @@ def check_offline_hub_error(build: Callable[[], Any], name: str, monkeypatch: An
     import huggingface_hub.constants
     import pytest
 
-    from mtrun.errors import MtrunError
+    from mtrun import MtrunError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(cache_dir))

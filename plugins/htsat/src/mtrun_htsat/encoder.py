@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
 from torch import nn
 
-from mtrun.interfaces import EncoderOutput
+from mtrun import EncoderOutput
 
 __all__ = ["FEATURES", "PRESETS", "HtsatEncoder", "preset_config"]
 
@@ -63,6 +63,8 @@ class HtsatEncoder(nn.Module):
     mask. The CLAP audio projection is deliberately not part of the encoder: mtrun's
     projectors take its place.
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"hidden_states"})
 
     @attrs.frozen
     class Config:

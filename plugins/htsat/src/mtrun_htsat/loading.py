@@ -25,8 +25,7 @@ from typing import Any
 
 import attrs
 
-from mtrun.errors import MtrunError
-from mtrun.weights import LoadReport, load_matching, read_json, read_state_dict
+from mtrun import LoadReport, MtrunError, load_matching, read_json, read_state_dict
 
 __all__ = ["LAION_IGNORED", "LAION_TO_HF", "LoadReport", "audio_config_from_dict", "laion_to_hf_state_dict", "load_audio_tower"]
 

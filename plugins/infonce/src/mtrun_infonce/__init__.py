@@ -7,9 +7,12 @@ augmenters (TextSwap) follow.
 
 from __future__ import annotations
 
-from mtrun.hookspecs import hookimpl
+from mtrun import hookimpl
 
 __all__ = ["mtrun_register_components"]
+
+MTRUN_API = ">=1.0,<2"
+"""The mtrun public API versions this plugin is written for."""
 
 
 @hookimpl

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mtrun import distributed
-from mtrun.interfaces import Batch, ObjectiveOutput, StepOutputs
+import mtrun
+from mtrun import Batch, ObjectiveOutput, StepOutputs
 
 __all__ = ["InfoNCE", "contrastive_logits", "group_ids"]
 
@@ -121,7 +121,7 @@ class InfoNCE(nn.Module):
 
     ``loss = (CE(a2t) + CE(t2a)) / 2`` with cosine logits scaled by 1 / temperature. Under
     torchrun DDP the embeddings of every rank are gathered with gradient
-    (:func:`mtrun.distributed.all_gather_with_grad`), so each rank computes the loss of the
+    (:func:`mtrun.all_gather_with_grad`), so each rank computes the loss of the
     global batch and the gradients equal a single process's on that batch. Optional: a
     learnable temperature (CLIP/CLAP style, clamped), removing same-track false negatives
     (``batch.groups``), and hard-negative captions (see the module docstring for the
@@ -243,9 +243,9 @@ class InfoNCE(nn.Module):
             groups_local = group_ids(batch["groups"], n_local).to(audio.device)
 
         with torch.autocast(device_type=audio.device.type, enabled=False):
-            a = distributed.all_gather_with_grad(F.normalize(audio.float(), dim=-1))
-            t = distributed.all_gather_with_grad(F.normalize(text.float(), dim=-1))
-            groups = distributed.all_gather_with_grad(groups_local) if groups_local is not None else None
+            a = mtrun.all_gather_with_grad(F.normalize(audio.float(), dim=-1))
+            t = mtrun.all_gather_with_grad(F.normalize(text.float(), dim=-1))
+            groups = mtrun.all_gather_with_grad(groups_local) if groups_local is not None else None
 
             hard_text = hard_anchor = hard_replaces = None
             n_hard = 0
@@ -254,10 +254,10 @@ class InfoNCE(nn.Module):
                 # Every rank takes part in the same collectives whether or not it has hard
                 # negatives, or gathers would pair up wrongly (or hang).
                 offset, n_hard = 0, anchor.shape[0]
-                if distributed.is_distributed():
-                    counts = distributed.all_gather_with_grad(torch.tensor([[n_local, n_hard]], device=audio.device))
-                    if counts.shape[0] > 1:  # not inside distributed.local_only()
-                        offset = int(counts[: distributed.rank(), 0].sum())
+                if mtrun.is_distributed():
+                    counts = mtrun.all_gather_with_grad(torch.tensor([[n_local, n_hard]], device=audio.device))
+                    if counts.shape[0] > 1:  # not inside mtrun.local_only()
+                        offset = int(counts[: mtrun.rank(), 0].sum())
                         n_hard = int(counts[:, 1].sum())
                 if n_hard:
                     emb = F.normalize(emb.float(), dim=-1)
@@ -265,9 +265,9 @@ class InfoNCE(nn.Module):
                         # Ranks must agree on whether the gather's backward (an all-reduce)
                         # runs: make an empty or frozen local part a graph leaf too.
                         emb = emb.detach().requires_grad_(True)
-                    hard_text = distributed.all_gather_with_grad(emb)
+                    hard_text = mtrun.all_gather_with_grad(emb)
                     meta = torch.stack([anchor + offset, torch.where(replaces >= 0, replaces + offset, replaces)], dim=1)
-                    meta = distributed.all_gather_with_grad(meta)
+                    meta = mtrun.all_gather_with_grad(meta)
                     hard_anchor, hard_replaces = meta[:, 0], meta[:, 1]
 
             scale = self.scale().to(a.device)

@@ -5,9 +5,12 @@ Registered through the ``llm-enrich`` entry point in the ``mtrun`` group.
 
 from __future__ import annotations
 
-from mtrun.hookspecs import hookimpl
+from mtrun import hookimpl
 
 __all__ = ["mtrun_register_components"]
+
+MTRUN_API = ">=1.0,<2"
+"""The mtrun public API versions this plugin is written for."""
 
 
 @hookimpl

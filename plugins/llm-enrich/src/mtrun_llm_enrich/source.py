@@ -29,9 +29,7 @@ from typing import Any, Sequence
 
 import attrs
 
-from mtrun.data.sources.base import SplitSource
-from mtrun.errors import MtrunError
-from mtrun.interfaces import Sample
+from mtrun import MtrunError, Sample, SplitSource
 from mtrun_tag_to_caption.settings import generation_settings, positive, unit_interval
 
 __all__ = ["DEFAULT_PROMPT", "LLMEnriched", "default_cache_dir", "enrichment_key"]

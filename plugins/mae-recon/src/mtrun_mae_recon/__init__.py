@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mtrun.hookspecs import hookimpl
+from mtrun import hookimpl
 
 if TYPE_CHECKING:
-    from mtrun.registry import Registry
+    from mtrun import Registry
 
 __all__ = ["mtrun_register_components"]
+
+MTRUN_API = ">=1.0,<2"
+"""The mtrun public API versions this plugin is written for."""
 
 
 @hookimpl

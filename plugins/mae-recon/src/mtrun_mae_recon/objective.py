@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
 from torch import nn
 
-from mtrun.errors import MtrunError
-from mtrun.interfaces import ObjectiveOutput, StepOutputs
-from mtrun.nn import TransformerBlock, sincos_table
+from mtrun import MtrunError, Need, ObjectiveOutput, StepOutputs, TransformerBlock, sincos_table
 
 __all__ = ["MaeReconstruction", "patchify", "restore_order"]
 
@@ -56,6 +54,8 @@ class MaeReconstruction(nn.Module):
     zero (still connected to the decoder's parameters, so DDP sees every parameter used) and
     ``metrics["skipped"]`` is 1.
     """
+
+    requires: ClassVar[tuple[Need, ...]] = (Need("audio_encoder", "keep_index", "mae-recon reconstructs the tokens the encoder dropped"),)
 
     @attrs.frozen
     class Config:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
 from torch import nn
 
-from mtrun.interfaces import EncoderOutput
-from mtrun.nn import TransformerBlock, sincos_table
+from mtrun import EncoderOutput, TransformerBlock, sincos_table
 from mtrun_mavil.fbank import FBANK, kaldi_fbank, mel_banks
 
 __all__ = ["NORM_MEAN", "NORM_STD", "PATCH", "PRESETS", "MavilEncoder"]
@@ -54,6 +53,8 @@ class MavilEncoder(nn.Module):
     was); [CLS] (+ its position) is prepended; pre-norm blocks; final LayerNorm. Returns the
     patch tokens (not [CLS]), their mean as ``pooled``, an all-True mask and ``keep_index``.
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"keep_index", "hidden_states"})
 
     @attrs.frozen
     class Config:

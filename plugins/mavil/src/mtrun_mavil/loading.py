@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 import attrs
 import torch
 
-from mtrun.errors import MtrunError
-from mtrun.weights import load_matching, read_state_dict, strip_prefixes
+from mtrun import MtrunError, load_matching, read_state_dict, strip_prefixes
 
 if TYPE_CHECKING:
     from mtrun_mavil.encoder import MavilEncoder

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
 from torch import nn
 
-from mtrun.interfaces import EncoderOutput
+from mtrun import EncoderOutput
 
 __all__ = ["PRESETS", "SAMPLE_RATE", "MertEncoder", "preset_config"]
 
@@ -101,6 +101,8 @@ class MertEncoder(nn.Module):
     ``frozen`` freezes the backbone only: the aggregator always trains (DuET-MC's trainable
     parameters are the aggregator and the projectors).
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"hidden_states"})
 
     @attrs.frozen
     class Config:

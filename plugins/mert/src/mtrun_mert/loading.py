@@ -25,8 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mtrun.errors import MtrunError
-from mtrun.weights import LoadReport, load_matching, read_json, read_state_dict
+from mtrun import LoadReport, MtrunError, load_matching, read_json, read_state_dict
 
 __all__ = [
     "LoadReport",

@@ -8,7 +8,7 @@ import attrs
 import torch
 from torch import nn
 
-from mtrun.interfaces import EncoderOutput
+from mtrun import EncoderOutput
 
 __all__ = ["LinearProjector", "MlpProjector"]
 

@@ -6,8 +6,7 @@ import attrs
 import torch
 from torch import nn
 
-from mtrun.interfaces import EncoderOutput
-from mtrun.nn import TransformerBlock
+from mtrun import EncoderOutput, TransformerBlock
 
 __all__ = ["MaskedStandardize", "TransformerProjector"]
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from mtrun.interfaces import AugmentContext
+from mtrun import AugmentContext
 
 __all__ = ["SpecAugment", "band_masks"]
 

@@ -8,9 +8,12 @@ read from a disk cache during training.
 
 from __future__ import annotations
 
-from mtrun.hookspecs import hookimpl
+from mtrun import hookimpl
 
 __all__ = ["mtrun_register_components", "prepare_captions"]
+
+MTRUN_API = ">=1.0,<2"
+"""The mtrun public API versions this plugin is written for."""
 
 
 def prepare_captions(config, samples, **kwargs):

@@ -40,8 +40,7 @@ from typing import Any, ClassVar, Sequence
 
 import attrs
 
-from mtrun.errors import MtrunError
-from mtrun.interfaces import AugmentContext, Sample
+from mtrun import AugmentContext, MtrunError, Sample
 from mtrun_tag_to_caption.cache import CaptionCache, caption_key, canonical_tags, default_cache_dir, lm_identity
 from mtrun_tag_to_caption.settings import generation_settings, positive, unit_interval
 from mtrun_tag_to_caption.templates import render_caption

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from mtrun.errors import MtrunError
+from mtrun import MtrunError
 
 __all__ = ["CaptionWriter"]
 

@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Sequence
 
 import attrs
 
-from mtrun.interfaces import AugmentContext, Batch
+from mtrun import AugmentContext, Batch, HardNegatives, Need
 from mtrun_textswap.dictionary import Match, SwapDictionary
 
 __all__ = ["TextSwap", "swap_probability"]
@@ -144,6 +144,9 @@ class TextSwap:
 
     stage: ClassVar[str] = "batch"
     applies_in_eval: ClassVar[bool] = False
+    requires: ClassVar[tuple[Need, ...]] = (
+        Need("objective", "hard_negatives", "its swapped captions are negatives that only a hard-negative-aware objective uses"),
+    )
 
     def __init__(self, config: Config):
         self.config = config

@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from mtrun.errors import MtrunError
+from mtrun import MtrunError
 
 __all__ = ["DEFAULT_DICTIONARY", "Match", "SwapDictionary", "load_dictionary_file"]
 

@@ -8,8 +8,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from mtrun.errors import MtrunError
-from mtrun.interfaces import AugmentContext, Batch
+from mtrun import AugmentContext, Batch, MtrunError, Need
 
 __all__ = ["TokenMask", "kept_count", "sample_keep_index"]
 
@@ -74,6 +73,7 @@ class TokenMask:
 
     stage: ClassVar[str] = "audio_tokens"
     applies_in_eval: ClassVar[bool] = False
+    requires: ClassVar[tuple[Need, ...]] = (Need("audio_encoder", "keep_index", "token-mask drops audio tokens before the encoder"),)
 
     @attrs.frozen
     class Config:

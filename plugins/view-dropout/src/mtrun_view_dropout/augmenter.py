@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Sequence
 
 import attrs
 
-from mtrun.interfaces import AugmentContext, Sample
+from mtrun import AugmentContext, Sample
 
 __all__ = ["ViewDropout", "render_plain", "render_template"]
 
