@@ -8,16 +8,11 @@ import attrs
 import torch
 from torch import nn
 
-from mtrun import EncoderOutput
+from mtrun import EncoderOutput, positive
 
 __all__ = ["LinearProjector", "MlpProjector"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-def _positive(_instance: object, attribute: attrs.Attribute, value: int) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be positive (got {value})")
 
 
 def _hidden_sizes(_instance: object, attribute: attrs.Attribute, value: tuple[int, ...]) -> None:
@@ -35,7 +30,7 @@ class LinearProjector(nn.Module):
 
     @attrs.frozen
     class Config:
-        dim: int = attrs.field(default=512, validator=_positive, metadata={"help": "embedding width"})
+        dim: int = attrs.field(default=512, validator=positive, metadata={"help": "embedding width"})
         bias: bool = attrs.field(default=True, metadata={"help": "whether the Linear has a bias"})
 
     def __init__(self, config: Config, *, in_features: int):
@@ -73,7 +68,7 @@ class MlpProjector(nn.Module):
             validator=_hidden_sizes,
             metadata={"help": "widths of the hidden layers, in order ([] makes it a Linear)"},
         )
-        dim: int = attrs.field(default=512, validator=_positive, metadata={"help": "embedding width (the last layer's output)"})
+        dim: int = attrs.field(default=512, validator=positive, metadata={"help": "embedding width (the last layer's output)"})
         activation: Literal["relu", "gelu", "silu", "tanh"] = attrs.field(
             default="relu",
             validator=attrs.validators.in_(tuple(_ACTIVATIONS)),

@@ -6,14 +6,9 @@ import attrs
 import torch
 from torch import nn
 
-from mtrun import EncoderOutput, TransformerBlock
+from mtrun import EncoderOutput, TransformerBlock, positive
 
 __all__ = ["MaskedStandardize", "TransformerProjector"]
-
-
-def _positive(_instance: object, attribute: attrs.Attribute, value: int) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be positive (got {value})")
 
 
 def _probability(_instance: object, attribute: attrs.Attribute, value: float) -> None:
@@ -78,9 +73,9 @@ class TransformerProjector(nn.Module):
 
     @attrs.frozen
     class Config:
-        width: int = attrs.field(default=256, validator=_positive, metadata={"help": "Transformer width (DuET-MC: 256)"})
-        layers: int = attrs.field(default=2, validator=_positive, metadata={"help": "number of Transformer layers (DuET-MC: 2)"})
-        heads: int = attrs.field(default=2, validator=_positive, metadata={"help": "attention heads; must divide width (DuET-MC: 2)"})
+        width: int = attrs.field(default=256, validator=positive, metadata={"help": "Transformer width (DuET-MC: 256)"})
+        layers: int = attrs.field(default=2, validator=positive, metadata={"help": "number of Transformer layers (DuET-MC: 2)"})
+        heads: int = attrs.field(default=2, validator=positive, metadata={"help": "attention heads; must divide width (DuET-MC: 2)"})
         mlp_ratio: float = attrs.field(
             default=4.0, metadata={"help": "hidden width of each block's MLP as a multiple of width"}
         )
