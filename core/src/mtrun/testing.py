@@ -31,7 +31,7 @@ import attrs
 from mtrun import schema
 from mtrun.registry import PluginInfo, Registry
 
-__all__ = ["ContractError", "check_component", "config_converter", "isolated_registry"]
+__all__ = ["ContractError", "check_component", "config_converter", "isolated_registry", "resolve"]
 
 
 class ContractError(AssertionError):
@@ -82,6 +82,19 @@ def config_converter(registry: Registry | None = None) -> Any:
     from mtrun.recipe import make_converter
 
     return make_converter(registry)
+
+
+def resolve(recipe: dict[str, Any], registry: Registry, source: str = "<test recipe>") -> Any:
+    """Check a recipe (a plain dict, as TOML would give) the way ``mtrun validate`` does.
+
+    Returns the resolved recipe (``.components``, ``.objectives``, ... hold each component's
+    structured config); raises :class:`mtrun.RecipeError` whose ``problems`` are the lines
+    ``mtrun validate`` would print. Use it to test that your component's tables, nested tables
+    and contracts (``provides``/``requires``) are checked as you intend.
+    """
+    from mtrun.recipe import resolve_recipe
+
+    return resolve_recipe(recipe, registry, source)
 
 
 # ------------------------------------------------------------------------------- the check
