@@ -289,3 +289,9 @@ def test_validate_print_shows_the_resolved_tree(tmp_path, capsys, monkeypatch, r
     out = capsys.readouterr().out
     assert "# data: subset\n#   data.base: toy-tones\n" in out
     assert "# objective[0]: scaled (weight 1)\n#   objective[0].inner: toy-contrastive\n" in out
+
+
+def test_nested_table_without_type_lists_what_is_installed(registry):
+    (problem,) = problems(recipe(data={"type": "subset", "base": {"n_items": 3}}), registry)
+    assert problem.startswith("[data.base]: missing key 'type' (the data to use); [data.base] needs type = \"NAME\""), problem
+    assert "toy-tones" in problem

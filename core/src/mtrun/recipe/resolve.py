@@ -379,7 +379,8 @@ def _resolve_entry(
     type_name = table.pop("type", slot.default_type)
     slot_keys = {k: table.pop(k) for k in slot.extra_keys if k in table}
     installed = registry.names(slot.kind)
-    where = f"[[{slot.name}]]" if slot.many else f"[{slot.name}]"
+    # As TOML writes the table: [[objective]], [data], or a nested one's [data.base].
+    where = f"[[{slot.name}]]" if slot.many else "[" + ".".join(p for p in path if isinstance(p, str)) + "]"
 
     weight = slot_keys.get("weight", 1.0)
     if not _is_number(weight):
