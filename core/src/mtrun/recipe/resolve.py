@@ -327,7 +327,7 @@ def _render_path(path: tuple, data: dict[str, Any]) -> str:
     if slot is not None and not slot.many:
         # A nested component's table is written [trainer.optimizer]; name it so.
         names, table = [top], data.get(top)
-        while len(rest) > 1 and isinstance(rest[0], str) and isinstance(table, dict) and isinstance(table.get(rest[0]), dict):
+        while rest and isinstance(rest[0], str) and isinstance(table, dict) and isinstance(table.get(rest[0]), dict):
             table = table[rest[0]]
             names.append(rest.pop(0))
         text = "[" + ".".join(names) + "]"
