@@ -69,6 +69,7 @@ _PUBLIC: dict[str, str] = {
     "WeightedObjective": "mtrun.system",
     "Run": "mtrun.run",
     "attention": "mtrun.nn",
+    "MultiHeadAttention": "mtrun.nn",
     "TransformerBlock": "mtrun.nn",
     "sincos_table": "mtrun.nn",
     # weight loading

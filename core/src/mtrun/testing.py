@@ -46,18 +46,18 @@ class ContractError(AssertionError):
         super().__init__(f"{subject} breaks the component contract:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
-def _plugin_name(module: ModuleType) -> str:
+def _plugin_name(module: Any) -> str:
     """``mtrun_mert`` -> ``mert``: the name an entry point would normally give the plugin."""
-    name = module.__name__
+    name = getattr(module, "__name__", None) or type(module).__name__  # a module, or an object with the hook
     return name[len("mtrun_") :] if name.startswith("mtrun_") else name
 
 
-def isolated_registry(*plugin_modules: ModuleType | str, builtins: bool = True) -> Registry:
+def isolated_registry(*plugin_modules: Any, builtins: bool = True) -> Registry:
     """A registry filled by the given plugin modules alone, ignoring installed entry points.
 
     Args:
-        *plugin_modules: Plugin modules (or their dotted import paths) implementing
-            ``mtrun_register_components``.
+        *plugin_modules: Plugin modules (or their dotted import paths, or any object)
+            implementing ``mtrun_register_components``.
         builtins: Also register core's own components (``mtrun.builtins``), as a real run does.
 
     Returns:
