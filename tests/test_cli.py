@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -181,10 +182,10 @@ def test_validate_ok_prints_a_summary_of_the_components(tmp_path, capsys):
     assert main(["validate", str(path), "--profile", "tiny"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"{path}: recipe OK (profile tiny)"
-    assert "audio_encoder    toy-audio" in out
-    assert "audio_projector  toy-linear" in out
-    assert "objective[0]     toy-contrastive (weight 1)" in out
-    assert "trainer          default" in out
+    # Columns are as wide as the longest slot name; the trainer's nested tables are listed too.
+    for line in ("audio_encoder toy-audio", "audio_projector toy-linear", "objective[0] toy-contrastive (weight 1)",
+                 "trainer default", "trainer.optimizer adamw", "trainer.schedule cosine"):
+        assert re.search(r"^  " + r" +".join(map(re.escape, line.split(" ", 1))) + "$", out, re.MULTILINE), line
 
 
 def test_validate_print_shows_the_resolved_recipe_after_profile_and_overrides(tmp_path, capsys):

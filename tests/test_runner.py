@@ -57,9 +57,9 @@ def recipe(tmp_path):
 
 def test_run_folder_holds_resolved_recipe_with_profile_and_overrides(recipe, tmp_path, registry):
     out = tmp_path / "runs"
-    train(recipe, overrides=[f'run.output_dir="{out}"', "trainer.lr=0.01"], profile="longer", registry=registry)
+    train(recipe, overrides=[f'run.output_dir="{out}"', "trainer.optimizer.lr=0.01"], profile="longer", registry=registry)
     saved = tomllib.loads((out / "toy" / "recipe.toml").read_text())
-    assert saved["trainer"]["max_steps"] == 4 and saved["trainer"]["lr"] == 0.01
+    assert saved["trainer"]["max_steps"] == 4 and saved["trainer"]["optimizer"]["lr"] == 0.01
     assert "profile" not in saved
     assert (out / "toy" / "metrics.jsonl").exists()
     assert (out / "toy" / "checkpoints").is_dir()

@@ -1,4 +1,4 @@
-"""The learning-rate schedule: linear warm-up, then cosine decay to a floor."""
+"""The cosine schedule through torch's LambdaLR: linear warm-up, then cosine decay to a floor."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from mtrun.train.schedule import warmup_cosine, warmup_cosine_factor
+from mtrun.train.schedule import Cosine, lambda_lr, warmup_cosine_factor
+
+
+def warmup_cosine(optimizer, *, warmup_steps, total_steps, min_lr_ratio):
+    """The ``[trainer.schedule]`` default as the trainer wraps it."""
+    config = Cosine.Config(warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+    return lambda_lr(optimizer, Cosine(config, total_steps=total_steps, steps_per_epoch=1))
 
 
 def independent_lr(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
@@ -53,6 +59,7 @@ def test_scheduler_state_is_json_and_restores_the_same_lr():
     for _ in range(6):
         opt.step()
         sched.step()
+    assert sched.state_dict()["lr_lambdas"] == [None]  # only counters: the shape comes from the recipe
     state = json.loads(json.dumps(sched.state_dict()))
     opt2, sched2 = make()
     sched2.load_state_dict(state)

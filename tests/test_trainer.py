@@ -193,8 +193,10 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, toy_trainer):
 
 
 def test_no_decay_for_biases_and_one_dimensional_parameters(tmp_path, toy_trainer):
+    from mtrun.train.optim import param_groups
+
     trainer = toy_trainer(tmp_path / "run")
-    groups = trainer._param_groups(trainer.system)
+    groups = param_groups(trainer.system, trainer.config.optimizer.config)
     decayed = {id(p) for p in groups[0]["params"]}
     assert groups[0]["weight_decay"] > 0 and groups[1]["weight_decay"] == 0
     for name, p in trainer.system.named_parameters():

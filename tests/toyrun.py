@@ -58,20 +58,27 @@ def build_trainer(
     num_workers: int = 0,
     system=None,
     evals=(),
+    optimizer=None,
 ):
-    """A DefaultTrainer over ToyTones with every knob the tests turn."""
+    """A DefaultTrainer over ToyTones with every knob the tests turn.
+
+    ``optimizer`` is a ``ComponentSpec``; by default AdamW at lr 1e-2. The schedule is a
+    3-step warm-up and a cosine down to 0.1 of the peak.
+    """
     import mtrun_testkit as tk
 
     from mtrun.run import LoaderConfig, Run, RunConfig
+    from mtrun.spec import ComponentSpec
+    from mtrun.train.optim import AdamW
+    from mtrun.train.schedule import Cosine
     from mtrun.train.trainer import DefaultTrainer
 
     config = DefaultTrainer.Config(
         batch_size=batch_size,
         grad_accum=grad_accum,
         max_steps=steps,
-        lr=1e-2,
-        warmup_steps=3,
-        min_lr_ratio=0.1,
+        optimizer=optimizer or ComponentSpec.of("optimizer", "adamw", AdamW, AdamW.Config(lr=1e-2)),
+        schedule=ComponentSpec.of("schedule", "cosine", Cosine, Cosine.Config(warmup_steps=3, min_lr_ratio=0.1)),
         grad_clip=1.0,
         precision=precision,
         checkpoint_every=checkpoint_every,

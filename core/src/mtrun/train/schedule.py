@@ -1,12 +1,22 @@
-"""Learning-rate schedule: linear warm-up, then cosine decay to a floor."""
+"""Learning-rate schedules, the ``[trainer.schedule]`` table: warm-up, then cosine, linear or constant.
+
+A schedule is a multiplier of the peak learning rate per optimizer step, ``factor(step)``. The
+trainer wraps it in a ``torch.optim.lr_scheduler.LambdaLR``, which multiplies every parameter
+group's initial learning rate by it, so per-component ``lr_scale`` factors persist through the
+whole run. Every schedule warms up the same way: linearly as ``(step + 1) / warmup`` over
+``warmup_steps`` (or, when that is 0, ``warmup_epochs`` worth of steps).
+"""
 
 from __future__ import annotations
 
 import math
 
+import attrs
 import torch
 
-__all__ = ["warmup_cosine", "warmup_cosine_factor"]
+from mtrun.config import non_negative, unit_interval
+
+__all__ = ["Constant", "Cosine", "Linear", "WarmupConfig", "lambda_lr", "warmup_cosine_factor", "warmup_length"]
 
 
 def warmup_cosine_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -25,21 +35,127 @@ def warmup_cosine_factor(step: int, *, warmup_steps: int, total_steps: int, min_
     """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    progress = _decay_progress(step, warmup_steps, total_steps)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` over :func:`warmup_cosine_factor`; call ``step()`` after each optimizer step.
+def _decay_progress(step: int, warmup_steps: int, total_steps: int) -> float:
+    """How far the decay after the warm-up has got: 0 at its start, 1 at ``total_steps`` and beyond."""
+    decay_steps = max(1, total_steps - warmup_steps)
+    return min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
 
-    The lambda is a plain function, so ``state_dict()`` holds only counters and learning rates
-    (JSON-able) and the schedule's shape always comes from the recipe, not the checkpoint.
+
+@attrs.frozen
+class WarmupConfig:
+    """The warm-up settings every schedule shares."""
+
+    warmup_steps: int = attrs.field(
+        default=0, validator=non_negative,
+        metadata={"help": "linear warm-up steps; when 0, warmup_epochs is used"},
+    )
+    warmup_epochs: float = attrs.field(
+        default=0.0, validator=non_negative,
+        metadata={"help": "linear warm-up in epochs (used when warmup_steps is 0)"},
+    )
+
+
+def warmup_length(config: WarmupConfig, steps_per_epoch: int) -> int:
+    """The warm-up in optimizer steps: ``warmup_steps``, or else ``warmup_epochs`` rounded to steps."""
+    return config.warmup_steps if config.warmup_steps > 0 else round(config.warmup_epochs * steps_per_epoch)
+
+
+def _min_lr_ratio_field(what: str):
+    return attrs.field(
+        default=0.0, validator=unit_interval,
+        metadata={"help": f"floor of the {what} decay as a fraction of the peak lr, reached at the last step"},
+    )
+
+
+class Cosine:
+    """Warm-up, then half a cosine from the peak down to ``min_lr_ratio`` at the last step.
+
+    Args:
+        config: The ``[trainer.schedule]`` table.
+        total_steps: Optimizer steps in the whole run.
+        steps_per_epoch: Optimizer steps per epoch (for ``warmup_epochs``).
+    """
+
+    @attrs.frozen
+    class Config(WarmupConfig):
+        min_lr_ratio: float = _min_lr_ratio_field("cosine")
+
+    def __init__(self, config: Cosine.Config, *, total_steps: int, steps_per_epoch: int):
+        self.config = config
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_length(config, steps_per_epoch)
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate for the 0-based optimizer step ``step``."""
+        return warmup_cosine_factor(
+            step, warmup_steps=self.warmup_steps, total_steps=self.total_steps, min_lr_ratio=self.config.min_lr_ratio
+        )
+
+
+class Linear:
+    """Warm-up, then a straight line from the peak down to ``min_lr_ratio`` at the last step
+    (MuLaP's schedule).
+
+    Args:
+        config: The ``[trainer.schedule]`` table.
+        total_steps: Optimizer steps in the whole run.
+        steps_per_epoch: Optimizer steps per epoch (for ``warmup_epochs``).
+    """
+
+    @attrs.frozen
+    class Config(WarmupConfig):
+        min_lr_ratio: float = _min_lr_ratio_field("linear")
+
+    def __init__(self, config: Linear.Config, *, total_steps: int, steps_per_epoch: int):
+        self.config = config
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_length(config, steps_per_epoch)
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate for the 0-based optimizer step ``step``."""
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = _decay_progress(step, self.warmup_steps, self.total_steps)
+        return 1.0 - (1.0 - self.config.min_lr_ratio) * progress
+
+
+class Constant:
+    """Warm-up, then the peak learning rate to the end.
+
+    Args:
+        config: The ``[trainer.schedule]`` table.
+        total_steps: Optimizer steps in the whole run (unused: nothing decays).
+        steps_per_epoch: Optimizer steps per epoch (for ``warmup_epochs``).
+    """
+
+    @attrs.frozen
+    class Config(WarmupConfig):
+        pass
+
+    def __init__(self, config: Constant.Config, *, total_steps: int, steps_per_epoch: int):
+        self.config = config
+        self.warmup_steps = warmup_length(config, steps_per_epoch)
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate for the 0-based optimizer step ``step``."""
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return 1.0
+
+
+def lambda_lr(optimizer: torch.optim.Optimizer, schedule) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` over ``schedule.factor``; call ``step()`` after each optimizer step.
+
+    The lambda is a plain function (``LambdaLR`` would save a callable object's ``__dict__``),
+    so ``state_dict()`` holds only counters and learning rates (JSON-able) and the schedule's
+    shape always comes from the recipe, not the checkpoint.
     """
 
     def factor(step: int) -> float:
-        return warmup_cosine_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio)
+        return schedule.factor(step)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

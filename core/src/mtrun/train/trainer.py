@@ -1,8 +1,9 @@
 """The default trainer: one readable loop for single-process and torchrun DDP training.
 
 Features switch on by config, not by subclass: gradient accumulation, bf16 autocast, gradient
-clipping, warm-up + cosine schedule, periodic evaluation with best-checkpoint tracking,
-step-level atomic checkpoints and exact resume.
+clipping, the optimizer and learning-rate schedule of ``[trainer.optimizer]`` and
+``[trainer.schedule]``, periodic evaluation with best-checkpoint tracking, step-level atomic
+checkpoints and exact resume.
 
 Exact resume rests on one rule: no random draw depends on what ran before. Data order, crops,
 captions and sample augmentation are seeded per (epoch, item) by the loader; the step's
@@ -26,20 +27,22 @@ import torch
 from torch import nn
 
 from mtrun import distributed
+from mtrun.config import non_negative, positive
 from mtrun.data.loader import BatchLoader
 from mtrun.errors import TrainingError
 from mtrun.interfaces import AugmentContext, Batch, DataSource, EvalTask
 from mtrun.run import Run
+from mtrun.spec import ComponentSpec, component_field
 from mtrun.system import System
-from mtrun.train.checkpoint import CheckpointManager, read_checkpoint, resolve_resume, step_dir_name
+from mtrun.train.checkpoint import Checkpoint, CheckpointManager, read_checkpoint, resolve_resume, step_dir_name
 from mtrun.train.interrupts import StopRequests
 from mtrun.train.metrics import MetricsLogger, console_view
+from mtrun.train.optim import AdamW
 from mtrun.train.progress import Progress
 from mtrun.train.rng import capture_rng, derive_seed, restore_rng, seed_everything
-from mtrun.train.schedule import warmup_cosine
+from mtrun.train.schedule import Cosine, lambda_lr
 
 __all__ = ["DefaultTrainer", "TrainState", "cpu_has_fast_bf16", "pick_device", "resolve_precision"]
-
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16).
@@ -64,24 +67,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return "fp32"
-
-
-def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value <= 0:
-        raise ValueError(f"must be positive (got {value})")
-
-
-def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value < 0:
-        raise ValueError(f"must be zero or positive (got {value})")
-
-
-def _two_floats(value: Any) -> tuple[float, float]:
-    values = tuple(float(v) for v in value)
-    if len(values) != 2:
-        raise ValueError(f"must be two numbers (got {list(value)})")
-    return values  # type: ignore[return-value]
 
 
 def pick_device(name: str) -> torch.device:
@@ -128,8 +113,85 @@ def _float(value: Any) -> float:
     return float(value.detach().float().item()) if torch.is_tensor(value) else float(value)
 
 
+
+@attrs.define
+class _Window:
+    """Training metrics summed over the steps since the last log line."""
+
+    loss: float = 0.0
+    steps: int = 0
+    metrics: dict[str, float] = attrs.field(factory=dict)
+    lr: float = 0.0
+    start: float = attrs.field(factory=time.perf_counter)
+
+    def add(self, loss: float, metrics: dict[str, float], grad_norm: float | None, lr: float) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.lr = lr  # the rate the latest step ran at
+        if grad_norm is not None:
+            metrics = {**metrics, "grad_norm": grad_norm}
+        for key, value in metrics.items():
+            self.metrics[key] = self.metrics.get(key, 0.0) + value
+
+    def means(self, epoch: int, batch_size: int) -> dict[str, float]:
+        """The log record: means over the window's steps, and its throughput."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {
+            "epoch": epoch,
+            "lr": self.lr,
+            "loss": self.loss / self.steps,
+            "samples_per_s": self.steps * batch_size / elapsed,
+            **{k: v / self.steps for k, v in self.metrics.items()},
+        }
+
+
+@attrs.define(eq=False)
+class _Fit:
+    """What one call of :meth:`DefaultTrainer.fit` works with; made by ``_set_up``.
+
+    Attributes:
+        model: The system, or its DDP wrapper when training on several ranks.
+        optimizer, scheduler: ``None`` when nothing is trainable.
+        manager: Writes checkpoints; rank 0 only.
+        start_step: The step training (re)started at.
+        last_checkpoint: The latest checkpoint folder written or resumed from (error messages).
+        saved_at, evaluated_at: The last step checkpointed and evaluated (-1 = none).
+        final: The latest logged training metrics.
+        last_val: The latest evaluation's results.
+    """
+
+    device: torch.device
+    rank: int
+    world: int
+    run_dir: Path
+    system: System
+    model: nn.Module
+    loader: BatchLoader
+    val_loader: BatchLoader | None
+    val_samples: Sequence[Any] | None
+    steps_per_epoch: int
+    total: int
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None
+    manager: CheckpointManager | None
+    logger: MetricsLogger
+    progress: Progress
+    start_step: int
+    last_checkpoint: str | None
+    saved_at: int = -1
+    evaluated_at: int = -1
+    final: dict[str, Any] = attrs.field(factory=dict)
+    last_val: dict[str, float] = attrs.field(factory=dict)
+    window: _Window = attrs.field(factory=_Window)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
 class DefaultTrainer:
-    """Trains a :class:`~mtrun.system.System` with AdamW; single process or torchrun DDP.
+    """Trains a :class:`~mtrun.system.System` with the optimizer and schedule of its
+    ``[trainer.optimizer]`` and ``[trainer.schedule]`` tables; single process or torchrun DDP.
 
     Files it writes (rank 0) in ``run.dir``: ``metrics.jsonl``, ``tensorboard/`` and
     ``checkpoints/`` (see :mod:`mtrun.train.checkpoint`). Resuming follows
@@ -141,6 +203,10 @@ class DefaultTrainer:
     the first), so ``step / total`` reaches 1 on the last step (BYOL's cosine EMA rate); logs
     and checkpoint folders use the same count. The logged ``loss`` is the mean over the steps
     since the previous log line, over micro-batches and over ranks.
+
+    Ctrl-C or SIGTERM (single process) lets the step in progress finish, checkpoints it and
+    then raises ``KeyboardInterrupt``, so the command line can print how to resume; a second
+    signal stops at once.
 
     Args:
         config: The ``[trainer]`` table.
@@ -154,51 +220,31 @@ class DefaultTrainer:
     @attrs.frozen
     class Config:
         batch_size: int = attrs.field(
-            default=32, validator=_positive,
+            default=32, validator=positive,
             metadata={"help": "global batch size: items per optimizer step over all ranks and micro-batches"},
         )
         grad_accum: int = attrs.field(
-            default=1, validator=_positive,
+            default=1, validator=positive,
             metadata={"help": "micro-batches per optimizer step (gradient accumulation)"},
         )
         epochs: int = attrs.field(
-            default=1, validator=_non_negative,
+            default=1, validator=non_negative,
             metadata={"help": "epochs to train when max_steps is 0"},
         )
         max_steps: int = attrs.field(
-            default=0, validator=_non_negative,
+            default=0, validator=non_negative,
             metadata={"help": "optimizer steps to train; when > 0 it wins over epochs"},
         )
-        lr: float = attrs.field(
-            default=1e-3, validator=_positive,
-            metadata={"help": "peak learning rate (AdamW)"},
+        optimizer: ComponentSpec = component_field(
+            "optimizer", default=("adamw", AdamW),
+            help="the optimizer, its peak lr, weight decay and per-component lr_scale ([trainer.optimizer])",
         )
-        weight_decay: float = attrs.field(
-            default=0.01, validator=_non_negative,
-            metadata={"help": "AdamW weight decay; biases, norms and other 1-D parameters get none"},
-        )
-        betas: tuple[float, float] = attrs.field(
-            default=(0.9, 0.999), converter=_two_floats,
-            metadata={"help": "AdamW betas [beta1, beta2]"},
-        )
-        eps: float = attrs.field(
-            default=1e-8, validator=_positive,
-            metadata={"help": "AdamW epsilon"},
-        )
-        warmup_steps: int = attrs.field(
-            default=0, validator=_non_negative,
-            metadata={"help": "linear warm-up steps; when 0, warmup_epochs is used"},
-        )
-        warmup_epochs: float = attrs.field(
-            default=0.0, validator=_non_negative,
-            metadata={"help": "linear warm-up in epochs (used when warmup_steps is 0)"},
-        )
-        min_lr_ratio: float = attrs.field(
-            default=0.0, validator=_non_negative,
-            metadata={"help": "floor of the cosine decay as a fraction of lr"},
+        schedule: ComponentSpec = component_field(
+            "schedule", default=("cosine", Cosine),
+            help="the learning-rate schedule: warm-up, then its decay ([trainer.schedule])",
         )
         grad_clip: float = attrs.field(
-            default=0.0, validator=_non_negative,
+            default=0.0, validator=non_negative,
             metadata={"help": "clip the global gradient norm to this (0 = off)"},
         )
         precision: str = attrs.field(
@@ -206,15 +252,15 @@ class DefaultTrainer:
             metadata={"help": "fp32, bf16 (torch.autocast on CPU and CUDA), or auto: bf16 where the device has fast bf16 (CUDA; CPUs with AMX/AVX512-BF16), else fp32"},
         )
         eval_every: int = attrs.field(
-            default=0, validator=_non_negative,
+            default=0, validator=non_negative,
             metadata={"help": "evaluate every N steps (0 = only at the end)"},
         )
         checkpoint_every: int = attrs.field(
-            default=1000, validator=_non_negative,
+            default=1000, validator=non_negative,
             metadata={"help": "write a checkpoint every N steps (0 = only at the end and at new bests)"},
         )
         keep_last: int = attrs.field(
-            default=3, validator=_positive,
+            default=3, validator=positive,
             metadata={"help": "step checkpoints to keep (the best is kept in addition)"},
         )
         best_metric: str = attrs.field(
@@ -226,11 +272,11 @@ class DefaultTrainer:
             metadata={"help": "min or max: whether smaller or larger best_metric is better"},
         )
         early_stopping_patience: int = attrs.field(
-            default=0, validator=_non_negative,
+            default=0, validator=non_negative,
             metadata={"help": "stop when best_metric has not improved for this many evaluations in a row (0 = off)"},
         )
         log_every: int = attrs.field(
-            default=10, validator=_positive,
+            default=10, validator=positive,
             metadata={"help": "log training metrics every N steps"},
         )
         train_split: str = attrs.field(default="train", metadata={"help": "split to train on"})
@@ -270,6 +316,7 @@ class DefaultTrainer:
 
         Raises:
             TrainingError: Non-finite loss or gradient, or a resume that cannot be honoured.
+            KeyboardInterrupt: Ctrl-C or SIGTERM, after the step in progress was checkpointed.
         """
         joined = distributed.launched_by_torchrun() and not torch.distributed.is_initialized()
         device = distributed.init_from_env(pick_device(self.run.config.device))
@@ -279,41 +326,216 @@ class DefaultTrainer:
             if joined:
                 distributed.cleanup()
 
-    # ------------------------------------------------------------------ setup
-
-    def _param_groups(self, system: nn.Module) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
-        for name, param in system.named_parameters():
-            if not param.requires_grad:
-                continue
-            # Biases, norm gains and scalars (temperatures) are not weights to shrink.
-            if param.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower():
-                no_decay.append(param)
-            else:
-                decay.append(param)
-        groups = []
-        if decay:
-            groups.append({"params": decay, "weight_decay": self.config.weight_decay})
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
-
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if self._precision == "bf16":
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def _fit(self, device: torch.device) -> dict[str, float]:
+        fit = self._set_up(device)
+        stop = StopRequests(enabled=fit.world == 1)
+        try:
+            stop.install()
+            try:
+                self._loop(fit, stop)
+            except RuntimeError as exc:
+                # torch reports a DataLoader worker that the same Ctrl-C stopped as a RuntimeError
+                # ("exited unexpectedly"), possibly mid-step: still a clean stop.
+                if not stop.requested or stop.forced:
+                    raise
+                self._save_on_stop(fit, stop)
+                raise KeyboardInterrupt from exc
+            if stop.requested:  # also when it came during the last step
+                self._save_on_stop(fit, stop)
+                raise KeyboardInterrupt
+            if self._finished(fit) and fit.evaluated_at != self.state.step and fit.saved_at != self.state.step:
+                # Resumed a run that had already finished: report its final evaluation.
+                fit.last_val = self._evaluate(fit, self.state.epoch)
+        finally:
+            stop.restore()
+            fit.progress.close()
+            fit.logger.close()
+        distributed.barrier()
+        result = {k: float(v) for k, v in fit.final.items() if isinstance(v, (int, float))}
+        result.update(fit.last_val)
+        result["step"] = float(self.state.step)
+        if self.state.stopped_early:
+            result["stopped_early"] = 1.0
+        return result
 
     # ------------------------------------------------------------------ the loop
 
-    def _fit(self, device: torch.device) -> dict[str, float]:
-        cfg, run = self.config, self.run
-        rank, world = distributed.rank(), distributed.world_size()
-        main = rank == 0
-        seed = run.config.seed
-        seed_everything(derive_seed(seed, "setup", rank))
-        run_dir = Path(run.dir)
-        ckpt_root = run_dir / "checkpoints"
+    def _loop(self, fit: _Fit, stop: StopRequests) -> None:
+        """Train from ``self.state`` until the last step, early stopping or a stop request."""
+        state = self.state
+        while not self._finished(fit) and not stop.requested:
+            for b, micros in fit.loader.global_batches(state.epoch, state.batch):
+                epoch = state.epoch
+                self._step(fit, b, micros)
+                done = state.step >= fit.total
+                self._log(fit, epoch, done)
+                improved = self._evaluate_if_due(fit, epoch, done)
+                self._stop_early_if_due(fit, done)
+                self._checkpoint_if_due(fit, improved, last=done or state.stopped_early)
+                if self._finished(fit) or stop.requested:
+                    break
 
+    def _finished(self, fit: _Fit) -> bool:
+        return self.state.step >= fit.total or self.state.stopped_early
+
+    def _step(self, fit: _Fit, b: int, micros: list[Batch]) -> None:
+        """One optimizer step on global batch ``b`` of the current epoch, and its bookkeeping."""
+        state = self.state
+        step, epoch = state.step, state.epoch
+        seed_everything(derive_seed(self.run.config.seed, "step", step, fit.rank))
+        lr = fit.optimizer.param_groups[0]["lr"] if fit.optimizer is not None else 0.0
+        loss, metrics, grad_norm = self._forward_backward(fit, micros, step=step, epoch=epoch)
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            raise TrainingError(
+                f"non-finite {what} at step {step + 1} (epoch {epoch}); stopped before the optimizer step. "
+                f"Last good checkpoint: {fit.last_checkpoint or 'none written yet'}"
+            )
+        if fit.optimizer is not None:
+            fit.optimizer.step()
+            fit.scheduler.step()
+        state.step += 1
+        state.epoch, state.batch = (epoch + 1, 0) if b + 1 == fit.steps_per_epoch else (epoch, b + 1)
+        fit.system.on_step_end(state.step, fit.total)
+        fit.window.add(loss, metrics, grad_norm, lr)
+
+    # ------------------------------------------------------------------ due after a step
+
+    def _log(self, fit: _Fit, epoch: int, done: bool) -> None:
+        """Advance the progress display; every ``log_every`` steps and at the end, log the window."""
+        step = self.state.step
+        if step % self.config.log_every == 0 or done:
+            record = fit.window.means(epoch, self.config.batch_size)
+            fit.final.update(fit.logger.log(step, record))
+            fit.progress.update(step, epoch, record)
+            fit.window = _Window()
+        else:
+            fit.progress.update(step, epoch)
+
+    def _evaluate_if_due(self, fit: _Fit, epoch: int, done: bool) -> bool:
+        """Evaluate every ``eval_every`` steps and at the end; returns whether the best improved."""
+        cfg, state = self.config, self.state
+        if not ((cfg.eval_every and state.step % cfg.eval_every == 0) or done):
+            return False
+        fit.last_val = self._evaluate(fit, epoch)
+        fit.evaluated_at = state.step
+        if not fit.last_val:
+            return False
+        fit.logger.log(state.step, {"epoch": epoch, **fit.last_val})
+        fit.progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in console_view(fit.last_val).items()))
+        improved = self._update_best(fit.last_val)
+        if cfg.best_metric in fit.last_val:
+            state.evals_since_best = 0 if improved else state.evals_since_best + 1
+        return improved
+
+    def _stop_early_if_due(self, fit: _Fit, done: bool) -> None:
+        cfg, state = self.config, self.state
+        patience = cfg.early_stopping_patience
+        if patience and not done and state.evals_since_best >= patience:
+            state.stopped_early = True
+            fit.progress.message(
+                f"early stopping at step {state.step}: {cfg.best_metric} has not improved for "
+                f"{patience} evaluations (best {state.best_value}, {state.best_checkpoint})"
+            )
+
+    def _checkpoint_if_due(self, fit: _Fit, improved: bool, *, last: bool) -> None:
+        """Checkpoint every ``checkpoint_every`` steps, at the last step and at every new best."""
+        every, step = self.config.checkpoint_every, self.state.step
+        if not ((every and step % every == 0) or last or improved):
+            return
+        if improved:
+            self.state.best_checkpoint = step_dir_name(step)
+        folder = self._save(fit)
+        if improved and fit.manager is not None:
+            fit.manager.mark_best(folder)
+
+    def _save_on_stop(self, fit: _Fit, stop: StopRequests) -> None:
+        """After Ctrl-C or SIGTERM: the weights are those after ``state.step`` (the optimizer
+        only runs at the end of a step), so that step is saved unless it already was."""
+        step = self.state.step
+        if step > fit.start_step and fit.saved_at != step:
+            folder = self._save(fit)
+            fit.progress.message(f"{stop.signal_name} after step {step}: saved {folder}")
+
+    def _save(self, fit: _Fit) -> Path:
+        """Checkpoint the current step (rank 0 writes; every rank remembers the folder)."""
+        cfg, state = self.config, self.state
+        folder = fit.ckpt_root / step_dir_name(state.step)
+        if fit.manager is not None:
+            rng_tensors, rng_plain = capture_rng()
+            fit.manager.save(
+                state.step,
+                model_state=fit.system.state_dict(),
+                optimizer_state=fit.optimizer.state_dict() if fit.optimizer is not None else None,
+                scheduler_state=fit.scheduler.state_dict() if fit.scheduler is not None else None,
+                trainer_state={
+                    **attrs.asdict(state),
+                    "batch_size": cfg.batch_size,
+                    "grad_accum": cfg.grad_accum,
+                    "world_size": fit.world,
+                    "total_steps": fit.total,
+                    "steps_per_epoch": fit.steps_per_epoch,
+                    "seed": self.run.config.seed,
+                },
+                rng_tensors=rng_tensors,
+                rng_plain=rng_plain,
+                recipe=self.run.recipe,
+            )
+        fit.last_checkpoint = str(folder)
+        fit.saved_at = state.step
+        return folder
+
+    # ------------------------------------------------------------------ set-up
+
+    def _set_up(self, device: torch.device) -> _Fit:
+        """Everything the loop needs, in an order that keeps resume exact: data loaders, the
+        checkpoint's weights, the DDP wrap, optimizer and schedule, their saved states and
+        the saved RNG states last."""
+        rank, world = distributed.rank(), distributed.world_size()
+        seed_everything(derive_seed(self.run.config.seed, "setup", rank))
+        run_dir = Path(self.run.dir)
+        system = self._prepare_system(device, main=rank == 0)
+        loader, val_loader, val_samples = self._data_loaders(system, run_dir, rank, world)
+        resume_from, checkpoint = self._resume(system, run_dir)
+        model = self._wrap(system, device, world)
+        optimizer, scheduler = self._optimizer(system, loader)
+        if checkpoint is not None:
+            if optimizer is not None and checkpoint.optimizer is not None:
+                optimizer.load_state_dict(checkpoint.optimizer)
+            if scheduler is not None and checkpoint.scheduler is not None:
+                scheduler.load_state_dict(checkpoint.scheduler)
+            restore_rng(checkpoint.rng_tensors, checkpoint.rng_plain)
+        fit = _Fit(
+            device=device,
+            rank=rank,
+            world=world,
+            run_dir=run_dir,
+            system=system,
+            model=model,
+            loader=loader,
+            val_loader=val_loader,
+            val_samples=val_samples,
+            steps_per_epoch=loader.steps_per_epoch,
+            total=loader.total_steps,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            manager=CheckpointManager(run_dir / "checkpoints", keep_last=self.config.keep_last) if rank == 0 else None,
+            logger=MetricsLogger(run_dir, enabled=rank == 0, resume_step=self.state.step if checkpoint is not None else None),
+            progress=Progress(loader.total_steps, start_step=self.state.step, enabled=rank == 0, log_every=self.config.log_every),
+            start_step=self.state.step,
+            last_checkpoint=str(resume_from) if resume_from is not None else None,
+        )
+        if self.config.precision == "auto":
+            fit.progress.message(f"precision: {self._precision} ([trainer].precision = 'auto' on {device.type})")
+        if checkpoint is not None:
+            fit.progress.message(f"resumed from {resume_from} at step {self.state.step}")
+        elif self.run.config.resume == "latest":
+            fit.progress.message(f"no checkpoint in {fit.ckpt_root} yet; starting fresh")
+        return fit
+
+    def _prepare_system(self, device: torch.device, *, main: bool) -> System:
+        """The system on ``device`` in training mode, with the precision resolved."""
+        cfg = self.config
         system = self.system.to(device)
         system.train()
         self._precision = resolve_precision(cfg.precision, device)
@@ -322,8 +544,16 @@ class DefaultTrainer:
                 "[trainer].precision = 'bf16' on a CPU without AMX or AVX512-BF16: bfloat16 matmuls and "
                 "attention are emulated there and run 2-3x slower than float32; use precision = 'fp32'",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
+        return system
+
+    def _data_loaders(
+        self, system: System, run_dir: Path, rank: int, world: int
+    ) -> tuple[BatchLoader, BatchLoader | None, Sequence[Any] | None]:
+        """The training loader (which also fixes ``steps_per_epoch`` and the run's total
+        steps), the validation loader and the validation samples (``None`` without a split)."""
+        cfg, run = self.config, self.run
         splits = list(self.data.splits())
         if cfg.train_split not in splits:
             raise TrainingError(f"the data source has no split {cfg.train_split!r} to train on (it has: {', '.join(splits)})")
@@ -334,7 +564,7 @@ class DefaultTrainer:
                 f"[trainer].batch_size = {cfg.batch_size} must be divisible by grad_accum × ranks = "
                 f"{cfg.grad_accum} × {world}, so every rank gets an equal share of every micro-batch"
             )
-        common = dict(config=run.loader, sample_rate=system.audio_encoder.sample_rate, tokenize=system.text_encoder.tokenize, seed=seed)
+        common = dict(config=run.loader, sample_rate=system.audio_encoder.sample_rate, tokenize=system.text_encoder.tokenize, seed=run.config.seed)
         loader = BatchLoader(
             train_samples,
             batch_size=cfg.batch_size,
@@ -351,7 +581,6 @@ class DefaultTrainer:
         if steps_per_epoch == 0:
             raise TrainingError(f"split {cfg.train_split!r} has {len(train_samples)} items, fewer than one batch of {cfg.batch_size}")
         total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-        warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else round(cfg.warmup_epochs * steps_per_epoch)
         loader.steps_per_epoch, loader.total_steps = steps_per_epoch, total
         val_loader = None
         if val_samples is not None and len(val_samples) > 0:
@@ -366,212 +595,70 @@ class DefaultTrainer:
                 split=cfg.val_split,
                 **common,
             )
+        return loader, val_loader, val_samples
 
-        # Resume: model weights before DDP wraps (and broadcasts) them.
+    def _resume(self, system: System, run_dir: Path) -> tuple[Path | None, Checkpoint | None]:
+        """Read the checkpoint ``run.config.resume`` points at, load its weights (before DDP
+        wraps and broadcasts them) and its position into ``self.state``."""
+        cfg = self.config
         try:
-            resume_from = resolve_resume(run.config.resume, run_dir)
+            resume_from = resolve_resume(self.run.config.resume, run_dir)
         except FileNotFoundError as exc:
             raise TrainingError(str(exc)) from exc
-        checkpoint = read_checkpoint(resume_from) if resume_from is not None else None
-        if checkpoint is not None:
-            saved = checkpoint.trainer_state
-            if int(saved.get("batch_size", cfg.batch_size)) != cfg.batch_size:
-                raise TrainingError(
-                    f"cannot resume from {resume_from}: it was trained with batch_size {saved['batch_size']}, "
-                    f"the recipe now says {cfg.batch_size} (the data position is counted in global batches)"
-                )
-            system.load_state_dict(checkpoint.model)
-            self.state = TrainState(
-                step=int(saved["step"]),
-                epoch=int(saved["epoch"]),
-                batch=int(saved["batch"]),
-                best_value=saved.get("best_value"),
-                best_checkpoint=saved.get("best_checkpoint"),
-                evals_since_best=int(saved.get("evals_since_best", 0)),
-                stopped_early=bool(saved.get("stopped_early", False)),
+        if resume_from is None:
+            return None, None
+        checkpoint = read_checkpoint(resume_from)
+        saved = checkpoint.trainer_state
+        if int(saved.get("batch_size", cfg.batch_size)) != cfg.batch_size:
+            raise TrainingError(
+                f"cannot resume from {resume_from}: it was trained with batch_size {saved['batch_size']}, "
+                f"the recipe now says {cfg.batch_size} (the data position is counted in global batches)"
             )
+        system.load_state_dict(checkpoint.model)
+        self.state = TrainState(
+            step=int(saved["step"]),
+            epoch=int(saved["epoch"]),
+            batch=int(saved["batch"]),
+            best_value=saved.get("best_value"),
+            best_checkpoint=saved.get("best_checkpoint"),
+            evals_since_best=int(saved.get("evals_since_best", 0)),
+            stopped_early=bool(saved.get("stopped_early", False)),
+        )
+        return resume_from, checkpoint
 
-        trainable = [p for p in system.parameters() if p.requires_grad]
-        model: nn.Module = system
-        if world > 1 and trainable:
-            model = nn.parallel.DistributedDataParallel(
-                system,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg.find_unused_parameters,
-            )
-        optimizer = scheduler = None
-        if trainable:
-            optimizer = torch.optim.AdamW(self._param_groups(system), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-            scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=total, min_lr_ratio=cfg.min_lr_ratio)
-        if checkpoint is not None:
-            if optimizer is not None and checkpoint.optimizer is not None:
-                optimizer.load_state_dict(checkpoint.optimizer)
-            if scheduler is not None and checkpoint.scheduler is not None:
-                scheduler.load_state_dict(checkpoint.scheduler)
-            restore_rng(checkpoint.rng_tensors, checkpoint.rng_plain)
+    def _wrap(self, system: System, device: torch.device, world: int) -> nn.Module:
+        """The system in DistributedDataParallel on several ranks (when it has trainable
+        parameters); the system itself otherwise."""
+        if world == 1 or not any(p.requires_grad for p in system.parameters()):
+            return system
+        return nn.parallel.DistributedDataParallel(
+            system,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=self.config.find_unused_parameters,
+        )
 
-        state = self.state
-        last_checkpoint: str | None = str(resume_from) if resume_from is not None else None
-        manager = CheckpointManager(ckpt_root, keep_last=cfg.keep_last) if main else None
-        logger = MetricsLogger(run_dir, enabled=main, resume_step=state.step if checkpoint is not None else None)
-        progress = Progress(total, start_step=state.step, enabled=main, log_every=cfg.log_every)
-        if cfg.precision == "auto":
-            progress.message(f"precision: {self._precision} ([trainer].precision = 'auto' on {device.type})")
-        if checkpoint is not None:
-            progress.message(f"resumed from {resume_from} at step {state.step}")
-        elif run.config.resume == "latest":
-            progress.message(f"no checkpoint in {ckpt_root} yet; starting fresh")
+    def _optimizer(self, system: System, loader: BatchLoader) -> tuple[Any, torch.optim.lr_scheduler.LambdaLR | None]:
+        """The ``[trainer.optimizer]`` over the system and the ``[trainer.schedule]`` as a
+        ``LambdaLR``; both ``None`` when nothing is trainable (torch refuses empty optimizers)."""
+        if not any(p.requires_grad for p in system.parameters()):
+            return None, None
+        optimizer = self.config.optimizer.build(model=system)
+        schedule = self.config.schedule.build(total_steps=loader.total_steps, steps_per_epoch=loader.steps_per_epoch)
+        return optimizer, lambda_lr(optimizer, schedule)
 
-        def save(step: int) -> str:
-            nonlocal last_checkpoint
-            folder = ckpt_root / step_dir_name(step)
-            if manager is not None:
-                rng_tensors, rng_plain = capture_rng()
-                manager.save(
-                    step,
-                    model_state=system.state_dict(),
-                    optimizer_state=optimizer.state_dict() if optimizer is not None else None,
-                    scheduler_state=scheduler.state_dict() if scheduler is not None else None,
-                    trainer_state={
-                        **attrs.asdict(state),
-                        "batch_size": cfg.batch_size,
-                        "grad_accum": cfg.grad_accum,
-                        "world_size": world,
-                        "total_steps": total,
-                        "steps_per_epoch": steps_per_epoch,
-                        "seed": seed,
-                    },
-                    rng_tensors=rng_tensors,
-                    rng_plain=rng_plain,
-                    recipe=run.recipe,
-                )
-            last_checkpoint = str(folder)
-            return folder.name
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self._precision == "bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
-        window_loss, window_steps, window_metrics = 0.0, 0, {}
-        window_start = time.perf_counter()
-        final: dict[str, float] = {}
-        last_val: dict[str, float] = {}
-        evaluated_at = saved_at = -1
-        start_step = state.step
-        stop_requests = StopRequests(enabled=world == 1)
-        try:
-            stop_requests.install()
-            while state.step < total and not state.stopped_early and not stop_requests.requested:
-                for b, micros in loader.global_batches(state.epoch, state.batch):
-                    step, epoch = state.step, state.epoch
-                    seed_everything(derive_seed(seed, "step", step, rank))
-                    lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
-                    loss_value, metrics, grad_norm = self._train_step(
-                        model, micros, device, step=step, epoch=epoch, steps_per_epoch=steps_per_epoch, total=total, rank=rank
-                    )
-                    if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
-                        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                        raise TrainingError(
-                            f"non-finite {what} at step {step + 1} (epoch {epoch}); stopped before the optimizer step. "
-                            f"Last good checkpoint: {last_checkpoint or 'none written yet'}"
-                        )
-                    if optimizer is not None:
-                        optimizer.step()
-                        scheduler.step()
-                    state.step += 1
-                    state.epoch, state.batch = (epoch + 1, 0) if b + 1 == steps_per_epoch else (epoch, b + 1)
-                    system.on_step_end(state.step, total)
+    # ------------------------------------------------------------------ one step, evaluation
 
-                    window_loss += loss_value
-                    window_steps += 1
-                    for key, value in metrics.items():
-                        window_metrics[key] = window_metrics.get(key, 0.0) + value
-                    if grad_norm is not None:
-                        window_metrics["grad_norm"] = window_metrics.get("grad_norm", 0.0) + grad_norm
-                    done = state.step >= total
-                    if state.step % cfg.log_every == 0 or done:
-                        elapsed = max(time.perf_counter() - window_start, 1e-9)
-                        record = {
-                            "epoch": epoch,
-                            "lr": lr,
-                            "loss": window_loss / window_steps,
-                            "samples_per_s": window_steps * cfg.batch_size / elapsed,
-                            **{k: v / window_steps for k, v in window_metrics.items()},
-                        }
-                        final.update(logger.log(state.step, record))
-                        progress.update(state.step, epoch, record)
-                        window_loss, window_steps, window_metrics = 0.0, 0, {}
-                        window_start = time.perf_counter()
-                    else:
-                        progress.update(state.step, epoch)
-
-                    improved = False
-                    if (cfg.eval_every and state.step % cfg.eval_every == 0) or done:
-                        last_val = self._evaluate(system, val_loader, val_samples, device, state.step, epoch, steps_per_epoch, total)
-                        evaluated_at = state.step
-                        if last_val:
-                            logger.log(state.step, {"epoch": epoch, **last_val})
-                            progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in console_view(last_val).items()))
-                            improved = self._update_best(last_val)
-                            if cfg.best_metric in last_val:
-                                state.evals_since_best = 0 if improved else state.evals_since_best + 1
-                    patience = cfg.early_stopping_patience
-                    if patience and not done and state.evals_since_best >= patience:
-                        state.stopped_early = True
-                        progress.message(
-                            f"early stopping at step {state.step}: {cfg.best_metric} has not improved for "
-                            f"{patience} evaluations (best {state.best_value}, {state.best_checkpoint})"
-                        )
-                    stop = done or state.stopped_early
-                    if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or stop or improved:
-                        if improved:
-                            state.best_checkpoint = step_dir_name(state.step)
-                        name = save(state.step)
-                        saved_at = state.step
-                        if improved and manager is not None:
-                            manager.mark_best(ckpt_root / name)
-                    if stop or stop_requests.requested:
-                        break
-            if stop_requests.requested:  # also when it came during the last step
-                raise KeyboardInterrupt
-            if (state.step >= total or state.stopped_early) and evaluated_at != state.step and saved_at != state.step:
-                # Resumed a run that had already finished: report its final evaluation.
-                last_val = self._evaluate(system, val_loader, val_samples, device, state.step, state.epoch, steps_per_epoch, total)
-        except BaseException as exc:
-            if not stop_requests.requested or stop_requests.forced:
-                raise
-            # Ctrl-C or SIGTERM: the weights are those after step state.step (the optimizer only
-            # runs at the end of a step), so that step is saved unless it already was. The error
-            # may also be a loader worker that the same Ctrl-C stopped.
-            if state.step > start_step and saved_at != state.step:
-                name = save(state.step)
-                progress.message(f"{stop_requests.signal_name} after step {state.step}: saved {ckpt_root / name}")
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            raise KeyboardInterrupt from exc
-        finally:
-            stop_requests.restore()
-            progress.close()
-            logger.close()
-        distributed.barrier()
-        result = {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}
-        result.update(last_val)
-        result["step"] = float(state.step)
-        if state.stopped_early:
-            result["stopped_early"] = 1.0
-        return result
-
-    def _train_step(
-        self,
-        model: nn.Module,
-        micros: list[Batch],
-        device: torch.device,
-        *,
-        step: int,
-        epoch: int,
-        steps_per_epoch: int,
-        total: int,
-        rank: int,
+    def _forward_backward(
+        self, fit: _Fit, micros: list[Batch], *, step: int, epoch: int
     ) -> tuple[float, dict[str, float], float | None]:
         """Forward/backward over the micro-batches of one step; returns the step's loss and
         metrics averaged over micro-batches and ranks, and the gradient norm when clipping."""
-        cfg = self.config
+        cfg, device, model = self.config, fit.device, fit.model
         seed = self.run.config.seed
         model.train()
         for p in self.system.parameters():
@@ -585,10 +672,10 @@ class DefaultTrainer:
             context = AugmentContext(
                 step=step,
                 epoch=epoch,
-                steps_per_epoch=steps_per_epoch,
-                total_steps=total,
+                steps_per_epoch=fit.steps_per_epoch,
+                total_steps=fit.total,
                 training=True,
-                generator=torch.Generator().manual_seed(derive_seed(seed, "augment-step", step, m, rank)),
+                generator=torch.Generator().manual_seed(derive_seed(seed, "augment-step", step, m, fit.rank)),
             )
             sync = model.no_sync() if ddp and m < n - 1 else contextlib.nullcontext()
             with sync:
@@ -621,32 +708,23 @@ class DefaultTrainer:
             self.state.best_value = float(value)
         return better
 
-    def _evaluate(
-        self,
-        system: System,
-        loader: BatchLoader | None,
-        samples: Sequence[Any] | None,
-        device: torch.device,
-        step: int,
-        epoch: int,
-        steps_per_epoch: int,
-        total: int,
-    ) -> dict[str, float]:
+    def _evaluate(self, fit: _Fit, epoch: int) -> dict[str, float]:
         """Mean validation loss and metrics (no training augmentation, no gradients) and each
         evaluation task's results, all prefixed ``val/``.
 
         Every rank evaluates the whole split with gathering switched off: the numbers then
         equal the single-process ones, and no rank waits on a collective the others skip.
         """
-        if samples is None:
+        if fit.val_samples is None:
             return {}
         from mtrun.eval.embed import EvalCache
 
+        system, loader, step = fit.system, fit.val_loader, self.state.step
         results: dict[str, float] = {}
         was_training = system.training
         system.eval()
         try:
-            with torch.no_grad(), distributed.local_only(), self._autocast(device):
+            with torch.no_grad(), distributed.local_only(), self._autocast(fit.device):
                 if loader is not None:
                     loss_sum, count, sums = 0.0, 0, {}
                     for i, batch in enumerate(loader):
@@ -654,12 +732,12 @@ class DefaultTrainer:
                         context = AugmentContext(
                             step=step,
                             epoch=epoch,
-                            steps_per_epoch=steps_per_epoch,
-                            total_steps=total,
+                            steps_per_epoch=fit.steps_per_epoch,
+                            total_steps=fit.total,
                             training=False,
                             generator=torch.Generator().manual_seed(derive_seed(self.run.config.seed, "eval", i)),
                         )
-                        loss, metrics = system(_to_device(batch, device), context)
+                        loss, metrics = system(_to_device(batch, fit.device), context)
                         loss_sum += _float(loss) * size
                         count += size
                         for key, value in metrics.items():
@@ -669,7 +747,7 @@ class DefaultTrainer:
                         results.update({f"val/{k}": v / count for k, v in sums.items()})
                 cache = EvalCache()  # one embedding pass per round, shared by the tasks
                 for task in self.evals:
-                    for key, value in task.evaluate(system, samples, cache=cache).items():
+                    for key, value in task.evaluate(system, fit.val_samples, cache=cache).items():
                         results[f"val/{key}"] = float(value)
         finally:
             system.train(was_training)
