@@ -66,7 +66,7 @@ def overrides(stage: str, seed: int, args: argparse.Namespace, out: Path) -> lis
         *([f"loader.clip_seconds={args.clip_seconds}"] if args.clip_seconds else []),
         f"trainer.max_steps={args.steps}",
         f"trainer.batch_size={args.batch_size}",
-        f"trainer.warmup_steps={max(1, args.steps * 3 // 20)}",  # the tiny profile's 30 of 200
+        f"trainer.schedule.warmup_steps={max(1, args.steps * 3 // 20)}",  # the tiny profile's 30 of 200
         "trainer.eval_every=0",
         'trainer.val_split="none"',  # no validation pass: the test split is evaluated once
         f"augmenter={augmenters}",

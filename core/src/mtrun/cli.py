@@ -39,7 +39,7 @@ usage:
   mtrun data {shard,demo} ...                                      prepare data (see mtrun data -h)
   mtrun eval CHECKPOINT_OR_RECIPE [--tasks ...]                    evaluate and write a report
 
-Overrides are TOML values: trainer.lr=3e-4  run.name="tiny"  objective.0.weight=2  ~augmenter
+Overrides are TOML values: trainer.optimizer.lr=3e-4  run.name="tiny"  objective.0.weight=2  ~augmenter
 """
 
 
@@ -67,7 +67,7 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE | ~KEY",
-        help="override a key with a TOML value (trainer.lr=3e-4), or delete it (~augmenter)",
+        help="override a key with a TOML value (trainer.optimizer.lr=3e-4), or delete it (~augmenter)",
     )
 
 
@@ -287,7 +287,7 @@ def _run(argv: list[str]) -> int:
     command, rest = (argv[0], argv[1:]) if argv[0] in SUBCOMMANDS else ("train", argv)
     parser = _command_parser(command)
     if command in ("train", "validate"):
-        # Options may come after the overrides: `mtrun r.toml trainer.lr=1e-3 --profile tiny`.
+        # Options may come after the overrides: `mtrun r.toml trainer.optimizer.lr=1e-3 --profile tiny`.
         args = parser.parse_intermixed_args(rest)
     else:
         args = parser.parse_args(rest)

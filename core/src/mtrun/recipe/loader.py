@@ -69,7 +69,7 @@ def parse_override(text: str) -> Override:
             raise ValueError(f"override {text!r}: a deletion ~KEY takes no value")
     else:
         if "=" not in text:
-            raise ValueError(f"override {text!r}: expected KEY=VALUE (e.g. trainer.lr=3e-4) or ~KEY to delete")
+            raise ValueError(f"override {text!r}: expected KEY=VALUE (e.g. trainer.optimizer.lr=3e-4) or ~KEY to delete")
         key, raw = text.split("=", 1)
     key = key.strip()
     segments = key.split(".")
@@ -108,7 +108,7 @@ def apply_overrides(
 ) -> list[str]:
     """Apply overrides to ``data`` in place, in order; return a problem line per failed one.
 
-    Missing intermediate tables are created (``trainer.lr=1e-3`` works on a recipe without a
+    Missing intermediate tables are created (``trainer.optimizer.lr=1e-3`` works on a recipe without a
     ``[trainer]`` table); index ``len(array)`` appends a new table to an array of tables.
     Each key path an override creates is recorded in ``created`` when given.
     """
