@@ -15,7 +15,10 @@ How the guide's code blocks are read:
 
 Independently of the guide's tests, this module registers the example plugin with
 ``mtrun.testing.isolated_registry``, runs ``check_component`` on each component and resolves
-recipes with ``mtrun.testing.resolve`` whose other slots are the testkit's toy components.
+recipes with ``mtrun.testing.resolve`` (which is ``mtrun.recipe.resolve_recipe``) whose other
+slots are the testkit's toy components. What the page shows besides code is held to the code
+too: its TOML recipe fragment resolves, the validation message it prints is the one
+``mtrun validate`` gives, and the weight-loading function it defines loads a checkpoint.
 """
 
 from __future__ import annotations
@@ -153,15 +156,104 @@ def test_guide_holds_a_whole_distribution():
 # ------------------------------------------------------------------------- running it
 
 
-def test_snippets_run_in_order(example):
-    snippets = guide_snippets()
-    assert len(snippets) >= 4
+def run_snippets() -> dict:
+    """Run every snippet in order in one fresh namespace; fail naming the first that raises."""
     namespace: dict = {"__name__": "guide"}
-    for line, code in snippets:
+    for line, code in guide_snippets():
         try:
             exec(compile(code, f"{GUIDE.name}:{line}", "exec"), namespace)  # noqa: S102 - our own docs
         except Exception as exc:  # noqa: BLE001 - reported with the block's place in the guide
             pytest.fail(f"the snippet at {GUIDE.name} line {line} raised {type(exc).__name__}: {exc}")
+    return namespace
+
+
+def test_snippets_run_in_order(example):
+    assert len(guide_snippets()) >= 4
+    namespace = run_snippets()
+    assert namespace["converter"] is not None and callable(namespace["load_pretrained"])
+
+
+def test_the_guides_weight_loading_function_loads_a_checkpoint(example, tmp_path):
+    """``load_pretrained`` as the guide writes it: prefixes stripped, decoder keys ignored,
+    ``fc_norm`` renamed, a missing ``pos_embed`` kept; anything else missing is an error."""
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    load_pretrained = run_snippets()["load_pretrained"]
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+            self.proj = nn.Linear(4, 4)
+            self.norm = nn.LayerNorm(4)
+
+    model = Tiny()
+    state = {
+        "module.proj.weight": torch.full((4, 4), 2.0),
+        "module.proj.bias": torch.ones(4),
+        "module.fc_norm.weight": torch.full((4,), 3.0),
+        "module.norm.bias": torch.zeros(4),
+        "module.decoder.head.weight": torch.ones(2, 2),
+    }
+    save_file(state, str(tmp_path / "vit.safetensors"))
+    report = load_pretrained(model, tmp_path / "vit.safetensors")
+    assert report.ignored == ("decoder.head.weight",) and report.kept == ("pos_embed",)
+    assert torch.equal(model.norm.weight, torch.full((4,), 3.0)) and torch.equal(model.proj.bias, torch.ones(4))
+    del state["module.proj.bias"]
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(mtrun.MtrunError, match="missing from the checkpoint"):
+        load_pretrained(model, tmp_path / "broken.safetensors")
+
+
+def _guide_block(language: str, first_line: str) -> str:
+    """The guide's one ``language`` block (not a file) whose first non-empty line is ``first_line``."""
+    found = [
+        code
+        for _, lang, code in guide_blocks()
+        if lang == language and code.strip() and code.strip().splitlines()[0].strip() == first_line
+    ]
+    assert len(found) == 1, f"expected one {language or 'plain'} block starting {first_line!r} in the guide, found {len(found)}"
+    return found[0]
+
+
+def test_the_guides_nested_table_fragment_resolves(example):
+    """The ``[[objective]]`` + ``[objective.inner]`` TOML the guide shows, in a recipe, through
+    ``mtrun.recipe.resolve_recipe`` (what ``mtrun validate`` runs)."""
+    pytest.importorskip("mtrun_infonce")
+    import mtrun_testkit
+    from mtrun.recipe import resolve_recipe
+
+    fragment = tomllib.loads(_guide_block("toml", "[[objective]]"))
+    registry = isolated_registry(mtrun_testkit, example, "mtrun_infonce")
+    resolved = resolve_recipe({**TOY, **fragment}, registry, "guide.toml")
+    (ramped,) = resolved.objectives
+    assert (ramped.name, ramped.config.steps) == ("ramped", 2000)
+    inner = ramped.config.inner
+    assert (inner.slot, inner.name, inner.config.temperature) == ("objective[0].inner", "infonce", 0.03)
+
+
+def test_the_validation_message_the_guide_shows_is_the_real_one(example):
+    """The guide prints what ``mtrun validate`` says when ``span-mask`` meets ``mert``; same words."""
+    needed = ("mtrun_mavil", "mtrun_mert", "mtrun_hf_text", "mtrun_projectors", "mtrun_infonce")
+    for name in needed:
+        pytest.importorskip(name)
+    shown = _guide_block("", "recipe.toml: recipe is invalid").strip().splitlines()[1:]
+    shown_text = " ".join(" ".join(shown).split()).removeprefix("- ")
+    registry = isolated_registry(example, *needed)
+    recipe = {
+        "data": {"type": "demo"},
+        "audio_encoder": {"type": "mert"},
+        "text_encoder": {"type": "hf-text"},
+        "audio_projector": {"type": "linear"},
+        "text_projector": {"type": "linear"},
+        "augmenter": [{"type": "gain"}, {"type": "span-mask"}],
+        "objective": [{"type": "infonce"}],
+    }
+    with pytest.raises(mtrun.RecipeError) as caught:
+        resolve(recipe, registry)
+    assert [" ".join(p.split()) for p in caught.value.problems] == [shown_text]
 
 
 def test_example_plugin_declares_a_supported_api_range(example):

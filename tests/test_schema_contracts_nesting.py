@@ -196,7 +196,7 @@ def test_need_met_by_a_config_dependent_provider(registry):
     assert resolve_recipe(ok, registry, "r.toml").augmenters[0].name == "drops-tokens"
     narrow = recipe(audio_encoder={"type": "grid", "width": 8}, augmenter=[{"type": "drops-tokens"}])
     (problem,) = problems(narrow, registry)
-    assert "[audio_encoder] type 'grid' does not; installed audio_encoders that do: grid" in problem
+    assert "[audio_encoder] type 'grid' does not; installed audio_encoders that do with default settings: grid" in problem
 
 
 def test_token_mask_with_mert_fails_in_validate_naming_both_tables(tmp_path, capsys):
@@ -215,7 +215,7 @@ def test_token_mask_with_mert_fails_in_validate_naming_both_tables(tmp_path, cap
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "[[augmenter]][0].type = 'token-mask': needs [audio_encoder] to provide 'keep_index'" in err
-    assert "[audio_encoder] type 'mert' does not; installed audio_encoders that do: mavil" in err
+    assert "[audio_encoder] type 'mert' does not; installed audio_encoders that do with default settings: mavil" in err
     path.write_text(path.read_text().replace('type = "mert"', 'type = "mavil"'))
     assert main(["validate", str(path)]) == 0
 

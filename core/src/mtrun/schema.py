@@ -324,6 +324,6 @@ def check_contracts(specs: Iterable[Any], registry: Any) -> list[tuple[Any, str]
                 have = "none of " + ", ".join(f"{table}[{o.slot.split('[')[-1].rstrip(']')}] type {o.name!r}" for o in offered) + " does"
             kind_name = target.kind if target is not None else need.slot
             able = providers(registry, kind_name, need.capability) if target is not None else []
-            hint = f"; installed {kind_name}s that do: {', '.join(able)}" if able else f"; no installed {kind_name} provides it"
+            hint = f"; installed {kind_name}s that do with default settings: {', '.join(able)}" if able else f"; no installed {kind_name} provides it"
             problems.append((spec, f"needs {table} to provide {need.capability!r}{purpose}; {have}{hint}"))
     return problems

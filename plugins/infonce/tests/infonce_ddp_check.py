@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mtrun import Batch, EncoderOutput, StepOutputs
+from mtrun import Batch, EncoderOutput, HardNegatives, StepOutputs
 
 WIDTH, DIM, FEATURES = 8, 6, 5
 
@@ -115,11 +115,11 @@ def rank_batch(features, texts, groups, rank: int, scenario: str, *, as_texts: b
     batch = Batch(texts=texts[sl], groups=groups[sl])
     hard = HARD[scenario].get(rank)
     if hard:
-        batch["hard_negatives"] = {
-            "anchor": torch.tensor([h[0] for h in hard]),
-            "replaces": torch.tensor([h[1] for h in hard]),
-            "texts": [h[2] for h in hard],
-        }
+        batch.hard_negatives = HardNegatives(
+            anchor=torch.tensor([h[0] for h in hard]),
+            replaces=torch.tensor([h[1] for h in hard]),
+            texts=[h[2] for h in hard],
+        )
     return features[sl], batch
 
 
@@ -134,7 +134,7 @@ def merged_batch(features, texts, groups, scenario: str):
             replaces.append(r + start if r >= 0 else -1)
             captions.append(text)
     if anchor:
-        batch["hard_negatives"] = {"anchor": torch.tensor(anchor), "replaces": torch.tensor(replaces), "texts": captions}
+        batch.hard_negatives = HardNegatives(anchor=torch.tensor(anchor), replaces=torch.tensor(replaces), texts=captions)
     return features, batch
 
 

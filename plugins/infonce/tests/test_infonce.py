@@ -19,7 +19,7 @@ if str(HERE) not in sys.path:
 
 import infonce_ddp_check as toy  # noqa: E402
 import mtrun_infonce  # noqa: E402
-from mtrun import Batch, EncoderOutput, StepOutputs  # noqa: E402
+from mtrun import Batch, EncoderOutput, HardNegatives, StepOutputs  # noqa: E402
 from mtrun.testing import check_component, isolated_registry  # noqa: E402
 from mtrun_infonce.objective import InfoNCE, contrastive_logits, group_ids  # noqa: E402
 
@@ -177,15 +177,17 @@ def test_groups_that_are_all_distinct_change_nothing():
 # ------------------------------------------------------------------------ hard negatives
 
 
-def hard_batch(texts, hard):
-    return Batch(
-        texts=texts,
-        hard_negatives={
-            "anchor": torch.tensor([h[0] for h in hard]),
-            "replaces": torch.tensor([h[1] for h in hard]),
-            "texts": [h[2] for h in hard],
-        },
+def hard_negatives(hard) -> HardNegatives:
+    """``[(anchor, replaces, caption), ...]`` as the batch field."""
+    return HardNegatives(
+        anchor=torch.tensor([h[0] for h in hard], dtype=torch.long),
+        replaces=torch.tensor([h[1] for h in hard], dtype=torch.long),
+        texts=[h[2] for h in hard],
     )
+
+
+def hard_batch(texts, hard):
+    return Batch(texts=texts, hard_negatives=hard_negatives(hard))
 
 
 def test_hard_negatives_change_exactly_the_anchors_rows():
@@ -236,8 +238,12 @@ def test_hard_negatives_train_the_text_arm_and_accept_tokenized_inputs():
     audio, text = torch.randn(3, toy.DIM), torch.randn(3, toy.DIM)
     captions = ["zither polka", "kazoo"]
     by_text = hard_batch(texts, [(1, 0, captions[0]), (2, -1, captions[1])])
-    by_tokens = Batch(texts=texts, hard_negatives={**by_text["hard_negatives"], "text_inputs": text_encoder.tokenize(captions)})
-    del by_tokens["hard_negatives"]["texts"]
+    # Tokenized only (no texts): text_inputs alone must do.
+    given = by_text.hard_negatives
+    by_tokens = Batch(
+        texts=texts,
+        hard_negatives=HardNegatives(anchor=given.anchor, replaces=given.replaces, text_inputs=text_encoder.tokenize(captions)),
+    )
     loss = objective(step_outputs(audio, text, by_text)).loss
     assert loss.item() == pytest.approx(objective(step_outputs(audio, text, by_tokens)).loss.item(), rel=1e-6)
     loss.backward()
@@ -250,7 +256,7 @@ def test_hard_negatives_train_the_text_arm_and_accept_tokenized_inputs():
 def test_empty_hard_negatives_and_disabled_option_leave_the_loss_alone():
     audio, text = embeddings(n=4)
     plain = float(InfoNCE(InfoNCE.Config())(step_outputs(audio, text)).loss)
-    empty = Batch(hard_negatives={"anchor": torch.zeros(0, dtype=torch.long), "replaces": torch.zeros(0, dtype=torch.long), "texts": []})
+    empty = Batch(hard_negatives=HardNegatives(anchor=torch.zeros(0, dtype=torch.long), replaces=torch.zeros(0, dtype=torch.long)))
     assert float(InfoNCE(InfoNCE.Config())(step_outputs(audio, text, empty)).loss) == pytest.approx(plain)
     some = hard_batch(["a"] * 4, [(0, 1, "x y")])
     off = InfoNCE(InfoNCE.Config(hard_negatives=False))(step_outputs(audio, text, some))
@@ -263,6 +269,29 @@ def test_invalid_hard_negative_indices_are_refused(anchor, replaces):
     audio, text = embeddings(n=4, d=toy.DIM)
     with pytest.raises(ValueError, match="hard_negatives"):
         objective(step_outputs(audio, text, hard_batch(["a"] * 4, [(anchor, replaces, "x")])))
+
+
+def test_hard_negatives_that_are_not_the_typed_class_are_refused_by_name():
+    objective = InfoNCE(InfoNCE.Config(), text_encoder=toy.ToyText(), text_projector=toy.ToyProjector(toy.WIDTH))
+    audio, text = embeddings(n=4, d=toy.DIM)
+    legacy = Batch(hard_negatives={"anchor": torch.tensor([0]), "replaces": torch.tensor([1]), "texts": ["x"]})
+    with pytest.raises(TypeError, match=r"batch\.hard_negatives must be mtrun\.HardNegatives \(got dict\)"):
+        objective(step_outputs(audio, text, legacy))
+
+
+def test_hard_negatives_without_captions_for_every_entry_are_refused():
+    objective = InfoNCE(InfoNCE.Config(), text_encoder=toy.ToyText(), text_projector=toy.ToyProjector(toy.WIDTH))
+    audio, text = embeddings(n=4, d=toy.DIM)
+    short = HardNegatives(anchor=torch.tensor([0, 1]), replaces=torch.tensor([1, -1]), texts=["only one"])
+    with pytest.raises(ValueError, match="hard_negatives has 1 texts .* for its 2 captions"):
+        objective(step_outputs(audio, text, Batch(hard_negatives=short)))
+
+
+def test_infonce_provides_hard_negatives_exactly_when_they_are_on():
+    # How a recipe pairing TextSwap with each setting resolves is tested in plugins/textswap.
+    assert InfoNCE.provides(InfoNCE.Config(hard_negatives=True)) == frozenset({"hard_negatives"})
+    assert InfoNCE.provides(InfoNCE.Config(hard_negatives=False)) == frozenset()
+    assert InfoNCE.provides(InfoNCE.Config()) == frozenset({"hard_negatives"})  # the default is on
 
 
 # ------------------------------------------------------------------------- end to end
@@ -290,7 +319,7 @@ def test_one_training_step_of_a_system_with_hard_negatives():
         stage = "batch"
 
         def __call__(self, batch, context):
-            batch["hard_negatives"] = {"anchor": torch.tensor([0]), "replaces": torch.tensor([1]), "texts": ["rock piano"]}
+            batch.hard_negatives = HardNegatives(anchor=torch.tensor([0]), replaces=torch.tensor([1]), texts=["rock piano"])
             return batch
 
     from mtrun import AugmentContext

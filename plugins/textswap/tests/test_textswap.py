@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import mtrun_textswap
-from mtrun import AugmentContext, Batch, MtrunError
-from mtrun.testing import check_component, isolated_registry
+from mtrun import AugmentContext, Batch, HardNegatives, MtrunError, RecipeError
+from mtrun.testing import check_component, isolated_registry, resolve
 from mtrun_textswap.augmenter import TextSwap
 
 TESTKIT = Path(__file__).resolve().parents[3] / "tests" / "testkit" / "src"
@@ -40,6 +40,15 @@ TAGS = [
 ]
 
 
+def toy_components():
+    """Core's toy components (``tests/testkit``, a source folder, not installed)."""
+    if str(TESTKIT) not in sys.path:
+        sys.path.insert(0, str(TESTKIT))
+    import mtrun_testkit
+
+    return mtrun_testkit
+
+
 def context(epoch: float = 30.0, seed: int = 0, steps_per_epoch: int = 10) -> AugmentContext:
     step = round(epoch * steps_per_epoch)
     return AugmentContext(
@@ -53,9 +62,9 @@ def always(**overrides) -> TextSwap:
     return TextSwap(TextSwap.Config(**{"p_max": 1.0, "warmup_epochs": 0.0, "ramp_epochs": 0.0, **overrides}))
 
 
-def run(aug: TextSwap, texts=TEXTS, tags=TAGS, **ctx) -> dict:
+def run(aug: TextSwap, texts=TEXTS, tags=TAGS, **ctx) -> HardNegatives:
     batch = Batch(texts=list(texts), tags=list(tags))
-    return aug(batch, context(**ctx))["hard_negatives"]
+    return aug(batch, context(**ctx)).hard_negatives
 
 
 def keyword_profile(aug: TextSwap, text: str) -> tuple[dict[str, Counter], str]:
@@ -109,8 +118,8 @@ def test_config_rejects_out_of_range_values(bad):
 def test_each_swapped_caption_changes_exactly_one_keyword_of_one_category_to_the_same_category():
     aug = always(fraction=1.0)
     hard = run(aug)
-    assert len(hard["texts"]) > 10
-    for anchor, swapped in zip(hard["anchor"].tolist(), hard["texts"]):
+    assert len(hard.texts) > 10
+    for anchor, swapped in zip(hard.anchor.tolist(), hard.texts):
         original = TEXTS[anchor]
         before, rest_before = keyword_profile(aug, original)
         after, rest_after = keyword_profile(aug, swapped)
@@ -132,7 +141,7 @@ def test_swaps_never_produce_synonyms_related_concepts_or_the_items_own_tags():
     texts = ["a piano piece with violin"] * 6
     tags = [{"instrument": ["piano", "violin", "cello"]}] * 6
     for seed in range(5):
-        for swapped in run(aug, texts, tags, seed=seed)["texts"]:
+        for swapped in run(aug, texts, tags, seed=seed).texts:
             concepts = {m.concept for m in aug.dictionary.find(swapped)}
             assert "cello" not in concepts  # the item's own tag: still true of the audio
             assert not re.search(r"fiddle|grand piano|electric piano", swapped)  # synonym / a kind of piano
@@ -148,18 +157,19 @@ def test_articles_and_capitals_follow_the_replacement():
 
 def test_a_caption_without_keywords_gets_no_hard_negatives():
     hard = run(always(fraction=1.0))
-    assert 5 not in hard["anchor"].tolist()
+    assert 5 not in hard.anchor.tolist()
 
 
 # ----------------------------------------------------------------- the batch contract
 
 
-def test_output_follows_the_infonce_hard_negative_contract():
+def test_output_follows_the_hard_negatives_contract():
     aug = always(fraction=0.5)
     hard = run(aug)
+    assert isinstance(hard, HardNegatives) and hard.text_inputs is None and len(hard) == len(hard.texts)
     n = len(TEXTS)
     k = round(0.5 * (n - 1))
-    anchor, replaces, texts = hard["anchor"], hard["replaces"], hard["texts"]
+    anchor, replaces, texts = hard.anchor, hard.replaces, hard.texts
     assert anchor.dtype == replaces.dtype == torch.long
     assert anchor.shape == replaces.shape == (len(texts),)
     assert ((anchor >= 0) & (anchor < n)).all() and ((replaces >= 0) & (replaces < n)).all()
@@ -175,30 +185,67 @@ def test_output_follows_the_infonce_hard_negative_contract():
 
 def test_max_per_pair_caps_the_swaps_of_each_pair():
     hard = run(always(fraction=1.0, max_per_pair=2))
-    assert max(Counter(hard["anchor"].tolist()).values()) == 2
+    assert max(Counter(hard.anchor.tolist()).values()) == 2
 
 
 @pytest.mark.parametrize("config", [{"p_max": 0.0, "warmup_epochs": 0.0}, {}])
 def test_zero_probability_gives_zero_hard_negatives(config):
     aug = TextSwap(TextSwap.Config(**config))
     hard = run(aug, epoch=2.0)  # inside the default warm-up for {}
-    assert hard["anchor"].shape == (0,) and hard["replaces"].shape == (0,) and hard["texts"] == []
+    assert hard.anchor.shape == (0,) and hard.replaces.shape == (0,) and hard.texts == []
 
 
 def test_swapped_share_of_pairs_follows_p():
     aug = always(p_max=0.25)
     texts, tags = ["a calm piano piece"] * 400, [{}] * 400
     hard = run(aug, texts, tags, seed=3)
-    share = len(set(hard["anchor"].tolist())) / 400
+    share = len(set(hard.anchor.tolist())) / 400
     assert 0.19 < share < 0.31
 
 
 def test_same_generator_seed_gives_the_same_hard_negatives_and_another_seed_differs():
     aug = always(fraction=0.5)
     first, again, other = run(aug, seed=7), run(aug, seed=7), run(aug, seed=8)
-    assert first["texts"] == again["texts"]
-    assert torch.equal(first["anchor"], again["anchor"]) and torch.equal(first["replaces"], again["replaces"])
-    assert (first["texts"], first["replaces"].tolist()) != (other["texts"], other["replaces"].tolist())
+    assert first.texts == again.texts
+    assert torch.equal(first.anchor, again.anchor) and torch.equal(first.replaces, again.replaces)
+    assert (first.texts, first.replaces.tolist()) != (other.texts, other.replaces.tolist())
+
+
+def test_hard_negatives_an_earlier_augmenter_wrote_are_kept_and_this_steps_appended():
+    earlier = HardNegatives(anchor=torch.tensor([2]), replaces=torch.tensor([-1]), texts=["an earlier caption"])
+    batch = Batch(texts=list(TEXTS), tags=list(TAGS), hard_negatives=earlier)
+    merged = always(fraction=0.5)(batch, context(seed=7)).hard_negatives
+    alone = run(always(fraction=0.5), seed=7)
+    assert isinstance(merged, HardNegatives) and len(merged) == 1 + len(alone)
+    assert merged.texts == ["an earlier caption", *alone.texts]
+    assert merged.anchor.tolist() == [2, *alone.anchor.tolist()]
+    assert merged.replaces.tolist() == [-1, *alone.replaces.tolist()]
+
+
+def test_an_empty_earlier_hard_negatives_is_replaced_by_this_steps():
+    empty = HardNegatives(anchor=torch.zeros(0, dtype=torch.long), replaces=torch.zeros(0, dtype=torch.long))
+    batch = Batch(texts=list(TEXTS), tags=list(TAGS), hard_negatives=empty)
+    merged = always(fraction=0.5)(batch, context(seed=7)).hard_negatives
+    alone = run(always(fraction=0.5), seed=7)
+    assert merged.texts == alone.texts and torch.equal(merged.anchor, alone.anchor)
+
+
+def test_tokenized_earlier_hard_negatives_ask_for_textswap_to_go_first():
+    tokenized = HardNegatives(
+        anchor=torch.tensor([0]),
+        replaces=torch.tensor([1]),
+        text_inputs={"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long)},
+    )
+    batch = Batch(texts=list(TEXTS), tags=list(TAGS), hard_negatives=tokenized)
+    with pytest.raises(ValueError, match="put textswap first"):
+        always()(batch, context())
+
+
+def test_earlier_hard_negatives_that_are_not_the_typed_class_are_refused_by_name():
+    legacy = {"anchor": torch.tensor([0]), "replaces": torch.tensor([1]), "texts": ["x"]}
+    batch = Batch(texts=list(TEXTS), tags=list(TAGS), hard_negatives=legacy)
+    with pytest.raises(TypeError, match=r"batch\.hard_negatives must be mtrun\.HardNegatives \(got dict\)"):
+        always()(batch, context())
 
 
 # ------------------------------------------------------------------------- dictionaries
@@ -217,7 +264,7 @@ def test_user_dictionary_in_json_can_replace_the_default(tmp_path):
     path.write_text(json.dumps({"genre": {"polka": ["polka"], "waltz": ["waltz", "valse"]}}), encoding="utf-8")
     aug = always(dictionary=str(path), categories=("genre",), use_default_dictionary=False)
     hard = run(aug, ["a lively polka", "a slow valse"], [{}, {}])
-    assert hard["texts"] == ["a lively waltz", "a slow polka"]
+    assert hard.texts == ["a lively waltz", "a slow polka"]
 
 
 def test_a_missing_or_malformed_dictionary_is_a_clear_error(tmp_path):
@@ -239,14 +286,51 @@ def test_the_default_dictionary_covers_the_demo_corpus_vocabulary():
     assert aug.dictionary.concept_of("instrument", "fiddle") == "violin"
 
 
+# ----------------------------------------------------------------- the recipe contract
+
+
+def toy_recipe(infonce: dict) -> dict:
+    """A minimal plain recipe of testkit components with TextSwap and the given InfoNCE table."""
+    return {
+        "data": {"type": "toy-tones", "n_items": 8},
+        "audio_encoder": {"type": "toy-audio"},
+        "text_encoder": {"type": "toy-text"},
+        "audio_projector": {"type": "toy-linear", "dim": 8},
+        "text_projector": {"type": "toy-linear", "dim": 8},
+        "augmenter": [{"type": "textswap"}],
+        "objective": [{"type": "infonce", **infonce}],
+    }
+
+
+def contract_registry():
+    import mtrun_infonce
+
+    return isolated_registry(mtrun_textswap, mtrun_infonce, toy_components())
+
+
+def test_a_recipe_pairing_textswap_with_infonce_without_hard_negatives_is_invalid():
+    with pytest.raises(RecipeError) as caught:
+        resolve(toy_recipe({"hard_negatives": False}), contract_registry(), "r.toml")
+    (problem,) = caught.value.problems  # the recipe is otherwise valid
+    assert problem.startswith("[[augmenter]][0].type = 'textswap': needs [[objective]] to provide 'hard_negatives'"), problem
+    assert "[[objective]][0] type 'infonce' does" in problem, problem
+    assert "installed objectives that do with default settings: infonce" in problem, problem  # the fix: its default
+
+
+@pytest.mark.parametrize("infonce", [{"hard_negatives": True}, {}])
+def test_a_recipe_pairing_textswap_with_infonce_using_hard_negatives_resolves(infonce):
+    resolved = resolve(toy_recipe(infonce), contract_registry(), "r.toml")
+    assert [a.name for a in resolved.augmenters] == ["textswap"]
+    (objective,) = resolved.objectives
+    assert objective.name == "infonce" and objective.config.hard_negatives
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
 def test_one_training_step_with_infonce_through_the_system():
-    """TextSwap -> batch["hard_negatives"] -> InfoNCE embeds and uses them; gradients flow."""
-    if str(TESTKIT) not in sys.path:
-        sys.path.insert(0, str(TESTKIT))
-    import mtrun_testkit as kit
+    """TextSwap -> batch.hard_negatives -> InfoNCE embeds and uses them; gradients flow."""
+    kit = toy_components()
     from mtrun import System, WeightedObjective
     from mtrun_infonce.objective import InfoNCE
 
@@ -266,7 +350,7 @@ def test_one_training_step_with_infonce_through_the_system():
     )
     loss, metrics = system(batch, context())
     loss.backward()
-    h = len(batch["hard_negatives"]["texts"])
+    h = len(batch.hard_negatives)
     assert h > 0 and metrics["infonce/hard_negatives"] == float(h)
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in system.parameters())

@@ -1,8 +1,9 @@
 """The ``infonce`` objective for mtrun: symmetric InfoNCE over the global batch.
 
-Registered through the ``infonce`` entry point in the ``mtrun`` group. See
-:mod:`mtrun_infonce.objective` for the ``batch["hard_negatives"]`` contract that hard-negative
-augmenters (TextSwap) follow.
+Registered through the ``infonce`` entry point in the ``mtrun`` group. With ``hard_negatives =
+true`` it provides the ``hard_negatives`` capability: it uses ``batch.hard_negatives``
+(:class:`mtrun.HardNegatives`, written by augmenters such as TextSwap); see
+:mod:`mtrun_infonce.objective` for how.
 """
 
 from __future__ import annotations

@@ -1,33 +1,23 @@
 """Symmetric InfoNCE over the global batch, with hard negatives and false-negative masking.
 
-The hard-negative batch contract
---------------------------------
-An augmenter at stage ``batch`` (TextSwap) adds hard-negative captions by setting
-``batch["hard_negatives"]`` to a dict with:
+Hard negatives
+--------------
+With ``hard_negatives = true`` the objective provides the ``hard_negatives`` capability: it
+reads ``batch.hard_negatives``, an :class:`mtrun.HardNegatives` a ``batch`` augmenter
+(TextSwap) wrote (that class's docstring is the contract). Absent, or ``H = 0``, means none
+for this batch. How they enter the loss:
 
-``anchor``
-    ``LongTensor [H]``: for each hard negative, the index ``0 <= anchor < B`` in *this* batch
-    (this rank's micro-batch) of the audio item it is a negative for.
-``replaces``
-    ``LongTensor [H]``: the index ``0 <= j < B`` of the in-batch text that this hard negative
-    replaces in the anchor's audio->text row, or ``-1`` to add it as an extra negative. ``j``
-    must differ from ``anchor`` (the positive is never replaced). Several hard negatives may
-    name the same anchor, and even the same ``j`` (the in-batch text is removed once and each
-    hard negative is added).
-``text_inputs``
-    The text encoder's tokenizer output for the H captions (``input_ids`` and
-    ``attention_mask``, ``[H, L]``), as ``TextEncoder.tokenize`` returns it; *or*
-``texts``
-    ``list[str]`` of length H, which the objective tokenizes with the injected text encoder.
-    When both are present ``text_inputs`` is used.
-
-``H = 0`` (empty tensors, or the key missing) means no hard negatives for this batch. The
-objective embeds the captions with the injected ``text_encoder`` and ``text_projector`` (the
-same modules, so the same weights and gradients, as the batch's own texts). Only the
-audio->text rows of the anchors change: in anchor ``i``'s row the replaced column ``j`` is
-removed from the softmax and the hard negative's similarity is added. The text->audio
-direction and every other row are unchanged (a hard-negative caption has no audio positive).
-Under DDP the indices stay local; the objective converts them to global-batch indices.
+* The captions are embedded with the injected ``text_encoder`` and ``text_projector`` (the
+  same modules, so the same weights and gradients, as the batch's own texts): from
+  ``text_inputs`` when given, else from ``texts`` tokenized by the text encoder.
+* Only the audio->text rows of the anchors change: in anchor ``i``'s row each replaced column
+  ``j`` is removed from the softmax and the hard negative's similarity is added. Several hard
+  negatives may name the same anchor, and even the same ``j`` (the in-batch text is removed
+  once and each hard negative is added). The text->audio direction and every other row are
+  unchanged (a hard-negative caption has no audio positive).
+* Under DDP the indices arrive local to the rank's micro-batch; the objective converts them
+  to global-batch indices. Invalid indices (``anchor`` outside ``[0, B)``, ``replaces``
+  outside ``[-1, B)`` or equal to ``anchor``) raise ``ValueError`` naming the entry.
 """
 
 from __future__ import annotations
@@ -42,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import mtrun
-from mtrun import Batch, ObjectiveOutput, StepOutputs
+from mtrun import Batch, HardNegatives, ObjectiveOutput, StepOutputs
 
 __all__ = ["InfoNCE", "contrastive_logits", "group_ids"]
 
@@ -124,8 +114,8 @@ class InfoNCE(nn.Module):
     (:func:`mtrun.all_gather_with_grad`), so each rank computes the loss of the
     global batch and the gradients equal a single process's on that batch. Optional: a
     learnable temperature (CLIP/CLAP style, clamped), removing same-track false negatives
-    (``batch.groups``), and hard-negative captions (see the module docstring for the
-    ``batch["hard_negatives"]`` contract).
+    (``batch.groups``), and hard-negative captions (``batch.hard_negatives``, an
+    :class:`mtrun.HardNegatives`; see the module docstring).
 
     Args:
         config: The recipe settings.
@@ -154,7 +144,7 @@ class InfoNCE(nn.Module):
         )
         hard_negatives: bool = attrs.field(
             default=True,
-            metadata={"help": "use batch['hard_negatives'] (TextSwap) when present; costs one small collective per step under DDP"},
+            metadata={"help": "use batch.hard_negatives (TextSwap) when present; costs one small collective per step under DDP"},
         )
 
         def __attrs_post_init__(self) -> None:
@@ -162,6 +152,12 @@ class InfoNCE(nn.Module):
                 raise ValueError(
                     f"initial logit scale 1/temperature = {1 / self.temperature:.4g} exceeds max_logit_scale = {self.max_logit_scale}"
                 )
+
+    @staticmethod
+    def provides(config: Config) -> frozenset[str]:
+        """The capabilities an InfoNCE with ``config`` provides: ``hard_negatives`` exactly when
+        ``config.hard_negatives`` is on (it then uses ``batch.hard_negatives``)."""
+        return frozenset({"hard_negatives"}) if config.hard_negatives else frozenset()
 
     def __init__(self, config: Config, *, text_encoder: Any = None, text_projector: Any = None):
         super().__init__()
@@ -194,12 +190,14 @@ class InfoNCE(nn.Module):
     def _local_hard_negatives(self, batch: Batch, n_local: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's hard negatives: embeddings ``[H, D]`` (un-normalised), anchor and replaces ``[H]``."""
         device = like.device
-        spec = batch.get("hard_negatives") if isinstance(batch, dict) else None
+        hard = batch.get("hard_negatives") if isinstance(batch, dict) else None
         empty_idx = torch.zeros(0, dtype=torch.long, device=device)
-        if spec is None:
+        if hard is None:
             return like.new_zeros((0, like.shape[1])), empty_idx, empty_idx
-        anchor = torch.as_tensor(spec["anchor"], dtype=torch.long, device=device).reshape(-1)
-        replaces = torch.as_tensor(spec["replaces"], dtype=torch.long, device=device).reshape(-1)
+        if not isinstance(hard, HardNegatives):
+            raise TypeError(f"batch.hard_negatives must be mtrun.HardNegatives (got {type(hard).__name__})")
+        anchor = torch.as_tensor(hard.anchor, dtype=torch.long, device=device).reshape(-1)
+        replaces = torch.as_tensor(hard.replaces, dtype=torch.long, device=device).reshape(-1)
         h = anchor.shape[0]
         if replaces.shape[0] != h:
             raise ValueError(f"hard_negatives: anchor has {h} entries but replaces has {replaces.shape[0]}")
@@ -215,12 +213,11 @@ class InfoNCE(nn.Module):
         text_encoder, text_projector = self._text_arm
         if text_encoder is None or text_projector is None:
             raise ValueError("the batch has hard_negatives but InfoNCE was built without text_encoder and text_projector")
-        inputs = spec.get("text_inputs")
+        inputs = hard.text_inputs
         if inputs is None:
-            texts = spec.get("texts")
-            if texts is None or len(texts) != h:
-                raise ValueError(f"hard_negatives needs text_inputs or texts for its {h} captions")
-            inputs = text_encoder.tokenize(list(texts))
+            if len(hard.texts) != h:
+                raise ValueError(f"hard_negatives has {len(hard.texts)} texts (and no text_inputs) for its {h} captions")
+            inputs = text_encoder.tokenize(list(hard.texts))
         ids = inputs["input_ids"].to(device)
         mask = inputs["attention_mask"].to(device)
         if ids.shape[0] != h:

@@ -1,7 +1,7 @@
 """The ``textswap`` augmenter for mtrun: hard-negative captions by keyword swaps (DuET-MC).
 
-Registered through the ``textswap`` entry point in the ``mtrun`` group. See
-:mod:`mtrun_textswap.augmenter` for what it writes into ``batch["hard_negatives"]``.
+Registered through the ``textswap`` entry point in the ``mtrun`` group. It writes
+``batch.hard_negatives`` (:class:`mtrun.HardNegatives`); see :mod:`mtrun_textswap.augmenter`.
 """
 
 from __future__ import annotations

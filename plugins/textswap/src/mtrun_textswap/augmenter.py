@@ -9,17 +9,12 @@ round(fraction * (B - 1)))`` (capped by ``max_per_pair`` when set). The swaps of
 through the categories found in ``text_i`` in a random order, so categories take turns; within
 a category the swapped keyword and its replacement are drawn uniformly.
 
-The output follows the infonce plugin's hard-negative batch contract::
-
-    batch["hard_negatives"] = {
-        "anchor":   LongTensor [H],   # i, the audio item the caption is a negative for
-        "replaces": LongTensor [H],   # j != i, the in-batch caption it replaces in row i
-        "texts":    list[str],        # the H swapped captions (the objective tokenizes them)
-    }
-
-``H = 0`` (empty tensors, no texts) when nothing was swapped, so the objective always finds
-the key in training. Indices are local to the batch the augmenter sees (this rank's
-micro-batch), as the contract requires.
+The output is an :class:`mtrun.HardNegatives` in ``batch.hard_negatives`` (its docstring is the
+contract): ``anchor`` = ``i``, ``replaces`` = the ``j != i`` it replaces in row ``i`` (never
+``-1``), ``texts`` = the swapped captions, untokenized (the objective tokenizes them). ``H = 0``
+(empty tensors, no texts) when nothing was swapped, so the objective always finds the field in
+training. Hard negatives an earlier ``batch`` augmenter wrote (as ``texts``) are kept, this
+step's appended after them.
 
 Probability schedule (``context.epoch_float`` = step / steps_per_epoch)::
 
@@ -98,6 +93,26 @@ def _match_case(template: str, word: str) -> str:
     return word
 
 
+def _merged(previous: Any, hard: HardNegatives) -> HardNegatives:
+    """``previous`` (an earlier augmenter's, this step) followed by ``hard``."""
+    import torch
+
+    if not isinstance(previous, HardNegatives):
+        raise TypeError(f"textswap: batch.hard_negatives must be mtrun.HardNegatives (got {type(previous).__name__})")
+    if len(previous) == 0:
+        return hard
+    if previous.text_inputs is not None or len(previous.texts) != len(previous):
+        raise ValueError(
+            "textswap: the batch already has tokenized hard_negatives (text_inputs, not texts); "
+            "put textswap first among batch augmenters"
+        )
+    return HardNegatives(
+        anchor=torch.cat([previous.anchor.to(torch.long), hard.anchor]),
+        replaces=torch.cat([previous.replaces.to(torch.long), hard.replaces]),
+        texts=[*previous.texts, *hard.texts],
+    )
+
+
 def _randint(high: int, generator: Any) -> int:
     import torch
 
@@ -105,7 +120,7 @@ def _randint(high: int, generator: Any) -> int:
 
 
 class TextSwap:
-    """``batch``-stage augmenter writing ``batch["hard_negatives"]`` (see the module docstring).
+    """``batch``-stage augmenter writing ``batch.hard_negatives`` (see the module docstring).
 
     Args:
         config: The recipe settings.
@@ -261,20 +276,14 @@ class TextSwap:
                 replaces += [others[o] for o in order]
                 captions += made
 
-        spec = {
-            "anchor": torch.tensor(anchors, dtype=torch.long),
-            "replaces": torch.tensor(replaces, dtype=torch.long),
-            "texts": captions,
-        }
+        hard = HardNegatives(
+            anchor=torch.tensor(anchors, dtype=torch.long),
+            replaces=torch.tensor(replaces, dtype=torch.long),
+            texts=captions,
+        )
         previous = batch.get("hard_negatives")
-        if previous is not None and len(previous.get("anchor", ())) > 0:
-            if "texts" not in previous or "text_inputs" in previous:
-                raise ValueError("textswap: the batch already has tokenized hard_negatives; put textswap first among batch augmenters")
-            spec = {
-                "anchor": torch.cat([torch.as_tensor(previous["anchor"], dtype=torch.long), spec["anchor"]]),
-                "replaces": torch.cat([torch.as_tensor(previous["replaces"], dtype=torch.long), spec["replaces"]]),
-                "texts": [*previous["texts"], *captions],
-            }
-        batch["hard_negatives"] = spec
+        if previous is not None:
+            hard = _merged(previous, hard)
+        batch.hard_negatives = hard
         self.last_stats = {"p": p, "pairs_swapped": float(swapped_pairs), "hard_negatives": float(len(captions))}
         return batch
