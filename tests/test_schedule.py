@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mtrun.train.schedule import Cosine, lambda_lr, warmup_cosine_factor
+from mtrun.train.schedule import Cosine, lambda_lr
 
 
 def warmup_cosine(optimizer, *, warmup_steps, total_steps, min_lr_ratio):
@@ -39,7 +39,8 @@ def test_lambda_lr_matches_independent_warmup_cosine_formula(warmup, total, floo
 
 
 def test_warmup_rises_linearly_to_peak_then_decays_to_floor():
-    factors = [warmup_cosine_factor(s, warmup_steps=4, total_steps=20, min_lr_ratio=0.2) for s in range(25)]
+    cosine = Cosine(Cosine.Config(warmup_steps=4, min_lr_ratio=0.2), total_steps=20, steps_per_epoch=1)
+    factors = [cosine.factor(s) for s in range(25)]
     assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert factors[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[3:20], factors[4:21]))

@@ -17,7 +17,7 @@ import torch
 import mtrun_tag_to_caption
 from mtrun import AugmentContext, MtrunError, Sample
 from mtrun.testing import check_component, isolated_registry
-from mtrun_tag_to_caption.augmenter import TagToCaption, format_tags
+from mtrun_tag_to_caption.augmenter import TagToCaption, clean_caption, format_tags
 from mtrun_tag_to_caption.cache import CACHE_FILE, default_cache_dir
 from mtrun_tag_to_caption.templates import SYNONYMS, TEMPO_WORDS
 
@@ -178,6 +178,12 @@ def test_a_missing_lm_folder_is_a_clear_error(tmp_path):
         TagToCaption(config(tmp_path)).prepare([sample(0)])
 
 
+def test_clean_caption_keeps_the_first_non_empty_line_unquoted():
+    assert clean_caption('\n  \n "A  lively\treel on   fiddle."  \nTags: reel\n') == "A lively reel on fiddle."
+    assert clean_caption("`calm organ chorale`") == "calm organ chorale"
+    assert clean_caption(" \n\"\"\n") == ""
+
+
 def test_llm_captions_are_generated_once_then_read_from_the_cache(tiny_lm, tmp_path, monkeypatch):
     import transformers
 
@@ -236,6 +242,7 @@ def test_cache_survives_a_process_restart_without_transformers_or_torch(tiny_lm,
 import sys, json
 sys.modules["transformers"] = None  # importing either would fail: the cache alone must serve
 sys.modules["torch"] = None
+from mtrun import Sample
 from mtrun_tag_to_caption.augmenter import TagToCaption
 aug = TagToCaption(TagToCaption.Config(**json.loads({json.dumps(json.dumps(settings))})))
 item = Sample(id="s4", audio=None, tags=json.loads({json.dumps(json.dumps(item.tags))}))

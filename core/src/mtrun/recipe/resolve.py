@@ -174,7 +174,8 @@ class _NestedProblems(Exception):
     """A nested component's table had problems; they carry their full paths already."""
 
     def __init__(self, problems: list[_Problem]):
-        super().__init__(f"{len(problems)} problem(s)")
+        # Readable on its own too, for code that structures configs with the converter directly.
+        super().__init__("; ".join(".".join(map(str, p.path)) + f": {p.message}" for p in problems))
         self.problems = problems
 
 

@@ -16,27 +16,7 @@ import torch
 
 from mtrun.config import non_negative, unit_interval
 
-__all__ = ["Constant", "Cosine", "Linear", "WarmupConfig", "lambda_lr", "warmup_cosine_factor", "warmup_length"]
-
-
-def warmup_cosine_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
-    """The multiplier of the peak learning rate for optimizer step ``step`` (0-based).
-
-    Warm-up rises linearly as ``(step + 1) / warmup_steps`` so the first step already moves
-    the weights (``step / warmup_steps`` would waste it at lr 0) and the peak is reached on the
-    last warm-up step. Afterwards the factor follows half a cosine from 1 down to
-    ``min_lr_ratio``, reached at ``total_steps`` and held beyond it.
-
-    Args:
-        step: Optimizer steps already taken.
-        warmup_steps: Length of the warm-up (0 = none).
-        total_steps: Steps in the whole run.
-        min_lr_ratio: Floor of the decay as a fraction of the peak.
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = _decay_progress(step, warmup_steps, total_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+__all__ = ["Constant", "Cosine", "Linear", "WarmupConfig", "lambda_lr", "warmup_length"]
 
 
 def _decay_progress(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -71,79 +51,68 @@ def _min_lr_ratio_field(what: str):
     )
 
 
-class Cosine:
-    """Warm-up, then half a cosine from the peak down to ``min_lr_ratio`` at the last step.
+class _WarmupSchedule:
+    """What every schedule shares: the warm-up, then :meth:`decay` until the last step.
 
     Args:
         config: The ``[trainer.schedule]`` table.
         total_steps: Optimizer steps in the whole run.
         steps_per_epoch: Optimizer steps per epoch (for ``warmup_epochs``).
     """
+
+    def __init__(self, config: WarmupConfig, *, total_steps: int, steps_per_epoch: int):
+        self.config = config
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_length(config, steps_per_epoch)
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate for the 0-based optimizer step ``step``.
+
+        Warm-up rises as ``(step + 1) / warmup_steps`` so the first step already moves the
+        weights (``step / warmup_steps`` would waste it at lr 0) and the peak is reached on the
+        last warm-up step; past ``total_steps`` the factor holds its final value.
+        """
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return self.decay(_decay_progress(step, self.warmup_steps, self.total_steps))
+
+    def decay(self, progress: float) -> float:
+        """The factor after the warm-up, at ``progress`` from 0 (its end) to 1 (the last step)."""
+        raise NotImplementedError
+
+
+class Cosine(_WarmupSchedule):
+    """Warm-up, then half a cosine from the peak down to ``min_lr_ratio`` at the last step."""
 
     @attrs.frozen
     class Config(WarmupConfig):
         min_lr_ratio: float = _min_lr_ratio_field("cosine")
 
-    def __init__(self, config: Cosine.Config, *, total_steps: int, steps_per_epoch: int):
-        self.config = config
-        self.total_steps = total_steps
-        self.warmup_steps = warmup_length(config, steps_per_epoch)
-
-    def factor(self, step: int) -> float:
-        """Multiplier of the peak learning rate for the 0-based optimizer step ``step``."""
-        return warmup_cosine_factor(
-            step, warmup_steps=self.warmup_steps, total_steps=self.total_steps, min_lr_ratio=self.config.min_lr_ratio
-        )
+    def decay(self, progress: float) -> float:
+        floor = self.config.min_lr_ratio
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class Linear:
+class Linear(_WarmupSchedule):
     """Warm-up, then a straight line from the peak down to ``min_lr_ratio`` at the last step
-    (MuLaP's schedule).
-
-    Args:
-        config: The ``[trainer.schedule]`` table.
-        total_steps: Optimizer steps in the whole run.
-        steps_per_epoch: Optimizer steps per epoch (for ``warmup_epochs``).
-    """
+    (MuLaP's schedule)."""
 
     @attrs.frozen
     class Config(WarmupConfig):
         min_lr_ratio: float = _min_lr_ratio_field("linear")
 
-    def __init__(self, config: Linear.Config, *, total_steps: int, steps_per_epoch: int):
-        self.config = config
-        self.total_steps = total_steps
-        self.warmup_steps = warmup_length(config, steps_per_epoch)
-
-    def factor(self, step: int) -> float:
-        """Multiplier of the peak learning rate for the 0-based optimizer step ``step``."""
-        if self.warmup_steps > 0 and step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = _decay_progress(step, self.warmup_steps, self.total_steps)
+    def decay(self, progress: float) -> float:
         return 1.0 - (1.0 - self.config.min_lr_ratio) * progress
 
 
-class Constant:
-    """Warm-up, then the peak learning rate to the end.
-
-    Args:
-        config: The ``[trainer.schedule]`` table.
-        total_steps: Optimizer steps in the whole run (unused: nothing decays).
-        steps_per_epoch: Optimizer steps per epoch (for ``warmup_epochs``).
-    """
+class Constant(_WarmupSchedule):
+    """Warm-up, then the peak learning rate to the end."""
 
     @attrs.frozen
     class Config(WarmupConfig):
         pass
 
-    def __init__(self, config: Constant.Config, *, total_steps: int, steps_per_epoch: int):
-        self.config = config
-        self.warmup_steps = warmup_length(config, steps_per_epoch)
-
-    def factor(self, step: int) -> float:
-        """Multiplier of the peak learning rate for the 0-based optimizer step ``step``."""
-        if self.warmup_steps > 0 and step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
+    def decay(self, progress: float) -> float:
         return 1.0
 
 

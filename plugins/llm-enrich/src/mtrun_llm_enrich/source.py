@@ -1,15 +1,17 @@
-"""``llm-enriched``: a manifest (or the demo corpus) plus LLM-rewritten captions as extra pairs.
+"""``llm-enriched``: any data source's items plus LLM-rewritten captions as extra pairs.
 
 FLAP enriches its training text with an LLM: the model sees a clip's original caption and the
 labels detected in its audio and writes a richer caption, and each rewrite is *added* as a new
 training pair next to the original one. Here the labels are the item's tags (the demo corpus'
 genre/instrument/tempo/..., a dataset's tag columns, or the output of an audio tagger written
-into the manifest).
+into a manifest).
 
-A data source cannot wrap another data source (components are built from their own table and
-never see the registry), so this source reads the base items itself — a manifest file, or the
-demo corpus when ``manifest`` is empty — and returns them unchanged, with the extra pairs
-appended to the enriched splits (``train`` only by default; evaluation splits are refused).
+The items come from another data source, chosen and configured in the nested table
+``[data.base]`` (``type = "manifest"`` with its ``path``, ``type = "audiocaps"``, ...; the demo
+corpus when the table is left out). This source builds it through the public
+:class:`~mtrun.DataSource` protocol (``splits()``, ``load(split)``) and returns its items
+unchanged, with the extra pairs appended to the enriched splits (``train`` only by default;
+evaluation splits are refused).
 
 Generation runs once, on first use, in the process that builds the source: every distinct
 (caption, tags) prompt missing from the disk cache is generated in batches and appended to the
@@ -29,7 +31,7 @@ from typing import Any, Sequence
 
 import attrs
 
-from mtrun import MtrunError, Sample, SplitSource
+from mtrun import ComponentSpec, MtrunError, Run, Sample, SplitSource, component_field
 from mtrun_tag_to_caption.settings import generation_settings, positive, unit_interval
 
 __all__ = ["DEFAULT_PROMPT", "LLMEnriched", "default_cache_dir", "enrichment_key"]
@@ -84,13 +86,16 @@ class LLMEnriched(SplitSource):
     caption, and ``extra["enriched_from"]``/``extra["original_caption"]``. It shares its group
     with the original (an original without a group gets its id as group), so InfoNCE with
     ``mask_same_group = true`` never treats the two copies of a clip as negatives.
+
+    Args:
+        config: The recipe settings; ``config.base`` is the ``[data.base]`` source.
+        run: The run, passed on to the base source when it is built (the assembler injects it).
     """
 
     @attrs.frozen
     class Config:
         lm_path: str = attrs.field(default="", metadata={"help": "local causal-LM folder (save_pretrained layout, tokenizer included); required"})
-        manifest: str = attrs.field(default="", metadata={"help": "base manifest (.jsonl/.csv/.parquet, as [data] type = 'manifest'); '' = the demo corpus"})
-        n_items: int = attrs.field(default=0, validator=attrs.validators.ge(0), metadata={"help": "keep at most this many base items, a fixed subset spread over the splits (0 = all)"})
+        base: ComponentSpec = component_field("data", default="demo", help="the data source whose items are enriched, configured in [data.base]")
         splits: tuple[str, ...] = attrs.field(default=("train",), converter=tuple, validator=_training_splits, metadata={"help": "splits that get the extra pairs (never val/test)"})
         captions_per_item: int = attrs.field(default=1, validator=attrs.validators.ge(0), metadata={"help": "rewrite the first N captions of each item (0 = all; an item without captions is rewritten from its tags once)"})
         prompt: str = attrs.field(default=DEFAULT_PROMPT, validator=_has_caption_slot, metadata={"help": "LLM prompt; {caption} = the original caption, {tags} = 'category: tag, tag; ...'"})
@@ -104,23 +109,22 @@ class LLMEnriched(SplitSource):
         batch_size: int = attrs.field(default=8, validator=positive, metadata={"help": "prompts per generate call"})
         device: str = attrs.field(default="", metadata={"help": "device of the LM ('' = cuda when available, else cpu)"})
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, *, run: Run | None = None):
         self.config = config
+        self.run = run
         self.stats: dict[str, int] = {}
 
     # ------------------------------------------------------------------ pieces
 
     def base_splits(self) -> dict[str, list[Sample]]:
-        """The items before enrichment: the manifest's, or the demo corpus'."""
-        from mtrun.data.demo import DemoCorpus, subset
-        from mtrun.data.sources.manifest import ManifestSource
-
-        if self.config.manifest:
-            splits = ManifestSource(ManifestSource.Config(path=self.config.manifest)).build()
-        else:
-            splits = DemoCorpus(DemoCorpus.Config()).build()
-        splits = {name: list(items) for name, items in splits.items()}
-        return subset(splits, self.config.n_items) if self.config.n_items else splits
+        """The items before enrichment: every split of the ``[data.base]`` source, in order."""
+        if self.config.base is None:
+            raise MtrunError(
+                "llm-enriched: [data.base] must name a data source to enrich (type = \"manifest\", path = ...); "
+                "this Config was built without one. Structure it from a recipe table, where the default is the demo corpus"
+            )
+        source = self.config.base.build(run=self.run)
+        return {split: list(source.load(split)) for split in source.splits()}
 
     def generation_settings(self) -> dict[str, Any]:
         """What, besides the model, decides a rewrite (part of every cache key)."""
@@ -203,7 +207,7 @@ class LLMEnriched(SplitSource):
         return splits
 
     def _generate(self, folder: Path, cache: Any, todo: dict[str, tuple[str, dict[str, list[str]]]]) -> None:
-        from mtrun_tag_to_caption.augmenter import _clean
+        from mtrun_tag_to_caption.augmenter import clean_caption
         from mtrun_tag_to_caption.generate import CaptionWriter
 
         cfg = self.config
@@ -213,7 +217,7 @@ class LLMEnriched(SplitSource):
         for start in range(0, len(items), cfg.batch_size):
             chunk = items[start : start + cfg.batch_size]
             prompts = [self.prompt_for(caption, tags) for _, (caption, tags) in chunk]
-            outputs = [_clean(text) for text in writer.generate(prompts)]
+            outputs = [clean_caption(text) for text in writer.generate(prompts)]
             # Appended batch by batch: an interrupted build keeps what it generated.
             cache.add(
                 {"key": key, "caption": text, "original": caption, "tags": tags, "lm": str(folder)}

@@ -45,7 +45,7 @@ from mtrun_tag_to_caption.cache import CaptionCache, caption_key, canonical_tags
 from mtrun_tag_to_caption.settings import generation_settings, positive, unit_interval
 from mtrun_tag_to_caption.templates import render_caption
 
-__all__ = ["DEFAULT_PROMPT", "TagToCaption", "format_tags"]
+__all__ = ["DEFAULT_PROMPT", "TagToCaption", "clean_caption", "format_tags"]
 
 _log = logging.getLogger("mtrun.tag_to_caption")
 
@@ -65,8 +65,9 @@ def _has_tags_slot(_instance: object, attribute: attrs.Attribute, value: str) ->
         raise ValueError(f"{attribute.name} must contain the placeholder {{tags}}")
 
 
-def _clean(text: str) -> str:
-    """The first non-empty line of a generation, whitespace collapsed, quotes stripped."""
+def clean_caption(text: str) -> str:
+    """The caption in an LLM's raw output: its first non-empty line, whitespace collapsed,
+    surrounding quotes and backticks stripped ("" when there is none)."""
     for line in text.splitlines():
         line = " ".join(line.split()).strip("\"'` ")
         if line:
@@ -245,7 +246,7 @@ class TagToCaption:
             for start in range(0, len(items), self.config.batch_size):
                 chunk = items[start : start + self.config.batch_size]
                 prompts = [self.config.prompt.replace("{tags}", format_tags(tags)) for _, tags in chunk]
-                outputs = [_clean(text) for text in writer.generate(prompts)]
+                outputs = [clean_caption(text) for text in writer.generate(prompts)]
                 self.cache.add(
                     {"key": key, "caption": caption, "tags": tags, "lm": str(self.lm_path)}
                     for (key, tags), caption in zip(chunk, outputs)
