@@ -295,3 +295,11 @@ def test_nested_table_without_type_lists_what_is_installed(registry):
     (problem,) = problems(recipe(data={"type": "subset", "base": {"n_items": 3}}), registry)
     assert problem.startswith("[data.base]: missing key 'type' (the data to use); [data.base] needs type = \"NAME\""), problem
     assert "toy-tones" in problem
+
+
+def test_a_setting_given_to_the_owner_points_to_its_nested_table(registry):
+    """Recipes from before [trainer.optimizer] existed say `[trainer] lr = ...`: say where it lives."""
+    found = problems(recipe(trainer={"lr": 1e-3, "warmup_steps": 5, "max_step": 3}), registry)
+    assert found[0].startswith("[trainer].lr: unknown key (it is a setting of the nested table [trainer.optimizer]: write it there)"), found
+    assert found[1].startswith("[trainer].max_step: unknown key (did you mean 'max_steps'?)"), found
+    assert found[2].startswith("[trainer].warmup_steps: unknown key (it is a setting of the nested table [trainer.schedule]"), found

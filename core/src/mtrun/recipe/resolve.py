@@ -212,6 +212,20 @@ def _note(exc: BaseException) -> Any:
     return None
 
 
+def _nested_home(cls: type, key: str) -> str | None:
+    """The nested component field of ``cls`` whose default type has the setting ``key``.
+
+    Recipes written before a setting moved into a nested table (``[trainer] lr`` before
+    ``[trainer.optimizer] lr``) then get told where it lives now.
+    """
+    for field in component_fields(cls):
+        default = field.default
+        spec = default.factory() if isinstance(default, attrs.Factory) and not default.takes_self else None  # type: ignore[arg-type]
+        if isinstance(spec, ComponentSpec) and key in attrs.fields_dict(type(spec.config)):
+            return field.name
+    return None
+
+
 def _walk(exc: BaseException, path: tuple, raw: Any, expected: Any, extra_known: Sequence[str]) -> list[_Problem]:
     """Turn a cattrs exception tree into one problem per leaf, with the user's value."""
     from cattrs.errors import AttributeValidationNote, ForbiddenExtraKeysError
@@ -223,11 +237,17 @@ def _walk(exc: BaseException, path: tuple, raw: Any, expected: Any, extra_known:
         out = []
         for key in sorted(exc.extra_fields):
             hint = suggest(key, known)
+            nested = _nested_home(exc.cl, key)
+            if nested:
+                table = "[" + ".".join(p for p in path + (nested,) if isinstance(p, str)) + "]"
+                hint_text = f" (it is a setting of the nested table {table}: write it there)"
+            else:
+                hint_text = f" (did you mean {hint!r}?)" if hint else ""
             out.append(
                 _Problem(
                     path + (key,),
                     "unknown key"
-                    + (f" (did you mean {hint!r}?)" if hint else "")
+                    + hint_text
                     + f"; known keys: {', '.join(known) or 'none (this component takes no settings)'}",
                     created=True,
                 )
