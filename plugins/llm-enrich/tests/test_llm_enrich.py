@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
-
-import attrs
 
 import mtrun
 import mtrun_llm_enrich
@@ -118,14 +117,22 @@ def test_the_base_source_is_a_nested_table_defaulting_to_the_demo_corpus(tmp_pat
     assert (default.name, default.config) == ("demo", REGISTRY.get("data", "demo").cls.Config())
 
 
-def test_a_misspelled_base_type_is_reported_with_the_closest_name():
-    table = {"type": "llm-enriched", "lm_path": "x", "base": {"type": "manifset", "path": "pairs.jsonl"}}
-    with pytest.raises(Exception):  # noqa: B017 - the converter refuses it; its message is checked below
-        structure({k: v for k, v in table.items() if k != "type"})
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        ({"type": "manifset", "path": "pairs.jsonl"}, "[data.base].type = 'manifset': no data of that name (did you mean 'manifest'?)"),
+        ({"type": "manifest", "path": "pairs.jsonl", "default_splt": "val"}, "[data.base].default_splt: unknown key (did you mean 'default_split'?)"),
+        ({"n_item": 20}, "[data.base].n_item: unknown key (did you mean 'n_items'?)"),  # the default base: the demo corpus
+    ],
+    ids=["misspelled-type", "unknown-manifest-key", "unknown-demo-key"],
+)
+def test_base_table_problems_name_the_nested_table_and_the_closest_name(base, expected):
+    recipe = {"data": {"type": "llm-enriched", "lm_path": "x", "base": base}}
     with pytest.raises(RecipeError) as caught:
-        resolve({"data": table}, REGISTRY)
-    (problem,) = [p for p in caught.value.problems if p.startswith("[data.base]")]
-    assert problem.startswith("[data.base].type = 'manifset': no data of that name (did you mean 'manifest'?)"), problem
+        resolve(recipe, REGISTRY)  # as `mtrun validate` does (mtrun.recipe.resolve_recipe)
+    # The registry holds no encoders, so the other slots' tables are reported missing too.
+    (problem,) = [p for p in caught.value.problems if p.startswith("[data")]
+    assert problem.startswith(expected), problem
 
 
 def test_the_base_is_read_through_the_data_source_protocol_and_gets_the_run(tmp_path):
