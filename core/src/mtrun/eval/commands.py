@@ -119,6 +119,19 @@ def _best_or_latest(run_dir: Path) -> Path | None:
     return CheckpointManager(root).best or find_latest(root)
 
 
+def _verify(checkpoint: Path, names: list[str]) -> None:
+    """Refuse a checkpoint whose files differ from the checksums recorded when it was written."""
+    from mtrun.train.checkpoint import CorruptCheckpointError, verify_checkpoint
+
+    try:
+        verify_checkpoint(checkpoint, names)
+    except CorruptCheckpointError as exc:
+        raise EvalError(
+            f"mtrun eval: checkpoint {checkpoint} cannot be loaded into the model: {exc.problem}. "
+            "The file changed after it was written (disk or copy damage); evaluate another checkpoint."
+        ) from None
+
+
 def _load_recipe(path: Path, overrides: Sequence[str], profile: str | None, tasks: Sequence[str] | None) -> Any:
     """The plain recipe with ``--tasks`` and the overrides applied (in that order)."""
     from mtrun.errors import RecipeError
@@ -202,6 +215,8 @@ def evaluate_target(
 
         registry = plugins.get_plugins().registry
     recipe_path, checkpoint, run_dir, is_recipe = _locate(Path(target))
+    if checkpoint is not None and not is_recipe:
+        _verify(checkpoint, ["model.safetensors", recipe_path.name])  # before its recipe is read
     if profile and not is_recipe:
         raise EvalError(f"mtrun eval: --profile applies to recipe files; {target} already holds a resolved recipe")
     data = _load_recipe(recipe_path, overrides, profile, tasks)
@@ -209,6 +224,8 @@ def evaluate_target(
     if is_recipe:
         run_dir = Path(resolved.run.output_dir) / resolved.run.name
         checkpoint = _best_or_latest(run_dir)
+        if checkpoint is not None:
+            _verify(checkpoint, ["model.safetensors"])
     run = Run(dir=run_dir, config=resolved.run, loader=resolved.loader, recipe=dict(resolved.data), recipe_path=str(recipe_path))
     torch.manual_seed(resolved.run.seed)
     built = assemble(resolved, run)
@@ -219,7 +236,7 @@ def evaluate_target(
         from safetensors import SafetensorError
 
         try:
-            state = read_model_state(checkpoint)
+            state = read_model_state(checkpoint, verify=False)  # _verify checked it
             missing, unexpected = system.load_state_dict(state, strict=False)
         except (OSError, RuntimeError, ValueError, SafetensorError) as exc:  # unreadable file, or tensors of other shapes
             raise EvalError(

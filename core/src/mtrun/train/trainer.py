@@ -34,7 +34,15 @@ from mtrun.interfaces import AugmentContext, Batch, DataSource, EvalTask
 from mtrun.run import Run
 from mtrun.spec import ComponentSpec, component_field
 from mtrun.system import System
-from mtrun.train.checkpoint import Checkpoint, CheckpointManager, read_checkpoint, resolve_resume, step_dir_name
+from mtrun.train.checkpoint import (
+    Checkpoint,
+    CheckpointManager,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    read_checkpoint,
+    resolve_resume,
+    step_dir_name,
+)
 from mtrun.train.interrupts import StopRequests
 from mtrun.train.metrics import MetricsLogger, console_view
 from mtrun.train.optim import AdamW
@@ -458,29 +466,43 @@ class DefaultTrainer:
             fit.progress.message(f"{stop.signal_name} after step {step}: saved {folder}")
 
     def _save(self, fit: _Fit) -> Path:
-        """Checkpoint the current step (rank 0 writes; every rank remembers the folder)."""
+        """Checkpoint the current step (rank 0 writes; every rank remembers the folder).
+
+        A write that fails (full disk, read-only folder) stops training with a
+        :class:`CheckpointWriteError` that names the last good checkpoint."""
         cfg, state = self.config, self.state
         folder = fit.ckpt_root / step_dir_name(state.step)
         if fit.manager is not None:
             rng_tensors, rng_plain = capture_rng()
-            fit.manager.save(
-                state.step,
-                model_state=fit.system.state_dict(),
-                optimizer_state=fit.optimizer.state_dict() if fit.optimizer is not None else None,
-                scheduler_state=fit.scheduler.state_dict() if fit.scheduler is not None else None,
-                trainer_state={
-                    **attrs.asdict(state),
-                    "batch_size": cfg.batch_size,
-                    "grad_accum": cfg.grad_accum,
-                    "world_size": fit.world,
-                    "total_steps": fit.total,
-                    "steps_per_epoch": fit.steps_per_epoch,
-                    "seed": self.run.config.seed,
-                },
-                rng_tensors=rng_tensors,
-                rng_plain=rng_plain,
-                recipe=self.run.recipe,
-            )
+            try:
+                fit.manager.save(
+                    state.step,
+                    model_state=fit.system.state_dict(),
+                    optimizer_state=fit.optimizer.state_dict() if fit.optimizer is not None else None,
+                    scheduler_state=fit.scheduler.state_dict() if fit.scheduler is not None else None,
+                    trainer_state={
+                        **attrs.asdict(state),
+                        "batch_size": cfg.batch_size,
+                        "grad_accum": cfg.grad_accum,
+                        "world_size": fit.world,
+                        "total_steps": fit.total,
+                        "steps_per_epoch": fit.steps_per_epoch,
+                        "seed": self.run.config.seed,
+                    },
+                    rng_tensors=rng_tensors,
+                    rng_plain=rng_plain,
+                    recipe=self.run.recipe,
+                )
+            except CheckpointWriteError as exc:
+                raise CheckpointWriteError(
+                    f"{exc}\nTraining stopped after step {state.step}. Last good checkpoint: "
+                    f"{fit.last_checkpoint or 'none written yet'}; make room (or fix the folder) and "
+                    "continue from it with --resume latest.",
+                    folder=exc.folder,
+                    reason=exc.reason,
+                    needed=exc.needed,
+                    free=exc.free,
+                ) from exc.__cause__
         fit.last_checkpoint = str(folder)
         fit.saved_at = state.step
         return folder
@@ -601,13 +623,21 @@ class DefaultTrainer:
         """Read the checkpoint ``run.config.resume`` points at, load its weights (before DDP
         wraps and broadcasts them) and its position into ``self.state``."""
         cfg = self.config
+        quiet = {"say": None} if distributed.rank() else {}  # rank 0 reports a fallback
         try:
-            resume_from = resolve_resume(self.run.config.resume, run_dir)
+            resume_from = resolve_resume(self.run.config.resume, run_dir, **quiet)
         except FileNotFoundError as exc:
             raise TrainingError(str(exc)) from exc
+        except CorruptCheckpointError as exc:
+            raise TrainingError(f"cannot resume: {exc}; resume from an older checkpoint folder instead") from None
         if resume_from is None:
             return None, None
-        checkpoint = read_checkpoint(resume_from)
+        from safetensors import SafetensorError
+
+        try:
+            checkpoint = read_checkpoint(resume_from, verify=False)  # resolve_resume verified it
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:  # damage in a checkpoint without checksums
+            raise TrainingError(f"cannot resume from {resume_from}: it cannot be read ({type(exc).__name__}: {exc})") from None
         saved = checkpoint.trainer_state
         if int(saved.get("batch_size", cfg.batch_size)) != cfg.batch_size:
             raise TrainingError(
