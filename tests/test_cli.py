@@ -212,10 +212,10 @@ def test_usage_error_exits_2(capsys):
 
 
 def test_bare_recipe_path_trains_with_overrides_profile_and_resume(fake_train, capsys):
-    argv = ["recipes/x.toml", "trainer.lr=1e-3", "--profile", "tiny", "~augmenter", "--resume"]
+    argv = ["recipes/x.toml", "trainer.optimizer.lr=1e-3", "--profile", "tiny", "~augmenter", "--resume"]
     assert main(argv) == 0
     assert fake_train == [
-        {"recipe": "recipes/x.toml", "overrides": ["trainer.lr=1e-3", "~augmenter"], "profile": "tiny", "resume": True}
+        {"recipe": "recipes/x.toml", "overrides": ["trainer.optimizer.lr=1e-3", "~augmenter"], "profile": "tiny", "resume": True}
     ]
     assert "loss=0.5" in capsys.readouterr().out
 

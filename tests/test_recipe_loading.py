@@ -179,7 +179,7 @@ def base(tmp_path):
     return write(
         tmp_path / "r.toml",
         """
-        [trainer]
+        [trainer.optimizer]
         lr = 1e-3
         [run]
         name = "base"
@@ -196,20 +196,20 @@ def test_override_values_are_parsed_as_toml(base):
     data = load_recipe(
         base,
         overrides=[
-            "trainer.lr=3e-4",
+            "trainer.optimizer.lr=3e-4",
             "trainer.epochs=7",
             "trainer.amp=true",
             'run.name="quoted"',
-            "trainer.betas=[0.9, 0.98]",
-            "trainer.schedule={kind = 'cosine', warmup = 5}",
+            "trainer.optimizer.betas=[0.9, 0.98]",
+            "trainer.schedule={type = 'linear', warmup_steps = 5}",
         ],
     )
     trainer = data["trainer"]
-    assert trainer["lr"] == 3e-4 and isinstance(trainer["lr"], float)
+    assert trainer["optimizer"]["lr"] == 3e-4 and isinstance(trainer["optimizer"]["lr"], float)
     assert trainer["epochs"] == 7 and isinstance(trainer["epochs"], int)
     assert trainer["amp"] is True
-    assert trainer["betas"] == [0.9, 0.98]
-    assert trainer["schedule"] == {"kind": "cosine", "warmup": 5}
+    assert trainer["optimizer"]["betas"] == [0.9, 0.98]
+    assert trainer["schedule"] == {"type": "linear", "warmup_steps": 5}
     assert data["run"]["name"] == "quoted"
 
 
@@ -236,8 +236,8 @@ def test_override_at_the_arrays_length_appends_a_table(base):
 
 
 def test_tilde_deletes_keys_tables_and_array_elements(base):
-    data = load_recipe(base, overrides=["~trainer.lr", "~run", "~objective.0"])
-    assert data["trainer"] == {}
+    data = load_recipe(base, overrides=["~trainer.optimizer.lr", "~run", "~objective.0"])
+    assert data["trainer"] == {"optimizer": {}}
     assert "run" not in data
     assert data["objective"] == [{"type": "byol", "weight": 0.5}]
 
@@ -251,10 +251,10 @@ def test_deleting_a_missing_key_suggests_the_closest(base):
 
 def test_bad_overrides_are_all_reported_at_once(base):
     with pytest.raises(RecipeError) as info:
-        load_recipe(base, overrides=["trainer.lr", "objective.5.weight=1", "run.name.first=x", "a..b=1"])
+        load_recipe(base, overrides=["trainer.optimizer.lr", "objective.5.weight=1", "run.name.first=x", "a..b=1"])
     problems = "\n".join(info.value.problems)
     assert len(info.value.problems) == 4
-    assert "'trainer.lr': expected KEY=VALUE" in problems
+    assert "'trainer.optimizer.lr': expected KEY=VALUE" in problems
     assert "'objective.5.weight=1': index 5 is out of range: 'objective' has 2 element(s)" in problems
     assert "'run.name.first=x': 'run.name' is a value ('base'), not a table" in problems
     assert "'a..b=1': the key 'a..b' has an empty part" in problems
@@ -294,7 +294,7 @@ def test_missing_recipe_file_is_a_clear_error(tmp_path):
 
 
 def test_dump_recipe_round_trips_through_load(tmp_path, base):
-    data = load_recipe(base, overrides=["trainer.betas=[0.9, 0.98]", "description=hello"], profile=None)
+    data = load_recipe(base, overrides=["trainer.optimizer.betas=[0.9, 0.98]", "description=hello"], profile=None)
     dumped = write(tmp_path / "dumped.toml", dump_recipe(data))
     assert load_recipe(dumped) == data
     assert read_toml(dumped) == dict(data)

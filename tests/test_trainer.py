@@ -116,6 +116,57 @@ def test_signal_saves_the_finished_step_and_resumes_onto_the_uninterrupted_traje
     assert train_losses(run_dir) == train_losses(reference_run)
 
 
+class AtStep:
+    """``system.on_step_end`` that, after step ``k``, sends this process ``signals`` SIGINTs
+    (as Ctrl-C pressed that often would) and then raises ``error``, if any."""
+
+    def __init__(self, hook, k: int, *, signals: int = 1, error: BaseException | None = None):
+        self.hook, self.k, self.signals, self.error = hook, k, signals, error
+
+    def __call__(self, step: int, total: int) -> None:
+        self.hook(step, total)
+        if step == self.k:
+            for _ in range(self.signals):
+                os.kill(os.getpid(), signal.SIGINT)
+            if self.error is not None:
+                raise self.error
+
+
+def saved_steps(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+def test_second_signal_stops_at_once_without_saving(tmp_path, toy_trainer):
+    trainer = toy_trainer(tmp_path / "run", steps=8, checkpoint_every=0)
+    trainer.system.on_step_end = AtStep(trainer.system.on_step_end, 3, signals=2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert saved_steps(tmp_path / "run") == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
+def test_loader_worker_dying_of_the_same_ctrl_c_is_a_clean_stop(tmp_path, toy_trainer, capsys):
+    """torch reports a DataLoader worker killed by the Ctrl-C as a RuntimeError: the finished
+    step is still saved and fit() raises KeyboardInterrupt, so the CLI prints how to resume."""
+    trainer = toy_trainer(tmp_path / "run", steps=8, checkpoint_every=0)
+    died = RuntimeError("DataLoader worker (pid 1) exited unexpectedly")
+    trainer.system.on_step_end = AtStep(trainer.system.on_step_end, 3, error=died)
+    with pytest.raises(KeyboardInterrupt) as info:
+        trainer.fit()
+    assert info.value.__cause__ is died
+    assert saved_steps(tmp_path / "run") == ["step-000003"]
+    out, err = capsys.readouterr()
+    assert "SIGINT after step 3: saved" in out + err
+
+
+def test_runtime_error_without_a_stop_request_is_not_taken_for_one(tmp_path, toy_trainer):
+    trainer = toy_trainer(tmp_path / "run", steps=8, checkpoint_every=0)
+    trainer.system.on_step_end = AtStep(trainer.system.on_step_end, 3, signals=0, error=RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit()
+    assert saved_steps(tmp_path / "run") == []
+
+
 class NanAtStep:
     """A waveform augmenter that poisons the batch at one step."""
 
