@@ -127,11 +127,12 @@ def test_the_schedule_multiplies_each_groups_own_lr_so_the_scale_persists():
         scheduler.step()
 
 
-def test_unknown_lr_scale_key_names_the_table_and_the_components():
+def test_lr_scale_for_a_component_the_model_lacks_names_the_table_and_the_components():
+    """A System component the schema knows (text_encoder) that this model does not have."""
     with pytest.raises(MtrunError) as info:
-        AdamW(AdamW.Config(lr_scale={"audio_encodr": 0.1}), model=Tiny())
+        AdamW(AdamW.Config(lr_scale={"text_encoder": 0.1}), model=Tiny())
     message = str(info.value)
-    assert "[trainer.optimizer].lr_scale" in message and "'audio_encodr'" in message
+    assert "[trainer.optimizer].lr_scale" in message and "'text_encoder'" in message
     assert "audio_encoder, text_projector, objectives" in message
 
 
@@ -237,3 +238,16 @@ def test_typo_in_the_optimizer_table_fails_validation_naming_it(tmp_path, regist
             """)
     (problem,) = info.value.problems
     assert "[trainer.optimizer].momentun" in problem and "did you mean 'momentum'?" in problem
+
+
+def test_lr_scale_typo_fails_validation_with_the_closest_component(tmp_path, registry):
+    from mtrun.errors import RecipeError
+
+    with pytest.raises(RecipeError) as info:
+        resolve(tmp_path, registry, """
+            [trainer.optimizer]
+            lr_scale = { audio_encodr = 0.1 }
+            """)
+    (problem,) = info.value.problems
+    assert problem.startswith("[trainer.optimizer].lr_scale: invalid value"), problem
+    assert "'audio_encodr' (did you mean 'audio_encoder'?)" in problem

@@ -188,6 +188,7 @@ class _Problem:
     message: str
     value: Any = _MISSING  # shown as `path = value` before the message
     created: bool = False  # the key itself is the mistake (unknown key/table)
+    table: bool = False  # the path names a component's table itself, not a key in it
 
 
 def _type_name(tp: Any) -> str:
@@ -341,14 +342,14 @@ def _structure(converter: Any, cls: type, table: dict[str, Any], path: tuple, ex
 # ------------------------------------------------------------------------------ rendering
 
 
-def _render_path(path: tuple, data: dict[str, Any]) -> str:
+def _render_path(path: tuple, data: dict[str, Any], table_itself: bool = False) -> str:
     top = path[0]
     slot = next((s for s in schema.SLOTS if s.name == top), None)
     rest = list(path[1:])
     if slot is not None and not slot.many:
         # A nested component's table is written [trainer.optimizer]; name it so.
         names, table = [top], data.get(top)
-        while rest and isinstance(rest[0], str) and isinstance(table, dict) and isinstance(table.get(rest[0]), dict):
+        while (len(rest) > 1 or table_itself) and rest and isinstance(rest[0], str) and isinstance(table, dict) and isinstance(table.get(rest[0]), dict):
             table = table[rest[0]]
             names.append(rest.pop(0))
         text = "[" + ".".join(names) + "]"
@@ -368,7 +369,7 @@ def _render_path(path: tuple, data: dict[str, Any]) -> str:
 
 
 def _render(problem: _Problem, data: dict[str, Any], overrides: Sequence[Any], created: dict) -> str:
-    text = _render_path(problem.path, data)
+    text = _render_path(problem.path, data, problem.table)
     if problem.value is not _MISSING:
         text += f" = {problem.value!r}"
     text += f": {problem.message}"
@@ -416,6 +417,7 @@ def _resolve_entry(
                 path,
                 f'missing key \'type\' (the {slot.kind} to use); {where} needs type = "NAME" with one of: '
                 + (", ".join(installed) or "none installed"),
+                table=True,
             )
         )
         return None, problems

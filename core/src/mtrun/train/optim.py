@@ -19,8 +19,10 @@ import attrs
 import torch
 from torch import nn
 
+from mtrun import schema
 from mtrun.config import non_negative, positive
 from mtrun.errors import MtrunError
+from mtrun.registry import suggest
 
 __all__ = ["SGD", "Adam", "AdamW", "OptimizerConfig", "param_groups"]
 
@@ -35,6 +37,13 @@ def _non_negative_factors(instance: Any, attribute: attrs.Attribute, value: dict
     negative = {k: v for k, v in value.items() if not v >= 0}
     if negative:
         raise ValueError(f"factors must be zero or positive (got {negative})")
+    # The System's components are its model slots (schema) plus the objectives that own modules;
+    # checking the names here lets `mtrun validate` catch a typo before anything is built.
+    known = [s.name for s in schema.SLOTS if s.model and not s.many] + ["objectives"]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        hints = [f"{name!r} (did you mean {hint!r}?)" if (hint := suggest(name, known)) else repr(name) for name in unknown]
+        raise ValueError(f"no System component named {', '.join(hints)}; components: {', '.join(known)}")
 
 
 @attrs.frozen
