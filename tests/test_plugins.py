@@ -470,3 +470,47 @@ def test_every_hook_is_documented_for_plugin_authors():
     for name in hooks:
         assert getattr(hookspecs, name).__doc__, f"hook {name} has no docstring (its contract)"
         assert f"`{name}" in guide or f"def {name}(" in guide, f"hook {name} is missing from docs/writing-a-plugin.md"
+
+
+# ------------------------------------------------------------- a lenient listing for humans
+
+
+def test_mtrun_plugins_lists_the_working_plugins_and_names_the_broken_ones(site, monkeypatch, capsys):
+    from mtrun.cli import main
+
+    broken_import(site)
+    good_plugin(site, "fine", "mtrun-fake-fine")
+    good_plugin(site, "alpha", "mtrun-fake-alpha", component="fine-noop-clash")
+    make_distribution(
+        site, "mtrun-fake-zclash", "0.1.0", {"zclash": "mtrun_fake_zclash"},
+        {"mtrun_fake_zclash": OK_PLUGIN.format(cls="Noop", dist="mtrun-fake-zclash", component="noop")},
+    )
+    only(monkeypatch, "boom", "fine", "alpha", "zclash")
+    monkeypatch.setattr("mtrun.plugins.get_plugins", load_plugins)
+    assert main(["plugins", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    listed = sorted(p["name"] for p in report["plugins"])
+    errors = {b["name"]: b["error"] for b in report["broken"]}
+    # Of the two plugins claiming projector 'noop', the one that registers second is left out.
+    (clashing,) = set(errors) - {"boom"}
+    (kept,) = {"fine", "zclash"} - {clashing}
+    assert listed == sorted(["alpha", kept])
+    assert "the boom plugin cannot find its weights" in errors["boom"]
+    assert "registered twice" in errors[clashing] and f"plugin '{kept}'" in errors[clashing]
+    with pytest.raises(PluginError):  # training and validation stay strict
+        load_plugins()
+    assert main(["plugins"]) == 1
+    err = capsys.readouterr().err
+    assert 'broken, left out: Error importing plugin "boom"' in err and f"MTRUN_DISABLE_PLUGINS=boom,{clashing}" in err
+
+
+def test_a_plugin_that_fails_part_way_through_registering_leaves_nothing_behind():
+    class HalfDone:
+        @hookimpl
+        def mtrun_register_components(self, registry):
+            registry.projector("first", GoodProjector)
+            raise RuntimeError("second component's weights missing")
+
+    loaded = load_plugins(extra=[(PluginInfo("half"), HalfDone())], entry_points=False, strict=False)
+    assert [b.info.name for b in loaded.broken] == ["half"]
+    assert ("projector", "first") not in loaded.registry

@@ -160,8 +160,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from mtrun import plugins
+    from mtrun.errors import PluginError
 
-    plugin_set = plugins.get_plugins()
+    try:
+        plugin_set = plugins.get_plugins()
+    except PluginError:
+        # Show what does work, and each broken plugin with its error, instead of only the first error.
+        plugin_set = plugins.load_plugins(strict=False)
+    broken = [
+        {"name": b.info.name, "distribution": b.info.distribution, "version": b.info.version, "error": str(b.error)}
+        for b in plugin_set.broken
+    ]
     entries = [
         {
             "name": p.info.name,
@@ -171,9 +180,10 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         }
         for p in plugin_set.plugins
     ]
+    status = 1 if broken else 0
     if args.json:
-        print(json.dumps({"plugins": entries}, indent=2))
-        return 0
+        print(json.dumps({"plugins": entries, **({"broken": broken} if broken else {})}, indent=2))
+        return status
     from mtrun.console import make_console
     from rich.markup import escape
     from rich.table import Table
@@ -185,7 +195,12 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         comps = "\n".join(f"{c['kind']}: {c['name']}" for c in e["components"]) or "-"
         table.add_row(escape(e["name"]), escape(e["distribution"] or "-"), escape(e["version"] or "-"), escape(comps))
     make_console().print(table)
-    return 0
+    for b in broken:
+        print(f"broken, left out: {b['error']}", file=sys.stderr)
+    if broken:
+        print("Training and validation refuse to start while a plugin is broken: fix it, or skip it with "
+              "MTRUN_DISABLE_PLUGINS=" + ",".join(b["name"] for b in broken), file=sys.stderr)
+    return status
 
 
 def _unknown(what: str, value: str, choices: Sequence[str], listing: str = "installed") -> int:

@@ -20,7 +20,7 @@ from mtrun import hookspecs
 from mtrun.errors import PluginError
 from mtrun.registry import PluginInfo, Registry
 
-__all__ = ["LoadedPlugin", "PluginSet", "check_api_version", "get_plugins", "load_plugins"]
+__all__ = ["BrokenPlugin", "LoadedPlugin", "PluginSet", "check_api_version", "get_plugins", "load_plugins"]
 
 ENTRY_POINT_GROUP = "mtrun"
 BUILTINS = "builtins"
@@ -33,11 +33,20 @@ class LoadedPlugin:
 
 
 @attrs.frozen
+class BrokenPlugin:
+    """A plugin left out by a lenient load (:func:`load_plugins` with ``strict=False``)."""
+
+    info: PluginInfo
+    error: PluginError
+
+
+@attrs.frozen
 class PluginSet:
-    """The loaded plugins and the registry they filled."""
+    """The loaded plugins and the registry they filled; ``broken`` only from a lenient load."""
 
     plugins: tuple[LoadedPlugin, ...]
     registry: Registry
+    broken: tuple[BrokenPlugin, ...] = ()
 
     def components_of(self, plugin_name: str) -> list[tuple[str, str]]:
         return [(c.kind, c.name) for c in self.registry if c.plugin.name == plugin_name]
@@ -83,21 +92,30 @@ def _info(ep: metadata.EntryPoint) -> PluginInfo:
     )
 
 
-def load_plugins(extra: Iterable[tuple[PluginInfo, Any]] = (), *, entry_points: bool = True) -> PluginSet:
+def load_plugins(extra: Iterable[tuple[PluginInfo, Any]] = (), *, entry_points: bool = True, strict: bool = True) -> PluginSet:
     """Import every selected plugin, check its hooks and let it register its components.
 
     Args:
         extra: In-process plugins (``(info, module_or_object)``) registered after the entry
             points; tests use this with ``entry_points=False`` for an isolated registry.
         entry_points: Whether to discover plugins through the ``mtrun`` entry-point group.
+        strict: Raise at the first broken plugin (what training and validation need: a recipe
+            must never silently lose a component). ``False`` leaves broken plugins out and
+            lists them in :attr:`PluginSet.broken`, so ``mtrun plugins`` can show the rest.
 
     Raises:
-        PluginError: A plugin failed to import, declares an unknown ``mtrun_`` hook, or
-            registered a component that breaks the registry's rules.
+        PluginError: With ``strict``, a plugin failed to import, declares an unknown ``mtrun_``
+            hook, or registered a component that breaks the registry's rules.
     """
+    broken: list[BrokenPlugin] = []
+
+    def fail(info: PluginInfo, error: PluginError) -> None:
+        if strict:
+            raise error
+        broken.append(BrokenPlugin(info, error))
+
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    loaded: list[LoadedPlugin] = []
     candidates: list[tuple[PluginInfo, Any]] = []
     if entry_points:
         for ep in _selected_entry_points():
@@ -105,42 +123,60 @@ def load_plugins(extra: Iterable[tuple[PluginInfo, Any]] = (), *, entry_points: 
             try:
                 module = ep.load()
             except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's
-                raise PluginError(
+                error = PluginError(
                     f'Error importing plugin "{ep.name}" (entry point {ep.name} = {ep.value!r} '
                     f"in distribution {info.distribution or '<unknown>'} {info.version or ''}): "
                     f"{type(exc).__name__}: {exc}"
-                ) from exc
+                )
+                error.__cause__ = exc
+                fail(info, error)
+                continue
             candidates.append((info, module))
     candidates.extend(extra)
 
+    registered: dict[str, LoadedPlugin] = {}
     for info, module in candidates:
-        check_api_version(info, module)
         try:
+            check_api_version(info, module)
             pm.register(module, name=info.name)
+        except PluginError as error:
+            fail(info, error)
+            continue
         except ValueError as exc:
-            raise PluginError(f"{info.describe()} could not be registered: {exc}") from exc
-        loaded.append(LoadedPlugin(info, module))
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"{exc} (a misspelled hook? see mtrun.hookspecs)") from exc
+            fail(info, PluginError(f"{info.describe()} could not be registered: {exc}"))
+            continue
+        registered[info.name] = LoadedPlugin(info, module)
+    while True:
+        try:
+            pm.check_pending()
+            break
+        except pluggy.PluginValidationError as exc:
+            culprit = next((p for p in registered.values() if p.module is exc.plugin), None)
+            error = PluginError(f"{exc} (a misspelled hook? see mtrun.hookspecs)")
+            if strict or culprit is None:
+                raise error from exc
+            pm.unregister(culprit.module)
+            del registered[culprit.info.name]
+            fail(culprit.info, error)
 
     registry = Registry()
-    by_name = {p.info.name: p.info for p in loaded}
     # Calling each implementation directly lets the registry know who is registering.
     for impl in reversed(pm.hook.mtrun_register_components.get_hookimpls()):
-        registry.current_plugin = by_name[impl.plugin_name]
+        info = registered[impl.plugin_name].info
+        registry.current_plugin = info
         try:
             impl.function(registry=registry)
-        except PluginError:
-            raise
         except Exception as exc:  # noqa: BLE001
-            raise PluginError(
-                f"{registry.current_plugin.describe()} failed while registering its components: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            error = exc if isinstance(exc, PluginError) else PluginError(
+                f"{info.describe()} failed while registering its components: {type(exc).__name__}: {exc}"
+            )
+            if strict:
+                raise error from (None if error is exc else exc)
+            registry.remove_plugin(info.name)  # nothing half-registered stays
+            del registered[info.name]
+            broken.append(BrokenPlugin(info, error))
     registry.current_plugin = PluginInfo(name="<direct>")
-    return PluginSet(tuple(loaded), registry)
+    return PluginSet(tuple(registered.values()), registry, tuple(broken))
 
 
 def check_api_version(info: PluginInfo, module: Any) -> None:

@@ -105,6 +105,10 @@ class Registry:
             )
         self._components[(kind, name)] = Component(kind, name, cls, self.current_plugin)
 
+    def remove_plugin(self, plugin_name: str) -> None:
+        """Forget every component ``plugin_name`` registered (a plugin that failed part-way)."""
+        self._components = {key: c for key, c in self._components.items() if c.plugin.name != plugin_name}
+
     # ------------------------------------------------------------------------ lookup
 
     def get(self, kind: str, name: str) -> Component:
