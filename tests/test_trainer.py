@@ -1,4 +1,4 @@
-"""DefaultTrainer: exact kill-and-resume, checkpoint on SIGTERM/Ctrl-C, non-finite loss, metrics, best checkpoint, bf16."""
+"""DefaultTrainer: exact kill-and-resume, checkpoint on SIGTERM/Ctrl-C, non-finite loss (stop or skip), metrics, best checkpoint, bf16."""
 
 from __future__ import annotations
 
@@ -168,15 +168,15 @@ def test_runtime_error_without_a_stop_request_is_not_taken_for_one(tmp_path, toy
 
 
 class NanAtStep:
-    """A waveform augmenter that poisons the batch at one step."""
+    """A waveform augmenter that poisons the batch at the given steps (0-based)."""
 
     stage = "waveform"
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, *steps: int):
+        self.steps = set(steps)
 
     def __call__(self, waveforms, context):
-        return waveforms * float("nan") if context.step == self.step else waveforms
+        return waveforms * float("nan") if context.step in self.steps else waveforms
 
 
 def test_non_finite_loss_stops_naming_the_step_and_the_last_checkpoint(tmp_path, toy_trainer, toy_system):
@@ -196,6 +196,135 @@ def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path, toy_trainer, to
     trainer = toy_trainer(tmp_path / "run", steps=10, checkpoint_every=5, system=system)
     with pytest.raises(TrainingError, match=r"step 2\b.*none written yet"):
         trainer.fit()
+
+
+def skipping(trainer, **changes):
+    """``trainer`` with ``[trainer].nonfinite = "skip"`` (and any other ``changes``)."""
+    trainer.config = attrs_evolve(trainer.config, nonfinite="skip", **changes)
+    return trainer
+
+
+def step_files(run_dir: Path, step: int, name: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step-{step:06d}" / f"{name}.safetensors"))
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_skip_drops_the_non_finite_step_and_trains_to_the_end(tmp_path, toy_trainer, toy_system, capsys):
+    run_dir = tmp_path / "run"
+    system = toy_system(extra_augmenters=[NanAtStep(4)])
+    trainer = skipping(toy_trainer(run_dir, steps=8, keep_last=20, system=system))
+    result = trainer.fit()
+    assert result["step"] == 8
+    # Step 5 (0-based 4) made no update: weights and optimizer state are those after step 4.
+    assert_same(step_files(run_dir, 4), step_files(run_dir, 5))
+    assert_same(step_files(run_dir, 4, "optimizer"), step_files(run_dir, 5, "optimizer"))
+    assert any(not torch.equal(a, b) for a, b in zip(step_files(run_dir, 5).values(), step_files(run_dir, 6).values()))
+    records = {r["step"]: r for r in read_metrics(run_dir) if "lr" in r}
+    assert [records[k]["nonfinite_skipped"] for k in range(1, 9)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert "loss" not in records[5]  # nothing to average: its one step was skipped
+    assert all(torch.isfinite(torch.tensor(records[k]["loss"])) for k in (1, 2, 3, 4, 6, 7, 8))
+    # The schedule advanced through the skipped step: the learning rates are those of a clean run.
+    clean_dir = tmp_path / "clean"
+    toy_trainer(clean_dir, steps=8, checkpoint_every=0).fit()
+    clean = {r["step"]: r for r in read_metrics(clean_dir) if "lr" in r}
+    assert [records[k]["lr"] for k in range(1, 9)] == [clean[k]["lr"] for k in range(1, 9)]
+    state = json.loads((run_dir / "checkpoints" / "step-000008" / "trainer_state.json").read_text())
+    assert state["nonfinite_skipped"] == 1 and state["step"] == 8
+    out, err = capsys.readouterr()
+    assert "non-finite loss at step 5 (epoch 0); skipped its optimizer step (1 skipped in this run, at most 10)" in out
+
+
+class InfGradAtStep:
+    """Makes the gradient of one parameter Inf at the given step (0-based) while the loss stays
+    finite: an augmenter that notes the step, and a hook on the parameter's gradient."""
+
+    stage = "waveform"
+
+    def __init__(self, step: int):
+        self.step, self.current = step, -1
+
+    def __call__(self, waveforms, context):
+        self.current = context.step
+        return waveforms
+
+    def attach(self, parameter: torch.nn.Parameter) -> None:
+        parameter.register_hook(lambda grad: grad + float("inf") if self.current == self.step else grad)
+
+
+def test_skip_without_clipping_still_catches_an_inf_gradient_behind_a_finite_loss(tmp_path, toy_trainer, toy_system, capsys):
+    run_dir = tmp_path / "run"
+    poison = InfGradAtStep(2)
+    system = toy_system(extra_augmenters=[poison])
+    poison.attach(next(p for p in system.parameters() if p.requires_grad))
+    trainer = skipping(toy_trainer(run_dir, steps=5, keep_last=20, system=system), grad_clip=0.0)
+    assert trainer.fit()["step"] == 5
+    assert_same(step_files(run_dir, 2), step_files(run_dir, 3))
+    assert all(torch.isfinite(v).all() for v in step_files(run_dir, 5).values())
+    records = {r["step"]: r for r in read_metrics(run_dir) if "lr" in r}
+    assert records[3]["nonfinite_skipped"] == 1 and "loss" not in records[3]
+    assert "non-finite gradient at step 3" in capsys.readouterr().out
+
+
+def test_skip_stops_once_more_than_max_nonfinite_steps_were_skipped(tmp_path, toy_trainer, toy_system):
+    run_dir = tmp_path / "run"
+    system = toy_system(extra_augmenters=[NanAtStep(1, 3)])
+    trainer = skipping(toy_trainer(run_dir, steps=8, checkpoint_every=1, system=system), max_nonfinite_steps=1)
+    with pytest.raises(TrainingError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "non-finite loss at step 4" in message and "2 steps" in message and "max_nonfinite_steps = 1" in message
+    assert str(run_dir / "checkpoints" / "step-000003") in message
+    assert find_latest(run_dir / "checkpoints").name == "step-000003"
+
+
+def test_skip_with_no_allowance_stops_at_the_first_non_finite_step(tmp_path, toy_trainer, toy_system):
+    system = toy_system(extra_augmenters=[NanAtStep(1)])
+    trainer = skipping(toy_trainer(tmp_path / "run", steps=8, checkpoint_every=5, system=system), max_nonfinite_steps=0)
+    with pytest.raises(TrainingError, match=r"step 2\b.*1 steps.*max_nonfinite_steps = 0.*none written yet"):
+        trainer.fit()
+
+
+def test_skipped_count_survives_resume_and_the_resumed_run_is_exact(tmp_path, toy_trainer, toy_system):
+    full = tmp_path / "full"
+    skipping(toy_trainer(full, steps=10, keep_last=20, system=toy_system(extra_augmenters=[NanAtStep(2, 7)]))).fit()
+    resumed = tmp_path / "resumed"
+    again = toy_trainer(
+        resumed, steps=10, resume=str(full / "checkpoints" / "step-000005"), system=toy_system(extra_augmenters=[NanAtStep(2, 7)])
+    )
+    skipping(again).fit()
+    assert_same(step_files(full, 10), step_files(resumed, 10))
+    assert_same(step_files(full, 10, "optimizer"), step_files(resumed, 10, "optimizer"))
+    state = json.loads((resumed / "checkpoints" / "step-000010" / "trainer_state.json").read_text())
+    assert state["nonfinite_skipped"] == 2
+    records = {r["step"]: r for r in read_metrics(resumed) if "lr" in r}
+    assert [records[k]["nonfinite_skipped"] for k in range(6, 11)] == [1, 1, 2, 2, 2]
+
+
+def test_checkpoints_from_before_the_skip_count_resume_with_zero(tmp_path, toy_trainer):
+    run_dir = tmp_path / "run"
+    toy_trainer(run_dir, steps=2, checkpoint_every=1).fit()
+    path = run_dir / "checkpoints" / "step-000002" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    del state["nonfinite_skipped"]
+    path.write_text(json.dumps(state))
+    (path.parent / "checksums.json").unlink()  # as old as the count: written before checksums too
+    trainer = skipping(toy_trainer(run_dir, steps=3, resume="latest"))
+    assert trainer.fit()["step"] == 3 and trainer.state.nonfinite_skipped == 0
+
+
+def test_nonfinite_policy_is_validated():
+    from mtrun.train.trainer import DefaultTrainer
+
+    assert DefaultTrainer.Config().nonfinite == "stop" and DefaultTrainer.Config().max_nonfinite_steps == 10
+    with pytest.raises(ValueError):
+        DefaultTrainer.Config(nonfinite="ignore")
+    with pytest.raises(ValueError):
+        DefaultTrainer.Config(max_nonfinite_steps=-1)
 
 
 def test_metrics_tensorboard_best_checkpoint_and_final_metrics(tmp_path, toy_trainer, capsys):

@@ -11,6 +11,11 @@ augmentation generator per (step, micro-batch, rank); and the global Python/NumP
 (dropout) are re-seeded at the start of every step from (seed, step, rank). A run killed at
 any step and resumed from its last checkpoint therefore continues bit-for-bit on the path of
 an uninterrupted run on the same hardware.
+
+Non-finite numbers: by default a non-finite loss or gradient norm stops training before the
+optimizer step (``[trainer].nonfinite = "stop"``). With ``nonfinite = "skip"`` such a step is
+skipped and counted instead, up to ``max_nonfinite_steps`` in the run (see
+:meth:`DefaultTrainer._skip`).
 """
 
 from __future__ import annotations
@@ -96,6 +101,9 @@ class TrainState:
         best_checkpoint: Folder name of the checkpoint holding it.
         evals_since_best: Evaluations since the best metric last improved (early stopping).
         stopped_early: Training ended by early stopping; a resumed run does not continue.
+        nonfinite_skipped: Steps skipped so far for a non-finite loss or gradient
+            (``[trainer].nonfinite = "skip"``); checkpoints written before this field existed
+            load with 0.
     """
 
     step: int = 0
@@ -105,6 +113,7 @@ class TrainState:
     best_checkpoint: str | None = None
     evals_since_best: int = 0
     stopped_early: bool = False
+    nonfinite_skipped: int = 0
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -124,10 +133,16 @@ def _float(value: Any) -> float:
 
 @attrs.define
 class _Window:
-    """Training metrics summed over the steps since the last log line."""
+    """Training metrics summed over the steps since the last log line.
+
+    ``steps`` counts the applied steps the means are over; ``skipped`` the steps skipped for a
+    non-finite loss or gradient, whose numbers are left out of the means (one NaN would make
+    them all NaN) but whose samples count in the throughput.
+    """
 
     loss: float = 0.0
     steps: int = 0
+    skipped: int = 0
     metrics: dict[str, float] = attrs.field(factory=dict)
     lr: float = 0.0
     start: float = attrs.field(factory=time.perf_counter)
@@ -141,16 +156,23 @@ class _Window:
         for key, value in metrics.items():
             self.metrics[key] = self.metrics.get(key, 0.0) + value
 
+    def skip(self, lr: float) -> None:
+        self.skipped += 1
+        self.lr = lr
+
     def means(self, epoch: int, batch_size: int) -> dict[str, float]:
-        """The log record: means over the window's steps, and its throughput."""
+        """The log record: means over the window's applied steps (none when every step in it
+        was skipped), and its throughput."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {
+        record = {
             "epoch": epoch,
             "lr": self.lr,
-            "loss": self.loss / self.steps,
-            "samples_per_s": self.steps * batch_size / elapsed,
-            **{k: v / self.steps for k, v in self.metrics.items()},
+            "samples_per_s": (self.steps + self.skipped) * batch_size / elapsed,
         }
+        if self.steps:
+            record["loss"] = self.loss / self.steps
+            record.update({k: v / self.steps for k, v in self.metrics.items()})
+        return record
 
 
 @attrs.define(eq=False)
@@ -212,6 +234,11 @@ class DefaultTrainer:
     and checkpoint folders use the same count. The logged ``loss`` is the mean over the steps
     since the previous log line, over micro-batches and over ranks.
 
+    A non-finite loss or gradient norm stops training with a :class:`TrainingError` before the
+    optimizer step, naming the step and the last good checkpoint. With ``nonfinite = "skip"``
+    the step is skipped instead (see :meth:`_skip`), the log records carry the running count
+    ``nonfinite_skipped``, and the ``max_nonfinite_steps + 1``-th skip stops the same way.
+
     Ctrl-C or SIGTERM (single process) lets the step in progress finish, checkpoints it and
     then raises ``KeyboardInterrupt``, so the command line can print how to resume; a second
     signal stops at once.
@@ -254,6 +281,14 @@ class DefaultTrainer:
         grad_clip: float = attrs.field(
             default=0.0, validator=non_negative,
             metadata={"help": "clip the global gradient norm to this (0 = off)"},
+        )
+        nonfinite: str = attrs.field(
+            default="stop", validator=attrs.validators.in_(("stop", "skip")),
+            metadata={"help": "on a non-finite loss or gradient: stop (raise before the optimizer step) or skip the step's update and count it"},
+        )
+        max_nonfinite_steps: int = attrs.field(
+            default=10, validator=non_negative,
+            metadata={"help": "with nonfinite = 'skip': stop when more than this many steps of the run were skipped"},
         )
         precision: str = attrs.field(
             default="fp32", validator=attrs.validators.in_(("fp32", "bf16", "auto")),
@@ -323,7 +358,8 @@ class DefaultTrainer:
         this call joined it).
 
         Raises:
-            TrainingError: Non-finite loss or gradient, or a resume that cannot be honoured.
+            TrainingError: Non-finite loss or gradient (with ``nonfinite = "skip"``: more than
+                ``max_nonfinite_steps`` of them), or a resume that cannot be honoured.
             KeyboardInterrupt: Ctrl-C or SIGTERM, after the step in progress was checkpointed.
         """
         joined = distributed.launched_by_torchrun() and not torch.distributed.is_initialized()
@@ -393,19 +429,82 @@ class DefaultTrainer:
         seed_everything(derive_seed(self.run.config.seed, "step", step, fit.rank))
         lr = fit.optimizer.param_groups[0]["lr"] if fit.optimizer is not None else 0.0
         loss, metrics, grad_norm = self._forward_backward(fit, micros, step=step, epoch=epoch)
-        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
-            what = "loss" if not math.isfinite(loss) else "gradient norm"
-            raise TrainingError(
-                f"non-finite {what} at step {step + 1} (epoch {epoch}); stopped before the optimizer step. "
-                f"Last good checkpoint: {fit.last_checkpoint or 'none written yet'}"
-            )
-        if fit.optimizer is not None:
-            fit.optimizer.step()
-            fit.scheduler.step()
+        what = self._nonfinite(loss, grad_norm)
+        if what is None:
+            if fit.optimizer is not None:
+                fit.optimizer.step()
+                fit.scheduler.step()
+            fit.window.add(loss, metrics, grad_norm, lr)
+        else:
+            self._skip(fit, what, lr)
         state.step += 1
         state.epoch, state.batch = (epoch + 1, 0) if b + 1 == fit.steps_per_epoch else (epoch, b + 1)
-        fit.system.on_step_end(state.step, fit.total)
-        fit.window.add(loss, metrics, grad_norm, lr)
+        if what is None:
+            fit.system.on_step_end(state.step, fit.total)
+
+    def _nonfinite(self, loss: float, grad_norm: float | None) -> str | None:
+        """What in this step is non-finite (``"loss"``, ``"gradient norm"``, ``"gradient"``),
+        or ``None``.
+
+        The gradient norm is known only when clipping. With ``nonfinite = "skip"`` and no
+        clipping the gradients are checked too (one fused norm over them), so an Inf gradient
+        behind a finite loss is never applied. Loss and gradients are the same on every rank
+        (the loss is all-reduced, DDP averages the gradients), so every rank decides alike.
+        """
+        if not math.isfinite(loss):
+            return "loss"
+        if grad_norm is not None:
+            return None if math.isfinite(grad_norm) else "gradient norm"
+        if self.config.nonfinite == "skip":
+            grads = [p.grad for p in self.system.parameters() if p.grad is not None]
+            if grads and not math.isfinite(float(torch.nn.utils.get_total_norm(grads))):
+                return "gradient"
+        return None
+
+    def _skip(self, fit: _Fit, what: str, lr: float) -> None:
+        """Handle a step whose ``what`` is non-finite: stop, or skip its update and count it
+        (the caller then advances the step counter and data position).
+
+        Stops with a :class:`TrainingError` (before any optimizer step, so the weights are those
+        of the last good step) under ``nonfinite = "stop"``, and under ``"skip"`` when this skip
+        would be more than ``max_nonfinite_steps`` in the run (counted over resumes).
+
+        A skipped step drops its gradients and makes no optimizer step, so no
+        ``system.on_step_end`` either: those hooks follow an optimizer step (BYOL's EMA target
+        would move towards unchanged weights; a clamp has nothing new to clamp). The step
+        counter, the data position and the learning-rate schedule still advance, as after any
+        step: all randomness of a step is seeded by its index, so computing the same step
+        again would meet the same non-finite number; the run keeps its planned length and
+        schedule, and a checkpoint's step still names the data position it resumes from.
+        """
+        cfg, state = self.config, self.state
+        step, epoch = state.step, state.epoch
+        last_good = fit.last_checkpoint or "none written yet"
+        if cfg.nonfinite == "stop":
+            raise TrainingError(
+                f"non-finite {what} at step {step + 1} (epoch {epoch}); stopped before the optimizer step. "
+                f"Last good checkpoint: {last_good}"
+            )
+        skipped = state.nonfinite_skipped + 1
+        if skipped > cfg.max_nonfinite_steps:
+            raise TrainingError(
+                f"non-finite {what} at step {step + 1} (epoch {epoch}); stopped before the optimizer step: "
+                f"{skipped} steps of this run had a non-finite loss or gradient, more than "
+                f"[trainer].max_nonfinite_steps = {cfg.max_nonfinite_steps}. Last good checkpoint: {last_good}"
+            )
+        for p in self.system.parameters():
+            p.grad = None
+        if fit.scheduler is not None:
+            with warnings.catch_warnings():
+                # torch warns when a schedule's first step comes before any optimizer step: here on purpose.
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                fit.scheduler.step()
+        state.nonfinite_skipped = skipped
+        fit.window.skip(lr)
+        fit.progress.message(
+            f"warning: non-finite {what} at step {step + 1} (epoch {epoch}); skipped its optimizer step "
+            f"({skipped} skipped in this run, at most {cfg.max_nonfinite_steps})"
+        )
 
     # ------------------------------------------------------------------ due after a step
 
@@ -414,6 +513,8 @@ class DefaultTrainer:
         step = self.state.step
         if step % self.config.log_every == 0 or done:
             record = fit.window.means(epoch, self.config.batch_size)
+            if self.config.nonfinite == "skip":
+                record["nonfinite_skipped"] = self.state.nonfinite_skipped
             fit.final.update(fit.logger.log(step, record))
             fit.progress.update(step, epoch, record)
             fit.window = _Window()
@@ -653,6 +754,7 @@ class DefaultTrainer:
             best_checkpoint=saved.get("best_checkpoint"),
             evals_since_best=int(saved.get("evals_since_best", 0)),
             stopped_early=bool(saved.get("stopped_early", False)),
+            nonfinite_skipped=int(saved.get("nonfinite_skipped", 0)),
         )
         return resume_from, checkpoint
 
