@@ -10,8 +10,8 @@ reported as broken, because FFmpeg would often decode its first half and hide th
 
 Every failure is an :class:`AudioDecodeError` whose message names the file and the reason, and
 whose :attr:`~AudioDecodeError.kind` is a short machine-readable category (``missing``,
-``zero-length``, ``truncated``, ``not-audio``, ``silent``, ``non-finite``, ...). The loader
-uses these to skip bad items and list them in ``skipped.jsonl``.
+``unreadable``, ``zero-length``, ``truncated``, ``not-audio``, ``silent``, ``non-finite``, ...).
+The loader uses these to skip bad items and list them in ``skipped.jsonl``.
 
 Besides paths, :func:`decode` accepts any *audio reference*: an object with an ``open()``
 method returning a binary file object, and optionally ``name`` and ``suffix`` attributes
@@ -71,8 +71,9 @@ class AudioDecodeError(MtrunError):
     """An audio file or waveform cannot be used; the message names the item and the reason.
 
     Attributes:
-        kind: Short category of the problem: ``missing``, ``zero-length``, ``truncated``,
-            ``not-audio``, ``corrupt``, ``silent``, ``non-finite``, ``empty`` or ``bad-shape``.
+        kind: Short category of the problem: ``missing``, ``unreadable``, ``zero-length``,
+            ``truncated``, ``not-audio``, ``corrupt``, ``silent``, ``non-finite``, ``empty``
+            or ``bad-shape``.
         path: The file concerned, when there is one.
     """
 
@@ -127,6 +128,7 @@ def decode(path: Any) -> tuple[torch.Tensor, int]:
             raise AudioDecodeError(f"audio file {name!r}: is a folder, not a file", kind="not-audio", path=name)
         if file.stat().st_size == 0:
             raise AudioDecodeError(f"audio file {name!r}: zero-length (the file is empty)", kind="zero-length", path=name)
+        _check_readable(file, name)
     elif not callable(getattr(path, "open", None)):
         raise AudioDecodeError(f"cannot decode {path!r}: expected a path or an object with open()", kind="bad-shape")
 
@@ -154,6 +156,20 @@ def decode(path: Any) -> tuple[torch.Tensor, int]:
     if wave.shape[-1] == 0:
         raise AudioDecodeError(f"audio file {name!r}: holds no audio frames", kind="empty", path=name)
     return wave, int(rate)
+
+
+def _check_readable(file: Path, name: str) -> None:
+    """Open the file once, so a permission or I/O error is reported as such.
+
+    Without this, libsndfile's failure to open it falls through to the "not audio" path and
+    the message would blame the file's content.
+    """
+    try:
+        with open(file, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+        raise AudioDecodeError(f"audio file {name!r}: unreadable ({reason})", kind="unreadable", path=name) from None
 
 
 class _Unrecognised(Exception):

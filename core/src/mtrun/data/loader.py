@@ -108,6 +108,12 @@ class SkipLog:
     lines are also the loader's memory of known-bad items: a resumed run reloads them and does
     not decode those files again. Delete a line to have the file tried again.
 
+    The file is a report and a cache, not something training needs: when it cannot be written
+    (read-only run folder, disk full, no locking on a network file system) or read, a warning
+    says so, the record is kept in this process's memory, and the item is skipped all the
+    same. Stopping a long run because a list could not be appended to would cost more than
+    the list is worth; the warning carries each item's reason, so nothing goes unreported.
+
     Args:
         path: The file, or ``None`` to keep the list in memory only (no run folder).
     """
@@ -115,21 +121,25 @@ class SkipLog:
     def __init__(self, path: str | Path | None):
         self.path = Path(path) if path is not None else None
         self._memory: dict[str, dict[str, Any]] = {}
+        self._read_failed = False
 
     def read(self) -> dict[str, dict[str, Any]]:
-        """Id → its record, for every item listed so far."""
+        """Id → its record, for every item listed so far (in the file or, where writing it
+        failed, in memory)."""
         if self.path is None:
             return dict(self._memory)
-        if not self.path.exists():
-            return {}
         records: dict[str, dict[str, Any]] = {}
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a crash mid-write: ignore it
-                continue
-            if isinstance(record, dict) and "id" in record:
-                records.setdefault(str(record["id"]), record)
+        try:
+            data = self.path.read_bytes() if self.path.exists() else b""
+        except OSError as exc:
+            if not self._read_failed:  # once: read() runs after every batch that skipped
+                self._read_failed = True
+                _log.warning("could not read %s (%s); using the items skipped by this process only", self.path, exc)
+            data = b""
+        for record in _records(data):
+            records.setdefault(str(record["id"]), record)
+        for item, record in self._memory.items():
+            records.setdefault(item, record)
         return records
 
     def ids(self) -> set[str]:
@@ -138,35 +148,57 @@ class SkipLog:
     def record(self, record: dict[str, Any]) -> bool:
         """Append ``record`` (with ``id``, ``path``, ``reason``) unless its id is listed.
 
+        A failure to write is logged as a warning naming the item and its reason; the record
+        is then kept in memory (see the class docstring).
+
         Returns:
-            True when this call added it.
+            True when this call added it (to the file or, failing that, to memory).
         """
         item = str(record["id"])
+        if item in self._memory:
+            return False
         if self.path is None:
-            if item in self._memory:
-                return False
             self._memory[item] = record
             return True
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+", encoding="utf-8") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                handle.seek(0)
-                for line in handle.read().splitlines():
-                    try:
-                        if str(json.loads(line).get("id")) == item:
-                            return False
-                    except (json.JSONDecodeError, AttributeError):
-                        continue
-                handle.seek(0, os.SEEK_END)
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a+b") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    handle.seek(0)
+                    data = handle.read()
+                    if any(str(r["id"]) == item for r in _records(data)):
+                        return False
+                    if data and not data.endswith(b"\n"):
+                        line = b"\n" + line  # an earlier write was cut short: do not glue onto it
+                    handle.seek(0, os.SEEK_END)
+                    handle.write(line)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+        except OSError as exc:
+            _log.warning(
+                "could not record item %r in %s (%s); it is skipped anyway: %s",
+                item, self.path, exc.strerror or exc, record.get("reason", ""),
+            )
+            self._memory[item] = record
         return True
+
+
+def _records(data: bytes) -> Iterator[dict[str, Any]]:
+    """The records of a ``skipped.jsonl``'s bytes; lines cut by a crash or a full disk (bad
+    JSON, a multi-byte character cut in half) are ignored."""
+    for raw in data.splitlines():
+        try:
+            record = json.loads(raw.decode("utf-8", errors="replace"))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "id" in record:
+            yield record
 
 
 def sample_text(sample: Sample, *, training: bool, generator: torch.Generator | None = None) -> str:
@@ -211,8 +243,8 @@ class _MicroBatches(torch.utils.data.Dataset):
 class BatchLoader:
     """Plans and builds the batches of one split, skipping broken audio.
 
-    **Bad input.** An item whose audio is missing, empty, truncated, not audio, silent or
-    non-finite (see :mod:`mtrun.data.audio`) is skipped and listed once in
+    **Bad input.** An item whose audio is missing, unreadable, empty, truncated, not audio,
+    silent or non-finite (see :mod:`mtrun.data.audio`) is skipped and listed once in
     ``RUN_DIR/skipped.jsonl`` (``{"id", "path", "kind", "reason"}``), and in training its slot
     is *refilled*: slot ``p`` of global batch ``b`` takes the item at the same slot of batch
     ``b+1`` of the epoch's permutation, then ``b+2``, ... — the first that is good. Because

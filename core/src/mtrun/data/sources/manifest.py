@@ -26,7 +26,10 @@ The module also holds table helpers the public-dataset adapters share: :func:`re
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
+import os
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -37,11 +40,14 @@ from mtrun.data.sources.base import SplitSource
 from mtrun.errors import MtrunError
 from mtrun.interfaces import Sample
 
+_log = logging.getLogger("mtrun.data")
+
 __all__ = [
     "SPLIT_ALIASES",
     "ManifestSource",
     "canonical_split",
     "hash_split",
+    "outside_root",
     "read_table",
     "row_to_sample",
     "split_map",
@@ -113,20 +119,20 @@ def read_table(path: str | Path, *, format: str = "auto") -> list[dict[str, Any]
         raise MtrunError(f"table not found: {file}" + (" (it is a folder)" if file.is_dir() else ""))
     fmt = _format_of(file, format)
     if fmt in ("csv", "tsv"):
-        with file.open(newline="", encoding="utf-8-sig") as handle:
-            # restval: a row with fewer fields than the header reads its missing ones as "".
-            reader = csv.DictReader(handle, delimiter="," if fmt == "csv" else "\t", restval="")
-            try:
-                rows = []
-                for row in reader:
-                    if None in row:
-                        raise MtrunError(
-                            f"{file}: line {reader.line_num} has more fields than the header "
-                            f"({len(reader.fieldnames or [])} columns)"
-                        )
-                    rows.append({(k or "").strip(): v for k, v in row.items()})
-            except (csv.Error, UnicodeDecodeError) as exc:
-                raise MtrunError(f"{file}: not a valid UTF-8 {fmt.upper()} file: {exc}") from None
+        text = _read_utf8(file)
+        # restval: a row with fewer fields than the header reads its missing ones as "".
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t", restval="")
+        try:
+            rows = []
+            for row in reader:
+                if None in row:
+                    raise MtrunError(
+                        f"{file}: line {reader.line_num} has more fields than the header "
+                        f"({len(reader.fieldnames or [])} columns)"
+                    )
+                rows.append({(k or "").strip(): v for k, v in row.items()})
+        except csv.Error as exc:
+            raise MtrunError(f"{file}: line {reader.line_num}: not a valid {fmt.upper()} file: {exc}") from None
         return rows
     if fmt == "parquet":
         try:
@@ -137,7 +143,7 @@ def read_table(path: str | Path, *, format: str = "auto") -> list[dict[str, Any]
             return pq.read_table(file).to_pylist()
         except Exception as exc:  # noqa: BLE001 - arrow's errors all mean "not a Parquet table"
             raise MtrunError(f"{file}: not a readable Parquet file: {exc}") from None
-    text = file.read_text(encoding="utf-8-sig")
+    text = _read_utf8(file)
     if fmt == "json":
         try:
             data = json.loads(text)
@@ -160,6 +166,29 @@ def read_table(path: str | Path, *, format: str = "auto") -> list[dict[str, Any]
             raise MtrunError(f"{file}: line {number} is not a JSON object")
         rows.append(row)
     return rows
+
+
+def _read_utf8(file: Path) -> str:
+    """The file's text; a UTF-8 byte-order mark dropped, invalid UTF-8 refused by line.
+
+    Undecodable bytes are not replaced: a manifest in another encoding (Latin-1, CP-1252)
+    would otherwise train on silently garbled captions, and its ids would not match the
+    names of its audio files.
+    """
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise MtrunError(f"{file}: cannot read the manifest: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        bad = data[exc.start : exc.end].hex(" ")
+        raise MtrunError(
+            f"{file}:{line}: not valid UTF-8 (byte {bad} at column {column}); manifests must be "
+            "UTF-8 text: convert the file (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
 
 
 # ------------------------------------------------------------------------------ splits
@@ -353,12 +382,38 @@ def check_columns(columns: Sequence[str], file: str | Path) -> None:
 # ------------------------------------------------------------------------------ source
 
 
+MAX_LISTED_PROBLEMS = 20
+"""Rows a refused manifest's message lists; the rest are counted."""
+
+
+def outside_root(audio: str | Path, root: str | Path) -> bool:
+    """Whether ``audio`` lies outside the folder ``root``, judged on the path's text.
+
+    ``..`` components are collapsed before comparing, so ``root/a/../../etc/passwd`` is outside.
+    Symbolic links are *not* followed: a link inside the root was put there by whoever owns
+    the audio folder (a common way to assemble a dataset from several disks), whereas the
+    check exists to stop a manifest's text from reaching files elsewhere.
+    """
+    path = os.path.normpath(os.path.abspath(os.fspath(audio)))
+    base = os.path.normpath(os.path.abspath(os.fspath(root)))
+    return os.path.commonpath([path, base]) != base
+
+
 class ManifestSource(SplitSource):
     """Items listed in a CSV/TSV/JSONL/Parquet manifest, audio in a folder beside it.
 
     Audio files are not opened here (a large dataset would be read on every start); the
-    loader decodes them in workers and skips broken ones. Duplicate ids are refused, since
-    skipped-file lists, retrieval ground truth and resume all key on the id.
+    loader decodes them in workers and skips broken ones, listing each in ``skipped.jsonl``.
+    Problems of the manifest itself are refused before training, all rows at once (up to
+    :data:`MAX_LISTED_PROBLEMS` listed): a malformed row, an ``audio`` path outside
+    ``audio_root`` (unless ``allow_outside_root``) and duplicate ids. Duplicates are an error
+    rather than "first one wins", since skipped-file lists, caches, retrieval ground truth and
+    resume all key on the id, and which of two rows is the right one is the user's call.
+
+    A row whose captions are all empty and that has no tags is a hole in the data, not a
+    broken manifest: it is left out, listed in :attr:`rejected` and in one warning naming
+    each such row (``file:line``). The loader cannot do this check, since samples without
+    text are legitimate for audio-only objectives.
     """
 
     @attrs.frozen
@@ -377,9 +432,17 @@ class ManifestSource(SplitSource):
         default_split: str = attrs.field(
             default="train", metadata={"help": "split of rows with no 'split' value"}
         )
+        allow_outside_root: bool = attrs.field(
+            default=False,
+            validator=attrs.validators.instance_of(bool),
+            metadata={"help": "accept 'audio' paths outside audio_root (absolute, or climbing out with '..'); "
+                      "off: such rows are refused, so a manifest cannot reach arbitrary files"},
+        )
 
     def __init__(self, config: Config):
         self.config = config
+        self.rejected: list[dict[str, Any]] = []
+        """Rows left out by :meth:`build` (``id``, ``path``, ``kind``, ``reason``, ``split``)."""
 
     @property
     def manifest_path(self) -> Path:
@@ -394,7 +457,15 @@ class ManifestSource(SplitSource):
         return root if root.is_absolute() else base / root
 
     def build(self) -> dict[str, list[Sample]]:
+        """Every row as a sample, by split.
+
+        Raises:
+            MtrunError: The manifest is unreadable or lacks a required column; or rows are
+                malformed, point outside ``audio_root`` or repeat an id — every such row
+                named by ``file:line`` in one message.
+        """
         file = self.manifest_path
+        self.rejected = []
         rows = read_table(file, format=self.config.format)
         columns: list[str] = []
         for row in rows:
@@ -407,12 +478,65 @@ class ManifestSource(SplitSource):
         first_line = 2 if _format_of(file, self.config.format) in ("csv", "tsv") else 1
         splits: dict[str, list[Sample]] = {}
         seen: dict[str, int] = {}
+        problems: list[str] = []
+        outside = 0
         root = self.audio_root
         for number, row in enumerate(rows):
             line = number + first_line
-            split, sample = row_to_sample(row, audio_root=root, where=f"{file}:{line}", default_split=self.config.default_split)
+            where = f"{file}:{line}"
+            try:
+                split, sample = row_to_sample(row, audio_root=root, where=where, default_split=self.config.default_split)
+            except MtrunError as exc:
+                problems.append(str(exc))
+                continue
+            if not self.config.allow_outside_root and outside_root(sample.audio, root):
+                outside += 1
+                problems.append(f"{where}: item {sample.id!r}: audio path {str(row.get('audio')).strip()!r} is outside audio_root {str(root)!r}")
+                continue
             if sample.id in seen:
-                raise MtrunError(f"{file}:{line}: id {sample.id!r} already used on line {seen[sample.id]}")
+                problems.append(f"{where}: id {sample.id!r} already used on line {seen[sample.id]}")
+                continue
             seen[sample.id] = line
+            if not _has_text(sample):
+                self.rejected.append({
+                    "id": sample.id,
+                    "path": sample.audio,
+                    "kind": "no-text",
+                    "reason": f"{where}: item {sample.id!r} has no text (its captions are empty and it has no tags)",
+                    "split": split,
+                })
+                continue
             splits.setdefault(split, []).append(sample)
+        if problems:
+            raise MtrunError(_refusal(file, problems, outside=outside))
+        if self.rejected:
+            shown = self.rejected[:MAX_LISTED_PROBLEMS]
+            _log.warning(
+                "%s: %d row%s left out:\n%s%s",
+                file, len(self.rejected), "" if len(self.rejected) == 1 else "s",
+                "\n".join(f"  - {r['reason']}" for r in shown),
+                f"\n  ... and {len(self.rejected) - len(shown)} more" if len(self.rejected) > len(shown) else "",
+            )
         return splits
+
+
+def _has_text(sample: Sample) -> bool:
+    return any(c.strip() for c in sample.captions) or any(t.strip() for v in sample.tags.values() for t in v)
+
+
+def _refusal(file: Path, problems: list[str], *, outside: int) -> str:
+    if len(problems) == 1 and not outside:
+        return problems[0]
+    listed = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(listed)
+    rows = "1 row is" if len(problems) == 1 else f"{len(problems)} rows are"
+    lines = [f"{file}: {rows} invalid; nothing was loaded"]
+    lines += [f"  - {p}" for p in listed]
+    if more:
+        lines.append(f"  ... and {more} more")
+    if outside:
+        lines.append(
+            "  Paths must stay inside audio_root: fix the paths or [data].audio_root, or set "
+            "[data].allow_outside_root = true if the manifest is trusted."
+        )
+    return "\n".join(lines)
