@@ -95,6 +95,11 @@ def _locate(target: Path) -> tuple[Path, Path | None, Path | None, bool]:
         raise EvalError(f"mtrun eval: {target} does not exist (expected a checkpoint folder, a run folder or a recipe file)")
     if target.is_file():
         return target, None, None, True
+    # A checkpoint folder is known by its marker or trainer state too, so one whose weights are
+    # gone is refused, not taken for a run folder and evaluated untrained.
+    looks_like_checkpoint = any((target / n).exists() for n in ("COMPLETE", "trainer_state.json"))
+    if looks_like_checkpoint and not (target / "model.safetensors").is_file():
+        raise EvalError(f"mtrun eval: checkpoint {target} has no model.safetensors (its weights are gone); pick another checkpoint")
     if (target / "model.safetensors").is_file():
         if not complete(target):
             raise EvalError(f"mtrun eval: {target} is an incomplete checkpoint (no COMPLETE marker); pick another")

@@ -1,4 +1,12 @@
-"""Writing evaluation results: ``eval.json`` for machines, ``report.md`` + PNGs for people."""
+"""Writing evaluation results: ``eval.json`` for machines, ``report.md`` + PNGs for people.
+
+Each file is written to a temporary name and renamed into place, ``eval.json`` first (the
+numbers) and ``report.md`` last, so a ``report.md`` that exists belongs to a complete report. A
+write that fails (a full disk, a read-only or vanished folder) removes its temporary file and
+raises :class:`~mtrun.eval.run.EvalError` naming the folder, the file and the reason: at the
+end of a training run the checkpoints are already written, and the user needs to know the
+report is missing rather than find an empty folder later.
+"""
 
 from __future__ import annotations
 
@@ -56,8 +64,10 @@ def _plot_curves(emb: Any, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    finally:
+        plt.close(fig)
 
 
 def _plot_projection(emb: Any, path: Path) -> None:
@@ -76,8 +86,30 @@ def _plot_projection(emb: Any, path: Path) -> None:
     ax.set_ylabel("PC 2")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    finally:
+        plt.close(fig)
+
+
+def _write_atomic(path: Path, write: Any, *, binary: bool = False) -> None:
+    """Call ``write(file)`` on ``path``'s temporary sibling, then rename it into place; on
+    failure the temporary file is removed and the ``OSError`` propagates."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _fmt(value: float) -> str:
@@ -118,9 +150,32 @@ def write_report(out_dir: str | os.PathLike[str], results: Mapping[str, Any], em
 
     Returns:
         The path of ``report.md``.
+
+    Raises:
+        EvalError: A file could not be written (full disk, read-only or vanished folder); the
+            message names the folder, the file, the reason and the files already written.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    step = ["the folder"]  # what is being written when a write fails
+    written: list[str] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_files(out, results, embeddings, step, written)
+    except OSError as exc:
+        from mtrun.eval.run import EvalError
+
+        done = f"; written before it: {', '.join(written)}" if written else "; nothing was written"
+        again = results.get("checkpoint")
+        if not again and (out.parent / "recipe.toml").is_file():
+            again = out.parent  # the run folder (the report after training)
+        how = f"`mtrun eval {again}`" if again else "`mtrun eval`"
+        raise EvalError(
+            f"could not write the evaluation report into {out}: {_reason(exc)} (while writing {step[0]}){done}. "
+            f"Checkpoints are not affected; make room (or fix the folder) and evaluate again with {how}."
+        ) from exc
+
+
+def _write_files(out: Path, results: Mapping[str, Any], embeddings: Any, step: list[str], written: list[str]) -> Path:
     results = dict(results)
     if "metrics" not in results:
         results = {"metrics": {k: v for k, v in results.items() if isinstance(v, (int, float))}}
@@ -128,17 +183,21 @@ def write_report(out_dir: str | os.PathLike[str], results: Mapping[str, Any], em
 
     figures: list[tuple[str, str]] = []
     if embeddings is not None and len(embeddings.audio) and len(embeddings.texts):
-        _plot_curves(embeddings, out / CURVE_PNG)
-        figures.append(("Retrieval curves", CURVE_PNG))
-        _plot_projection(embeddings, out / PROJECTION_PNG)
-        figures.append(("Audio vs text embeddings", PROJECTION_PNG))
+        figures = [("Retrieval curves", CURVE_PNG), ("Audio vs text embeddings", PROJECTION_PNG)]
     results["figures"] = [name for _, name in figures]
 
     def _json_safe(v: Any) -> Any:
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
+    # The numbers first: on a disk that fills up they are what a researcher needs most.
     data = {**results, "metrics": {k: _json_safe(v) for k, v in metrics.items()}}
-    (out / EVAL_JSON).write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+    step[0] = EVAL_JSON
+    _write_atomic(out / EVAL_JSON, lambda f: f.write(json.dumps(data, indent=1, default=str) + "\n"))
+    written.append(EVAL_JSON)
+    for (_, name), plot in zip(figures, (_plot_curves, _plot_projection)):
+        step[0] = name
+        plot(embeddings, out / name)
+        written.append(name)
 
     lines = ["# Evaluation report", ""]
     for key in ("source", "checkpoint", "step", "split", "n_samples", "n_items", "n_captions"):
@@ -163,5 +222,6 @@ def write_report(out_dir: str | os.PathLike[str], results: Mapping[str, Any], em
         lines += [f"| {s['id']} | {str(s['reason']).replace('|', '/')} |" for s in skipped]
         lines.append("")
     path = out / REPORT_MD
-    path.write_text("\n".join(lines), encoding="utf-8")
+    step[0] = REPORT_MD
+    _write_atomic(path, lambda f: f.write("\n".join(lines)))
     return path

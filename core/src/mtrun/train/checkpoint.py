@@ -19,7 +19,12 @@ itself. Nothing here unpickles: tensors are safetensors, the rest is JSON.
 ``checksums.json`` records the sha256 and size of every other file in the folder; it is written
 just before ``COMPLETE``. Readers verify the files they load against it, because a file damaged
 after the write (a flipped bit on disk, a bad copy) would otherwise be loaded without a word.
-Checkpoints written before checksums existed have no such file and load unverified.
+Checkpoints written before checksums existed have no such file and load unverified; every
+reader still checks that the files each checkpoint needs are there (model, scheduler, RNG,
+trainer state, and the optimizer's two files together or neither), so a deleted file is
+reported by name, never read as "no optimizer state". ``--resume latest`` passes over a
+``step-N`` folder without ``COMPLETE`` (mtrun never renames one into place, so it is a copy that
+stopped half-way or a deleted marker) and says so, like a damaged one.
 
 A write that fails (a full disk, a read-only or vanished folder) removes its temporary folder
 and raises :class:`CheckpointWriteError` with the reason and the space the checkpoint needs;
@@ -73,6 +78,9 @@ CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_DIR = re.compile(r"^(step-\d+)\.tmp-(old-)?(\d+)$")
 _CHUNK = 1 << 20
+# Files every checkpoint holds (whatever its age); the optimizer's two files come as a pair.
+_REQUIRED = ("model.safetensors", "scheduler.json", "rng.safetensors", "trainer_state.json")
+_OPTIMIZER_PAIR = ("optimizer.json", "optimizer.safetensors")
 
 
 def _say(text: str) -> None:
@@ -427,6 +435,19 @@ def _recorded_checksums(folder: Path) -> dict[str, dict[str, Any]] | None:
     return files
 
 
+def _check_present(folder: Path, names: Any = None) -> None:
+    """Raise :class:`CorruptCheckpointError` for a file every checkpoint needs that is missing
+    (of ``names`` only, when given), or for one of the optimizer's two files without the other."""
+    required = [n for n in _REQUIRED if names is None or n in names]
+    for name in required:
+        if not (folder / name).is_file():
+            raise CorruptCheckpointError(folder, name, f"{name} is missing (every checkpoint holds one)")
+    present = [n for n in _OPTIMIZER_PAIR if (folder / n).is_file()]
+    if len(present) == 1 and (names is None or any(n in names for n in _OPTIMIZER_PAIR)):
+        absent = next(n for n in _OPTIMIZER_PAIR if n not in present)
+        raise CorruptCheckpointError(folder, absent, f"{absent} is missing (the checkpoint holds {present[0]}, written with it)")
+
+
 def verify_checkpoint(folder: Path, names: Any = None) -> bool:
     """Check the files of a checkpoint against the checksums recorded when it was written.
 
@@ -440,11 +461,12 @@ def verify_checkpoint(folder: Path, names: Any = None) -> bool:
         checksums existed (nothing to verify).
 
     Raises:
-        CorruptCheckpointError: A file is missing, or its size or sha256 differs from the
-            recorded one.
+        CorruptCheckpointError: A file is missing (one the checksums list, or one every
+            checkpoint holds), or its size or sha256 differs from the recorded one.
     """
     folder = Path(folder)
     recorded = _recorded_checksums(folder)
+    _check_present(folder, names)
     if recorded is None:
         return False
     for name in sorted(recorded) if names is None else names:
@@ -494,6 +516,8 @@ def read_checkpoint(folder: Path, *, verify: bool = True) -> Checkpoint:
         raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {COMPLETE} marker)")
     if verify:
         verify_checkpoint(folder)
+    else:
+        _check_present(folder)  # cheap: a deleted optimizer file is never read as "no optimizer"
     optimizer = None
     if (folder / "optimizer.json").is_file():
         data = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
@@ -522,6 +546,25 @@ def _step_folders(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _resume_candidates(root: Path) -> list[Path]:
+    """``step-N`` folders that ``--resume latest`` tries, newest first, complete or not: from the
+    one ``latest`` names (or the largest N when it names no folder) down, never past the pointer."""
+    every: list[tuple[int, Path]] = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = _STEP_DIR.match(child.name)
+            if match and child.is_dir():
+                every.append((int(match.group(1)), child))
+    if not every:
+        return []
+    every.sort()
+    name = _read_pointer(root / "latest")
+    first = every[-1][0]
+    if name and _STEP_DIR.match(name) and (root / name).is_dir():
+        first = int(_STEP_DIR.match(name).group(1))
+    return [p for n, p in reversed(every) if n <= first]
+
+
 def find_latest(root: Path) -> Path | None:
     """The newest complete checkpoint under ``root`` (a run's ``checkpoints/`` folder).
 
@@ -544,27 +587,33 @@ def resolve_resume(resume: str, run_dir: Path, *, say: Callable[[str], None] | N
     ``run_dir/checkpoints`` (``None`` when the run has none yet, so a job script can always
     pass ``latest``); anything else is a checkpoint folder path.
 
-    With ``"latest"``, a checkpoint whose files do not match their recorded checksums is
-    passed over for the next older complete one; ``say`` is told which file of which
-    checkpoint failed and which checkpoint is used instead.
+    With ``"latest"``, a checkpoint that lacks its ``COMPLETE`` marker or a file, or whose files
+    do not match their recorded checksums, is passed over for the next older one; ``say`` is
+    told which file of which checkpoint failed and which checkpoint is used instead.
 
     Raises:
         FileNotFoundError: An explicit path that is not a complete checkpoint.
         CorruptCheckpointError: An explicit path whose files do not match their checksums.
-        TrainingError: ``"latest"``, and no complete checkpoint is intact.
+        TrainingError: ``"latest"``, and no ``step-N`` folder is an intact checkpoint (never a
+            silent fresh start over a damaged run).
     """
     if not resume:
         return None
     if resume == "latest":
         root = Path(run_dir) / "checkpoints"
-        first = find_latest(root)
-        if first is None:
+        candidates = _resume_candidates(root)
+        if not candidates:
             return None
-        first_step = int(_STEP_DIR.match(first.name).group(1))
-        older = [p for n, p in reversed(_step_folders(root)) if n < first_step]
         failures: list[CorruptCheckpointError] = []
-        for candidate in (first, *older):
+        for candidate in candidates:
             try:
+                if not complete(candidate):
+                    raise CorruptCheckpointError(
+                        candidate,
+                        COMPLETE,
+                        f"it has no {COMPLETE} marker (mtrun renames a checkpoint into place only after "
+                        "writing it, so the folder was copied in part or the marker deleted)",
+                    )
                 verify_checkpoint(candidate)
             except CorruptCheckpointError as exc:
                 failures.append(exc)
@@ -577,8 +626,9 @@ def resolve_resume(resume: str, run_dir: Path, *, say: Callable[[str], None] | N
         problems = "\n".join(f"  - {exc}" for exc in failures)
         raise TrainingError(
             f"resume = 'latest': no checkpoint in {root} is intact:\n{problems}\n"
-            "Their files changed after they were written (disk or copy damage). Move the damaged "
-            "folders away and run again to start fresh, or set [run].resume to a checkpoint you trust."
+            "Their files changed, went missing or were never completed after they were written (disk "
+            "or copy damage). Move the damaged folders away and run again to start fresh, or set "
+            "[run].resume to a checkpoint you trust."
         )
     folder = Path(resume)
     if not complete(folder):

@@ -2,14 +2,22 @@
 
 Only rank 0 writes; on other ranks the logger is inert, so the training loop calls it
 unconditionally.
+
+The metrics are a log, not the run's result: a write that fails (a full disk, a read-only or
+vanished folder) is reported once, naming the file and the operating system's reason, and that
+log is not written again in this run; training, checkpoints and the other log carry on. A
+half-written record would otherwise be followed by whole ones on the same line, and a
+traceback here would stop a run whose checkpoints are still being written fine.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["MetricsLogger", "console_view"]
 
@@ -32,6 +40,14 @@ def _number(value: Any) -> float | int | None:
         return None
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 class MetricsLogger:
     """Appends records to ``run_dir/metrics.jsonl`` and ``run_dir/tensorboard/``.
 
@@ -42,14 +58,44 @@ class MetricsLogger:
             later steps (logged by the interrupted run after its last checkpoint) are dropped
             from ``metrics.jsonl`` and purged from TensorBoard, so each step appears once.
         tensorboard: Whether to write TensorBoard event files.
+        say: Where the one warning per failed log goes (default: standard error).
+
+    Attributes:
+        failed: ``{path: reason}`` of the logs that could not be written and were given up.
     """
 
-    def __init__(self, run_dir: Path, *, enabled: bool = True, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        say: Callable[[str], None] = _say,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tensorboard_dir = Path(run_dir) / "tensorboard"
+        self.failed: dict[Path, str] = {}
+        self._say = say
+        self._file = None
         self._writer = None
         if not enabled:
             return
+        try:
+            self._file = self._open_jsonl(resume_step)
+        except OSError as exc:
+            self._give_up(self.path, exc, None)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                purge = resume_step + 1 if resume_step is not None else None
+                self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=purge)
+            except OSError as exc:
+                self._give_up(self.tensorboard_dir, exc, None)
+
+    def _open_jsonl(self, resume_step: int | None):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = []
@@ -59,37 +105,86 @@ class MetricsLogger:
                         kept.append(line)
                 except (ValueError, AttributeError):
                     continue  # a line cut short by a kill
-            self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            # Via a temporary file: a full disk mid-rewrite must not cut the earlier log short.
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write("".join(k + "\n" for k in kept))
+                os.replace(tmp, self.path)
+            except OSError:
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
+                raise
         elif resume_step is None and self.path.exists():
             self.path.unlink()  # a fresh run in an existing folder starts a fresh log
-        self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        return open(self.path, "a", encoding="utf-8")
 
-            purge = resume_step + 1 if resume_step is not None else None
-            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+    def _give_up(self, path: Path, exc: OSError, step: int | None) -> None:
+        """Report a log that cannot be written, once, and stop writing it."""
+        if path in self.failed:
+            return
+        self.failed[path] = _reason(exc)
+        when = f" at step {step}" if step is not None else ""
+        self._say(
+            f"WARNING: cannot write {path}{when}: {_reason(exc)}. Training continues; later metrics are "
+            "not written to it in this run (checkpoints are written as before)."
+        )
 
     def log(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
         """Write one record for ``step``; numbers become floats, non-numbers are kept as-is
-        in the JSON (and skipped in TensorBoard). Returns the record."""
+        in the JSON (and skipped in TensorBoard). Returns the record.
+
+        Never raises for a failed write: the first failure of each log is reported through
+        ``say`` and that log is closed (see the module docstring)."""
         record: dict[str, Any] = {"step": int(step)}
         for key, value in values.items():
             number = _number(value)
             record[key] = number if number is not None else value
         if not self.enabled:
             return record
-        self._file.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}) + "\n"
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except OSError as exc:
+                self._give_up(self.path, exc, step)
+                self._close_jsonl()
         if self._writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(key, value, global_step=step)
-            self._writer.flush()
+            try:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                        self._writer.add_scalar(key, value, global_step=step)
+                self._writer.flush()
+            except OSError as exc:
+                self._give_up(self.tensorboard_dir, exc, step)
+                self._close_tensorboard()
         return record
 
+    def _close_jsonl(self) -> None:
+        file, self._file = self._file, None
+        if file is None:
+            return
+        try:
+            file.close()
+        except OSError as exc:  # the last buffered record could not be flushed
+            self._give_up(self.path, exc, None)
+
+    def _close_tensorboard(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except OSError as exc:
+            self._give_up(self.tensorboard_dir, exc, None)
+
     def close(self) -> None:
+        """Close both logs; a failure to flush them is reported, never raised (this runs in the
+        trainer's ``finally``, where raising would hide the error that ended training)."""
         if not self.enabled:
             return
-        self._file.close()
-        if self._writer is not None:
-            self._writer.close()
+        self._close_jsonl()
+        self._close_tensorboard()
