@@ -76,7 +76,7 @@ __all__ = [
 COMPLETE = "COMPLETE"
 CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_TMP_DIR = re.compile(r"^(step-\d+)\.tmp-(old-)?(\d+)$")
+_TMP_DIR = re.compile(r"^(step-\d+)\.tmp-(old-|gone-)?(\d+)$")
 _CHUNK = 1 << 20
 # Files every checkpoint holds (whatever its age); the optimizer's two files come as a pair.
 _REQUIRED = ("model.safetensors", "scheduler.json", "rng.safetensors", "trainer_state.json")
@@ -679,7 +679,7 @@ class CheckpointManager:
             if not match or not child.is_dir() or not _process_gone(int(match.group(3))):
                 continue
             target = self.root / match.group(1)
-            if match.group(2) and complete(child) and not target.exists():
+            if match.group(2) == "old-" and complete(child) and not target.exists():
                 try:
                     os.rename(child, target)
                 except OSError:
@@ -749,7 +749,16 @@ class CheckpointManager:
                 keep.add(self.root / name)
         for _, folder in _step_folders(self.root):
             if folder not in keep:
-                shutil.rmtree(folder, ignore_errors=True)
+                # Renamed out of the step-N namespace first: a kill mid-delete then leaves a
+                # temporary folder (cleaned at the next start), never a step folder that still
+                # has its COMPLETE marker but lacks files.
+                gone = folder.with_name(f"{folder.name}.tmp-gone-{os.getpid()}")
+                try:
+                    os.rename(folder, gone)
+                    _fsync_path(self.root)
+                except OSError:
+                    continue
+                shutil.rmtree(gone, ignore_errors=True)
         own = f".tmp-{os.getpid()}"
         for child in self.root.iterdir():
             if ".tmp-" in child.name and child.is_dir() and not child.name.endswith(own):
