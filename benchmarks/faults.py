@@ -27,6 +27,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from faults_kills import cpu_name  # noqa: E402 - one definition for both scripts
 
 CLASSES: dict[str, list[str]] = {
     "disk": ["tests/reliability/test_disk_and_corruption.py", "-k", "disk or write or full or space or read_only or vanish"],
@@ -38,16 +40,6 @@ CLASSES: dict[str, list[str]] = {
     "safety": ["tests/reliability/test_safety.py"],
 }
 """Fault class -> the pytest selection that injects its faults."""
-
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_class(name: str, selection: list[str]) -> tuple[int, int, int, int]:
