@@ -222,40 +222,8 @@ def test_a_report_folder_that_cannot_be_created_is_an_error_naming_it(tmp_path, 
         report_module.write_report(tmp_path / "eval-test-2", RESULTS)
 
 
-TOY_RECIPE = """
-[run]
-name = "toy"
-seed = 3
-device = "cpu"
-
-[loader]
-clip_seconds = 0.25
-
-[data]
-type = "toy-tones"
-n_items = 24
-
-[audio_encoder]
-type = "toy-audio"
-
-[text_encoder]
-type = "toy-text"
-
-[audio_projector]
-type = "toy-linear"
-
-[text_projector]
-type = "toy-linear"
-
-[[objective]]
-type = "toy-contrastive"
-
-[trainer]
-max_steps = 2
-batch_size = 8
-checkpoint_every = 2
-precision = "fp32"
-"""
+# The toy training recipe of the checkpoint-fault tests: one run folder with a checkpoint at step 2.
+from test_checkpoint_faults import EVAL_RECIPE as TOY_RECIPE  # noqa: E402
 
 
 @pytest.fixture
