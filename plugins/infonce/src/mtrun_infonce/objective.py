@@ -37,11 +37,6 @@ from mtrun import Batch, HardNegatives, ObjectiveOutput, StepOutputs
 __all__ = ["InfoNCE", "contrastive_logits", "group_ids"]
 
 
-def _positive(_instance: object, attribute: attrs.Attribute, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive (got {value})")
-
-
 def group_ids(groups: Sequence[str | None] | None, n: int) -> torch.Tensor:
     """Stable int64 ids for group names (a 62-bit hash, equal on every rank); ``None`` -> -1.
 
@@ -129,7 +124,7 @@ class InfoNCE(nn.Module):
     class Config:
         temperature: float = attrs.field(
             default=0.03,
-            validator=_positive,
+            validator=mtrun.positive,
             metadata={"help": "softmax temperature (DuET-MC: fixed 0.03); the initial value when learnable (CLAP/FLAP: 0.07)"},
         )
         learnable: bool = attrs.field(default=False, metadata={"help": "learn the temperature (as a log logit scale)"})

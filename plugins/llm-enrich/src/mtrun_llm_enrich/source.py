@@ -31,8 +31,8 @@ from typing import Any, Sequence
 
 import attrs
 
-from mtrun import ComponentSpec, MtrunError, Run, Sample, SplitSource, component_field
-from mtrun_tag_to_caption.settings import generation_settings, positive, unit_interval
+from mtrun import component_field, ComponentSpec, MtrunError, positive, Run, Sample, SplitSource, unit_interval
+from mtrun_tag_to_caption.settings import generation_settings
 
 __all__ = ["DEFAULT_PROMPT", "LLMEnriched", "default_cache_dir", "enrichment_key"]
 

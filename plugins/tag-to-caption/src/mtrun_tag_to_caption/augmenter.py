@@ -40,9 +40,9 @@ from typing import Any, ClassVar, Sequence
 
 import attrs
 
-from mtrun import AugmentContext, MtrunError, Sample
+from mtrun import AugmentContext, MtrunError, positive, Sample, unit_interval
 from mtrun_tag_to_caption.cache import CaptionCache, caption_key, canonical_tags, default_cache_dir, lm_identity
-from mtrun_tag_to_caption.settings import generation_settings, positive, unit_interval
+from mtrun_tag_to_caption.settings import generation_settings
 from mtrun_tag_to_caption.templates import render_caption
 
 __all__ = ["DEFAULT_PROMPT", "TagToCaption", "clean_caption", "format_tags"]

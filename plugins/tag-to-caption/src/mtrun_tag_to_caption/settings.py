@@ -8,21 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
+from mtrun import positive, unit_interval
 
-__all__ = ["generation_settings", "positive", "unit_interval"]
-
-
-def positive(_instance: object, attribute: attrs.Attribute, value: float) -> None:
-    """attrs validator: ``value > 0``."""
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive (got {value})")
-
-
-def unit_interval(_instance: object, attribute: attrs.Attribute, value: float) -> None:
-    """attrs validator: ``0 <= value <= 1``."""
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1] (got {value})")
+__all__ = ["generation_settings"]
 
 
 def generation_settings(config: Any) -> dict[str, Any]:

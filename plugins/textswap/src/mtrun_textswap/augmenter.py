@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Sequence
 
 import attrs
 
-from mtrun import AugmentContext, Batch, HardNegatives, Need
+from mtrun import AugmentContext, Batch, HardNegatives, Need, non_negative
 from mtrun_textswap.dictionary import Match, SwapDictionary
 
 __all__ = ["TextSwap", "swap_probability"]
@@ -48,11 +48,6 @@ __all__ = ["TextSwap", "swap_probability"]
 def _unit_interval(_instance: object, attribute: attrs.Attribute, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{attribute.name} must be in [0, 1] (got {value})")
-
-
-def _non_negative(_instance: object, attribute: attrs.Attribute, value: float) -> None:
-    if value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0 (got {value})")
 
 
 def _fraction(_instance: object, attribute: attrs.Attribute, value: float) -> None:
@@ -144,8 +139,8 @@ class TextSwap:
         )
         p_start: float = attrs.field(default=0.0, validator=_unit_interval, metadata={"help": "swap probability per pair during warm-up"})
         p_max: float = attrs.field(default=0.15, validator=_unit_interval, metadata={"help": "swap probability per pair after the ramp (DuET-MC: 0.15)"})
-        warmup_epochs: float = attrs.field(default=5.0, validator=_non_negative, metadata={"help": "epochs at p_start before the ramp (DuET-MC: 5)"})
-        ramp_epochs: float = attrs.field(default=20.0, validator=_non_negative, metadata={"help": "epochs of the linear ramp p_start -> p_max (DuET-MC: 20)"})
+        warmup_epochs: float = attrs.field(default=5.0, validator=non_negative, metadata={"help": "epochs at p_start before the ramp (DuET-MC: 5)"})
+        ramp_epochs: float = attrs.field(default=20.0, validator=non_negative, metadata={"help": "epochs of the linear ramp p_start -> p_max (DuET-MC: 20)"})
         fraction: float = attrs.field(
             default=0.1,
             validator=_fraction,
@@ -153,7 +148,7 @@ class TextSwap:
         )
         max_per_pair: int = attrs.field(
             default=0,
-            validator=_non_negative,
+            validator=non_negative,
             metadata={"help": "cap on swapped captions per pair (0 = no cap); each costs a text-encoder forward"},
         )
 
