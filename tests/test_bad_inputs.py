@@ -14,6 +14,7 @@ from mtrun.data.sources.manifest import ManifestSource
 from mtrun.errors import MtrunError
 from mtrun.run import LoaderConfig
 from mtrun.runner import train
+from toyrecipes import TOY_MODEL
 
 RATE = 8000
 BROKEN = {
@@ -91,22 +92,7 @@ max_bad_fraction = 0.3
 
 [data]
 type = "manifest"
-
-[audio_encoder]
-type = "toy-audio"
-
-[text_encoder]
-type = "toy-text"
-
-[audio_projector]
-type = "toy-linear"
-
-[text_projector]
-type = "toy-linear"
-
-[[objective]]
-type = "toy-contrastive"
-
+""" + TOY_MODEL + """
 [trainer]
 batch_size = 4
 max_steps = 18

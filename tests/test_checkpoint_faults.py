@@ -27,6 +27,7 @@ from mtrun.train.checkpoint import (
     resolve_resume,
     verify_checkpoint,
 )
+from toyrecipes import TOY_MODEL
 
 
 def contents(step: int, model: torch.nn.Module | None = None) -> dict:
@@ -192,22 +193,7 @@ clip_seconds = 0.25
 [data]
 type = "toy-tones"
 n_items = 24
-
-[audio_encoder]
-type = "toy-audio"
-
-[text_encoder]
-type = "toy-text"
-
-[audio_projector]
-type = "toy-linear"
-
-[text_projector]
-type = "toy-linear"
-
-[[objective]]
-type = "toy-contrastive"
-
+""" + TOY_MODEL + """
 [trainer]
 max_steps = 2
 batch_size = 8

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mtrun.errors import MtrunError
+from toyrecipes import TOY_MODEL
 
 RECIPE = """
 [run]
@@ -21,22 +22,7 @@ clip_seconds = 0.25
 [data]
 type = "toy-tones"
 n_items = 24
-
-[audio_encoder]
-type = "toy-audio"
-
-[text_encoder]
-type = "toy-text"
-
-[audio_projector]
-type = "toy-linear"
-
-[text_projector]
-type = "toy-linear"
-
-[[objective]]
-type = "toy-contrastive"
-
+""" + TOY_MODEL + """
 [[eval]]
 type = "retrieval"
 bootstrap = 100

@@ -8,6 +8,7 @@ import pytest
 
 from mtrun.errors import MtrunError
 from mtrun.runner import train
+from toyrecipes import TOY_MODEL
 
 RECIPE = """
 [run]
@@ -20,22 +21,7 @@ clip_seconds = 0.25
 [data]
 type = "toy-tones"
 n_items = 16
-
-[audio_encoder]
-type = "toy-audio"
-
-[text_encoder]
-type = "toy-text"
-
-[audio_projector]
-type = "toy-linear"
-
-[text_projector]
-type = "toy-linear"
-
-[[objective]]
-type = "toy-contrastive"
-
+""" + TOY_MODEL + """
 [trainer]
 max_steps = 3
 batch_size = 8

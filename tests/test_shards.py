@@ -15,6 +15,7 @@ from mtrun.data.audio import load_waveform
 from mtrun.data.sources.manifest import ManifestSource
 from mtrun.data.sources.shards import WebDatasetSource
 from mtrun.errors import MtrunError
+from toyrecipes import TOY_MODEL
 
 
 def make_manifest(tmp_path, n=7, broken=("b2",)):
@@ -133,22 +134,7 @@ clip_seconds = 0.25
 [data]
 type = "webdataset"
 path = "{shards}"
-
-[audio_encoder]
-type = "toy-audio"
-
-[text_encoder]
-type = "toy-text"
-
-[audio_projector]
-type = "toy-linear"
-
-[text_projector]
-type = "toy-linear"
-
-[[objective]]
-type = "toy-contrastive"
-
+""" + TOY_MODEL + """
 [trainer]
 max_steps = 2
 batch_size = 2

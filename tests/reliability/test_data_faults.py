@@ -33,6 +33,7 @@ from mtrun.data.loader import SkipLog
 from mtrun.data.sources.manifest import ManifestSource
 from mtrun.errors import MtrunError
 from mtrun.runner import train
+from toyrecipes import TOY_MODEL
 
 RATE = 8000
 RTL = "موسيقى هادئة مع عود وإيقاع بطيء — שיר עברי שקט"
@@ -49,22 +50,7 @@ max_bad_fraction = 0.35
 
 [data]
 type = "manifest"
-
-[audio_encoder]
-type = "toy-audio"
-
-[text_encoder]
-type = "toy-text"
-
-[audio_projector]
-type = "toy-linear"
-
-[text_projector]
-type = "toy-linear"
-
-[[objective]]
-type = "toy-contrastive"
-
+""" + TOY_MODEL + """
 [trainer]
 batch_size = 4
 max_steps = 12
