@@ -109,7 +109,7 @@ def test_pruning_keeps_the_last_k_and_the_best(tmp_path):
             manager.mark_best(folder)
     for step in (4, 5, 6):
         manager.save(step, **contents(step))
-    (tmp_path / "step-000003.tmp-1").mkdir()  # left by a dead process
+    (tmp_path / "step-000003.tmp-999999").mkdir()  # left by a dead process (pid 1 would be alive)
     manager.save(7, **contents(7))
     remaining = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert remaining == ["step-000002", "step-000006", "step-000007"]

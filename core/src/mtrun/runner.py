@@ -100,10 +100,10 @@ def _evaluate_best(built: Any, run: Any, final_step: int) -> dict[str, Any] | No
     """Evaluate the best checkpoint (by the trainer's best metric; the final weights when no
     evaluation picked one) on the test split and write the report into the run folder."""
     from mtrun.eval.run import evaluate_trained
-    from mtrun.train.checkpoint import CheckpointManager, find_latest, read_model_state
+    from mtrun.train.checkpoint import find_best, find_latest, read_model_state
 
     root = run.dir / "checkpoints"
-    best = CheckpointManager(root).best if root.is_dir() else None
+    best = find_best(root) if root.is_dir() else None
     step = final_step
     if best is not None:
         built.system.load_state_dict(read_model_state(best))

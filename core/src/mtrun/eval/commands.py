@@ -116,12 +116,12 @@ def _locate(target: Path) -> tuple[Path, Path | None, Path | None, bool]:
 
 
 def _best_or_latest(run_dir: Path) -> Path | None:
-    from mtrun.train.checkpoint import CheckpointManager, find_latest
+    from mtrun.train.checkpoint import find_best, find_latest
 
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return None
-    return CheckpointManager(root).best or find_latest(root)
+    return find_best(root) or find_latest(root)
 
 
 def _verify(checkpoint: Path, names: list[str]) -> None:

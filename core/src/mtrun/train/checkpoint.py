@@ -62,6 +62,7 @@ __all__ = [
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "complete",
+    "find_best",
     "find_latest",
     "flatten_state",
     "provenance",
@@ -535,29 +536,32 @@ def read_checkpoint(folder: Path, *, verify: bool = True) -> Checkpoint:
     )
 
 
-def _step_folders(root: Path) -> list[tuple[int, Path]]:
-    """Complete ``step-N`` folders under ``root``, oldest first (``*.tmp-*`` never match)."""
+def _step_folders(root: Path, *, require_complete: bool = True) -> list[tuple[int, Path]]:
+    """``step-N`` folders under ``root`` (complete ones only, by default), oldest first
+    (``*.tmp-*`` never match)."""
     found = []
     if root.is_dir():
         for child in root.iterdir():
             match = _STEP_DIR.match(child.name)
-            if match and child.is_dir() and complete(child):
+            if match and child.is_dir() and (complete(child) or not require_complete):
                 found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def find_best(root: Path) -> Path | None:
+    """The complete checkpoint the ``best`` pointer names, or ``None``. Reads only: readers
+    (``mtrun eval``, the end-of-run report) must not construct a :class:`CheckpointManager`,
+    which cleans the folder of other processes' partial writes."""
+    name = _read_pointer(Path(root) / "best")
+    return Path(root) / name if name and complete(Path(root) / name) else None
 
 
 def _resume_candidates(root: Path) -> list[Path]:
     """``step-N`` folders that ``--resume latest`` tries, newest first, complete or not: from the
     one ``latest`` names (or the largest N when it names no folder) down, never past the pointer."""
-    every: list[tuple[int, Path]] = []
-    if root.is_dir():
-        for child in root.iterdir():
-            match = _STEP_DIR.match(child.name)
-            if match and child.is_dir():
-                every.append((int(match.group(1)), child))
+    every = _step_folders(root, require_complete=False)
     if not every:
         return []
-    every.sort()
     name = _read_pointer(root / "latest")
     first = every[-1][0]
     if name and _STEP_DIR.match(name) and (root / name).is_dir():
@@ -736,8 +740,7 @@ class CheckpointManager:
 
     @property
     def best(self) -> Path | None:
-        name = _read_pointer(self.root / "best")
-        return self.root / name if name and complete(self.root / name) else None
+        return find_best(self.root)
 
     def prune(self) -> None:
         """Delete complete step folders beyond the newest ``keep_last`` (never the best or
@@ -759,7 +762,4 @@ class CheckpointManager:
                 except OSError:
                     continue
                 shutil.rmtree(gone, ignore_errors=True)
-        own = f".tmp-{os.getpid()}"
-        for child in self.root.iterdir():
-            if ".tmp-" in child.name and child.is_dir() and not child.name.endswith(own):
-                shutil.rmtree(child, ignore_errors=True)
+        self.clean_stale()
