@@ -50,27 +50,25 @@ def _inputs(slot: Slot, available: dict[str, Any]) -> dict[str, Any]:
 
 
 def _system(resolved: ResolvedRecipe, available: dict[str, Any]) -> Any:
+    """The System over every built model slot, each under its ``inject_as`` name."""
     from mtrun.system import System, WeightedObjective
 
-    modules: dict[str, Any] = {}
-    for slot in schema.SLOTS:
-        if not slot.model or slot.name in ("augmenter", "objective"):
-            continue
-        if slot.name in available:
-            modules[slot.name] = available[slot.name]
-    objectives = [
+    modules = {s.inject_as: available[s.inject_as] for s in schema.SLOTS if s.model and s.inject_as in available}
+    # An objective's recipe weight and metric name belong to its slot entry, not its class.
+    modules["objectives"] = [
         WeightedObjective(spec.label, spec.weight, built)
-        for spec, built in zip(resolved.objectives, available.get("objectives", ()))
+        for spec, built in zip(resolved.objectives, modules.get("objectives", ()))
     ]
-    return System(objectives=objectives, augmenters=available.get("augmenters", ()), **modules)
+    return System(**modules)
 
 
 def assemble(resolved: ResolvedRecipe, run: Run) -> Assembly:
     """Build every slot in order, the system after the last model slot, and the trainer last."""
     src = resolved.source
     available: dict[str, Any] = {"run": run}
-    for slot in schema.SLOTS:
-        if not slot.model and "system" not in available and any(s.model for s in schema.SLOTS[: schema.SLOTS.index(slot)]):
+    last_model = max(i for i, s in enumerate(schema.SLOTS) if s.model)
+    for i, slot in enumerate(schema.SLOTS):
+        if i == last_model + 1:
             available["system"] = _system(resolved, available)
         built = [construct(spec, {**available, **_inputs(slot, available)}, src) for spec in resolved.specs(slot)]
         if slot.many:

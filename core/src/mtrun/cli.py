@@ -132,6 +132,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from mtrun import schema
     from mtrun.recipe import dump_recipe, load_recipe, resolve_recipe
 
     data = load_recipe(args.recipe, overrides=args.overrides, profile=args.profile)
@@ -139,7 +140,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     rows: list[tuple[str, str]] = []
     for spec in resolved.all_specs():
         desc = spec.name
-        if spec.slot.startswith("objective[") and "." not in spec.slot:
+        slot = schema.slot(spec.slot.split("[")[0])
+        if "." not in spec.slot and slot is not None and "weight" in slot.extra_keys:
             desc += f" (weight {spec.weight:g}" + (f", name {spec.label}" if spec.label != spec.name else "") + ")"
         rows.append((spec.slot, desc))
     if args.print_recipe:

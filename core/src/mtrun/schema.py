@@ -226,13 +226,6 @@ SLOTS: tuple[Slot, ...] = (
 )
 """Every component slot, in build order."""
 
-INJECTED_BY_CORE: Mapping[str, str] = {
-    "run": "the run: folder, seed, device, loader settings and resolved recipe (mtrun.Run)",
-    "system": "the assembled model (after every model slot is built): encoders, projectors, objectives",
-}
-"""What the assembler offers besides the slots themselves (each under ``Slot.inject_as``)."""
-
-
 def slot(name: str) -> Slot | None:
     """The slot called ``name``, or ``None``."""
     return next((s for s in SLOTS if s.name == name), None)
@@ -306,7 +299,8 @@ def check_contracts(specs: Iterable[Any], registry: Any) -> list[tuple[Any, str]
     specs = list(specs)
     by_slot: dict[str, list[Any]] = {}
     for spec in specs:
-        by_slot.setdefault(spec.slot.split("[")[0], []).append(spec)
+        if "." not in spec.slot:  # a slot's own components; nested ones serve their owner only
+            by_slot.setdefault(spec.slot.split("[")[0], []).append(spec)
     problems = []
     for spec in specs:
         for need in declared_requires(spec.cls, spec.config):

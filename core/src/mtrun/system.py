@@ -64,7 +64,8 @@ class System(nn.Module):
     ):
         super().__init__()
         for name, module in modules.items():
-            setattr(self, name, module)
+            # An array slot's components are trained and saved like any other module.
+            setattr(self, name, nn.ModuleList(module) if isinstance(module, (list, tuple)) else module)
         self.audio_encoder = audio_encoder
         self.text_encoder = text_encoder
         self.audio_projector = audio_projector

@@ -450,7 +450,8 @@ class ManifestSource(SplitSource):
 
     @property
     def audio_root(self) -> Path:
-        base = self.manifest_path.resolve().parent
+        # Not resolve(): the outside-root check judges paths as written, links unfollowed, on both sides.
+        base = self.manifest_path.absolute().parent
         if not self.config.audio_root:
             return base
         root = Path(self.config.audio_root).expanduser()
