@@ -72,6 +72,9 @@ _PUBLIC: dict[str, str] = {
     "MultiHeadAttention": "mtrun.nn",
     "TransformerBlock": "mtrun.nn",
     "sincos_table": "mtrun.nn",
+    "EmaCopy": "mtrun.nn.ema",
+    "cosine_ema_rate": "mtrun.nn.ema",
+    "embedding_std": "mtrun.train.collapse",
     # weight loading
     "LoadReport": "mtrun.weights",
     "load_matching": "mtrun.weights",

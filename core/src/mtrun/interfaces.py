@@ -281,8 +281,20 @@ class Objective(Protocol):
     """A training loss. Objectives are modules and may own parameters (MAE decoder, BYOL
     predictors, co-attention heads); the trainer optimises them with the model.
 
-    Optional hooks, called when defined:
-        ``on_step_end(step: int, total_steps: int)`` after every optimizer step (EMA targets).
+    Optional, used when defined:
+        ``on_step_end(step: int, total_steps: int)``: called after every optimizer step (never
+        per micro-batch, never after a skipped step); ``step`` counts the steps done. Where
+        EMA copies follow the weights (:class:`mtrun.EmaCopy`).
+        ``embedding_heads() -> dict[str, Callable]``: heads (modules) for ``"audio"`` and/or
+        ``"text"`` that retrieval and evaluation put on top of the projections, as SLAP
+        retrieves with BYOL's online predictors. At most one objective may offer a head per
+        modality.
+
+    Objectives may ask for earlier model slots in their constructor (``audio_encoder``,
+    ``text_projector``, ...). Hold them by reference without registering them (a tuple
+    attribute), or their weights are saved twice; modules an objective creates itself
+    (predictors, decoders, :class:`mtrun.EmaCopy` targets) are registered as usual and are
+    trained (if they require gradients), saved in checkpoints and restored on resume.
     """
 
     def forward(self, outputs: StepOutputs) -> ObjectiveOutput: ...

@@ -50,7 +50,7 @@ class ComponentSpec:
         source: The recipe file, named in build errors.
     """
 
-    slot: str
+    slot: str = attrs.field(eq=False)  # where it was declared is not what it is
     kind: str
     name: str
     cls: type

@@ -6,6 +6,10 @@ the project fits into::
     batch augmenters -> waveform augmenters -> preprocess -> feature augmenters
       -> audio-token augmenters (keep_index) -> text-token augmenters
       -> encoders -> projectors -> objectives (weighted sum)
+
+Embeddings for retrieval and evaluation (:meth:`System.embed_audio`, :meth:`System.embed_text`)
+are the projections, unless an objective supplies a head to put on top of them
+(``embedding_heads``: BYOL's online predictors, as SLAP retrieves with them).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from mtrun.errors import MtrunError
 from mtrun.interfaces import (
     AudioEncoder,
     AugmentContext,
@@ -25,6 +30,7 @@ from mtrun.interfaces import (
     StepOutputs,
     TextEncoder,
 )
+from mtrun.train.collapse import embedding_std
 
 __all__ = ["System", "WeightedObjective"]
 
@@ -73,6 +79,7 @@ class System(nn.Module):
         self.objectives = nn.ModuleList(objectives)
         # Augmenters may own modules (or not); keep them out of the state dict either way.
         self._augmenters = list(augmenters)
+        self._heads = _embedding_heads(self.objectives)
 
     @property
     def augmenters(self) -> list[Augmenter]:
@@ -123,6 +130,9 @@ class System(nn.Module):
             metrics[f"{entry.name}/loss"] = result.loss.detach()
             for key, value in result.metrics.items():
                 metrics[f"{entry.name}/{key}"] = value.detach() if torch.is_tensor(value) else value
+        if outputs.audio_embedding.shape[0] > 1:  # the collapse monitor's input (mtrun.train.collapse)
+            metrics["embedding_std/audio"] = embedding_std(outputs.audio_embedding)
+            metrics["embedding_std/text"] = embedding_std(outputs.text_embedding)
         if total is None:
             raise RuntimeError("the system has no objectives; add an [[objective]] table to the recipe")
         return total, metrics
@@ -140,11 +150,22 @@ class System(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
+    @property
+    def embedding_heads(self) -> dict[str, str]:
+        """Which objective's head each modality's embeddings pass through (empty: none)."""
+        return {modality: owner for modality, (owner, _) in self._heads.items()}
+
+    def _embedding(self, modality: str, projected: torch.Tensor) -> torch.Tensor:
+        head = self._heads.get(modality)
+        if head is not None:
+            projected = head[1](projected)
+        return nn.functional.normalize(projected.float(), dim=-1)
+
     @torch.no_grad()
     def embed_audio(self, waveforms: torch.Tensor) -> torch.Tensor:
         """L2-normalised audio embeddings ``[B, D]`` for waveforms at the encoder's rate."""
         encoded = self.audio_encoder(self.audio_encoder.preprocess(waveforms))
-        return nn.functional.normalize(self.audio_projector(encoded).float(), dim=-1)
+        return self._embedding("audio", self.audio_projector(encoded))
 
     @torch.no_grad()
     def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
@@ -152,4 +173,24 @@ class System(nn.Module):
         device = next(self.parameters()).device
         inputs = {k: v.to(device) for k, v in self.text_encoder.tokenize(list(texts)).items()}
         encoded = self.text_encoder(inputs["input_ids"], inputs["attention_mask"])
-        return nn.functional.normalize(self.text_projector(encoded).float(), dim=-1)
+        return self._embedding("text", self.text_projector(encoded))
+
+
+def _embedding_heads(objectives: Sequence[WeightedObjective]) -> dict[str, tuple[str, Any]]:
+    """Modality (``audio``, ``text``) -> (objective name, head) from the objectives'
+    optional ``embedding_heads()``; two objectives offering a head for one modality is an error."""
+    heads: dict[str, tuple[str, Any]] = {}
+    for entry in objectives:
+        offer = getattr(entry.objective, "embedding_heads", None)
+        for modality, head in (offer() if offer is not None else {}).items():
+            if modality not in ("audio", "text"):
+                raise MtrunError(
+                    f"objective {entry.name!r}: embedding_heads() names {modality!r}; the modalities are 'audio' and 'text'"
+                )
+            if modality in heads:
+                raise MtrunError(
+                    f"objectives {heads[modality][0]!r} and {entry.name!r} both put a head on the {modality} "
+                    "embeddings used for retrieval; switch one off in its [[objective]] table"
+                )
+            heads[modality] = (entry.name, head)
+    return heads

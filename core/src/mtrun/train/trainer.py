@@ -16,6 +16,10 @@ Non-finite numbers: by default a non-finite loss or gradient norm stops training
 optimizer step (``[trainer].nonfinite = "stop"``). With ``nonfinite = "skip"`` such a step is
 skipped and counted instead, up to ``max_nonfinite_steps`` in the run (see
 :meth:`DefaultTrainer._skip`).
+
+Collapse: every step the spread of the embeddings (``embedding_std/...`` metrics) is watched;
+``collapse_patience`` steps in a row below ``collapse_threshold`` warn, or stop training with
+``on_collapse = "stop"`` (:mod:`mtrun.train.collapse`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from mtrun.train.checkpoint import (
     resolve_resume,
     step_dir_name,
 )
+from mtrun.train.collapse import CollapseMonitor
 from mtrun.train.interrupts import StopRequests
 from mtrun.train.metrics import MetricsLogger, console_view
 from mtrun.train.optim import AdamW
@@ -213,6 +218,7 @@ class _Fit:
     final: dict[str, Any] = attrs.field(factory=dict)
     last_val: dict[str, float] = attrs.field(factory=dict)
     window: _Window = attrs.field(factory=_Window)
+    collapse: CollapseMonitor | None = None
 
     @property
     def ckpt_root(self) -> Path:
@@ -289,6 +295,18 @@ class DefaultTrainer:
         max_nonfinite_steps: int = attrs.field(
             default=10, validator=non_negative,
             metadata={"help": "with nonfinite = 'skip': stop when more than this many steps of the run were skipped"},
+        )
+        collapse_threshold: float = attrs.field(
+            default=0.05, validator=non_negative,
+            metadata={"help": "collapse monitor: a watched embedding_std metric (1 = embeddings spread over the sphere, 0 = all the same) below this counts as collapsed; 0 = off"},
+        )
+        collapse_patience: int = attrs.field(
+            default=20, validator=positive,
+            metadata={"help": "collapse monitor: steps in a row below collapse_threshold before on_collapse acts"},
+        )
+        on_collapse: str = attrs.field(
+            default="warn", validator=attrs.validators.in_(("warn", "stop")),
+            metadata={"help": "collapse monitor: warn (once per collapse) or stop training with an error"},
         )
         precision: str = attrs.field(
             default="fp32", validator=attrs.validators.in_(("fp32", "bf16", "auto")),
@@ -441,6 +459,17 @@ class DefaultTrainer:
         state.epoch, state.batch = (epoch + 1, 0) if b + 1 == fit.steps_per_epoch else (epoch, b + 1)
         if what is None:
             fit.system.on_step_end(state.step, fit.total)
+            self._watch_collapse(fit, metrics)
+
+    def _watch_collapse(self, fit: _Fit, metrics: dict[str, float]) -> None:
+        """Feed the step's spread metrics to the collapse monitor (:mod:`mtrun.train.collapse`);
+        with ``on_collapse = "stop"`` a collapse stops training before this step is saved."""
+        message = fit.collapse.observe(self.state.step, metrics)
+        if message is not None and self.config.on_collapse == "stop":
+            raise TrainingError(
+                f"{message}; stopped ([trainer].on_collapse = 'stop'). Last checkpoint: "
+                f"{fit.last_checkpoint or 'none written yet'}"
+            )
 
     def _nonfinite(self, loss: float, grad_norm: float | None) -> str | None:
         """What in this step is non-finite (``"loss"``, ``"gradient norm"``, ``"gradient"``),
@@ -647,6 +676,9 @@ class DefaultTrainer:
             progress=Progress(loader.total_steps, start_step=self.state.step, enabled=rank == 0, log_every=self.config.log_every),
             start_step=self.state.step,
             last_checkpoint=str(resume_from) if resume_from is not None else None,
+        )
+        fit.collapse = CollapseMonitor(
+            self.config.collapse_threshold, self.config.collapse_patience, say=lambda text: fit.progress.message("warning: " + text)
         )
         if self.config.precision == "auto":
             fit.progress.message(f"precision: {self._precision} ([trainer].precision = 'auto' on {device.type})")
