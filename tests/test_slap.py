@@ -160,3 +160,33 @@ def test_ema_copy_is_public_and_follows_the_formula():
         online.weight.add_(1.0)
     copy.update(0.75)
     torch.testing.assert_close(copy.module.weight, 0.75 * start + 0.25 * online.weight)
+
+
+@pytest.mark.parametrize("recipe", ["slap.toml", "clap.toml"])
+def test_the_tiny_profiles_train_and_evaluate_end_to_end(tmp_path, recipe):
+    """`mtrun recipes/{slap,clap}.toml --profile tiny`, cut to two steps of two micro-batches."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from demodata import data_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    args = [
+        sys.executable, "-m", "mtrun.cli", str(root / "recipes" / recipe), "--profile", "tiny",
+        f"run.output_dir={tmp_path / 'runs'}", "trainer.max_steps=2", "trainer.batch_size=8", "trainer.grad_accum=2",
+        "trainer.schedule.warmup_steps=1", "eval.0.bootstrap=0", *data_overrides(tmp_path),
+    ]
+    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "MTRUN_DEBUG": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / recipe.replace(".toml", "-tiny")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = set().union(*records)
+    assert {"embedding_std/audio", "embedding_std/text"} <= logged
+    if recipe == "slap.toml":
+        assert {"byol/audio_to_text", "byol/text_to_audio", "byol/audio_to_audio", "byol/text_to_text", "byol/ema_rate"} <= logged
+    (report,) = run_dir.glob("eval-test-*/eval.json")
+    metrics = json.loads(report.read_text())["metrics"]
+    assert "retrieval/t2a/R@10" in metrics and "modality-gap/centroid_distance" in metrics
