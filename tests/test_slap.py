@@ -190,3 +190,19 @@ def test_the_tiny_profiles_train_and_evaluate_end_to_end(tmp_path, recipe):
     (report,) = run_dir.glob("eval-test-*/eval.json")
     metrics = json.loads(report.read_text())["metrics"]
     assert "retrieval/t2a/R@10" in metrics and "modality-gap/centroid_distance" in metrics
+
+
+def test_evaluation_embeds_both_sides_through_the_retrieval_heads():
+    """The evaluation tasks' embedding pass (windows averaged) uses the predictions for audio
+    as for text, so retrieval compares q with q, never q with z."""
+    from mtrun import Sample
+    from mtrun.eval.embed import embed_samples
+
+    system = toy_byol_system()
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(id=f"s{i}", audio=torch.randn(800, generator=g), sample_rate=tk.SAMPLE_RATE, captions=[f"tone {i}"]) for i in range(4)]
+    seconds = 800 / tk.SAMPLE_RATE
+    embedded = embed_samples(system, samples, clip_seconds=seconds)
+    waves = torch.stack([s.audio for s in samples])
+    torch.testing.assert_close(torch.as_tensor(embedded.audio), system.eval().embed_audio(waves), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.as_tensor(embedded.texts), system.embed_text([s.captions[0] for s in samples]), rtol=1e-5, atol=1e-6)

@@ -25,6 +25,7 @@ from mtrun.interfaces import (
     AugmentContext,
     Augmenter,
     Batch,
+    EncoderOutput,
     Objective,
     Projector,
     StepOutputs,
@@ -155,17 +156,18 @@ class System(nn.Module):
         """Which objective's head each modality's embeddings pass through (empty: none)."""
         return {modality: owner for modality, (owner, _) in self._heads.items()}
 
-    def _embedding(self, modality: str, projected: torch.Tensor) -> torch.Tensor:
+    def project(self, modality: str, encoded: EncoderOutput) -> torch.Tensor:
+        """The embedding of ``encoded`` that retrieval uses, before L2 normalisation: the
+        modality's projector, then the objective's head when one offers it (``audio``/``text``)."""
+        projected = (self.audio_projector if modality == "audio" else self.text_projector)(encoded)
         head = self._heads.get(modality)
-        if head is not None:
-            projected = head[1](projected)
-        return nn.functional.normalize(projected.float(), dim=-1)
+        return projected if head is None else head[1](projected)
 
     @torch.no_grad()
     def embed_audio(self, waveforms: torch.Tensor) -> torch.Tensor:
         """L2-normalised audio embeddings ``[B, D]`` for waveforms at the encoder's rate."""
         encoded = self.audio_encoder(self.audio_encoder.preprocess(waveforms))
-        return self._embedding("audio", self.audio_projector(encoded))
+        return nn.functional.normalize(self.project("audio", encoded).float(), dim=-1)
 
     @torch.no_grad()
     def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
@@ -173,7 +175,7 @@ class System(nn.Module):
         device = next(self.parameters()).device
         inputs = {k: v.to(device) for k, v in self.text_encoder.tokenize(list(texts)).items()}
         encoded = self.text_encoder(inputs["input_ids"], inputs["attention_mask"])
-        return self._embedding("text", self.text_projector(encoded))
+        return nn.functional.normalize(self.project("text", encoded).float(), dim=-1)
 
 
 def _embedding_heads(objectives: Sequence[WeightedObjective]) -> dict[str, tuple[str, Any]]:

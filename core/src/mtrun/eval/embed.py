@@ -122,7 +122,8 @@ def embed_samples(
 
     Args:
         system: A :class:`mtrun.system.System` (uses its encoders, projectors and
-            ``embed_text``). Put in eval mode for the call and restored afterwards.
+            ``project`` and ``embed_text``, so objectives' retrieval heads apply to both sides).
+            Put in eval mode for the call and restored afterwards.
         samples: The samples; audio as a path or a tensor with ``sample_rate``.
         clip_seconds: Window length; audio shorter than one window is zero-padded.
         hop_seconds: Hop between windows; ``None`` = ``clip_seconds``.
@@ -164,7 +165,7 @@ def embed_samples(
             for start in range(0, len(windows), batch_size):
                 chunk = torch.stack(windows[start : start + batch_size]).to(device)
                 encoded = encoder(encoder.preprocess(chunk))
-                projected.append(system.audio_projector(encoded).float().cpu())
+                projected.append(system.project("audio", encoded).float().cpu())
                 pooled.append(encoded.pooled.float().cpu())
             n = len(items)
             width = system.audio_projector.output_dim
