@@ -161,18 +161,18 @@ def test_contract_check_reports_schema_attributes_on_instances(registry):
 
 def test_an_optional_model_slot_is_one_declaration(registry, tmp_path, monkeypatch):
     """A new slot, declared once, is resolved, built with its inputs and held by the system."""
-    fusion = schema.Slot("fusion", "projector", model=True, inputs={"in_features": "audio_projector.output_dim"})
+    extra = schema.Slot("audio_head", "projector", model=True, inputs={"in_features": "audio_projector.output_dim"})
     slots = list(schema.SLOTS)
-    slots.insert(slots.index(schema.slot("augmenter")), fusion)
+    slots.insert(slots.index(schema.slot("augmenter")), extra)
     monkeypatch.setattr(schema, "SLOTS", tuple(slots))
 
-    resolved = resolve_recipe(recipe(fusion={"type": "toy-linear", "dim": 3}), registry, "r.toml")
-    assert resolved.components["fusion"].name == "toy-linear"
+    resolved = resolve_recipe(recipe(audio_head={"type": "toy-linear", "dim": 3}), registry, "r.toml")
+    assert resolved.components["audio_head"].name == "toy-linear"
     run = Run(dir=tmp_path, config=RunConfig(), loader=LoaderConfig(), recipe=resolved.data)
     system = assemble(resolved, run).system
-    assert system.fusion.linear.in_features == 8 and system.fusion.output_dim == 3
-    assert any(name.startswith("fusion.") for name in system.state_dict())
-    assert "fusion" in problems(recipe(fusion={"type": "toy-linea"}), registry)[0]
+    assert system.audio_head.linear.in_features == 8 and system.audio_head.output_dim == 3
+    assert any(name.startswith("audio_head.") for name in system.state_dict())
+    assert "audio_head" in problems(recipe(audio_head={"type": "toy-linea"}), registry)[0]
 
 
 # ------------------------------------------------------------------ contracts

@@ -14,8 +14,10 @@ The protocols are deliberately small but cover the four reproduced systems:
   ``EncoderOutput.hidden_states``.
 * SLAP's BYOL objective owns predictor and EMA target modules (objectives are modules) and
   updates targets after each optimizer step (``Objective.on_step_end``).
-* MuLaP's MLM/MAM/ATM objectives read token sequences (``EncoderOutput.tokens``) and the
-  masked inputs that token/feature augmenters leave in the ``Batch``.
+* MuLaP's co-attention is a ``Fusion`` of the two encoders' token sequences; its MLM, MAM and
+  ATM objectives read the fused streams (``StepOutputs.fused_audio``/``fused_text``) and what
+  ``text_tokens``, ``encoded`` and ``batch`` augmenters leave in the ``Batch`` (masked tokens,
+  masked chunk features, swapped captions).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "DataSource",
     "EncoderOutput",
     "EvalTask",
+    "Fusion",
     "HardNegatives",
     "Objective",
     "ObjectiveOutput",
@@ -147,6 +150,12 @@ class Batch(dict):
     the encoder must provide the ``keep_index`` capability)."""
     hard_negatives: HardNegatives
     """Hard-negative captions (``batch`` augmenters such as TextSwap)."""
+    # Filled by the system after the encoders, for ``encoded`` augmenters:
+    audio_encoded: EncoderOutput
+    """The audio encoder's output; ``encoded`` augmenters may replace it (masked chunk
+    features), and the projector and fusion then read the replacement."""
+    text_encoded: EncoderOutput
+    """The text encoder's output, likewise."""
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -253,6 +262,29 @@ class Projector(Protocol):
         ...
 
 
+@runtime_checkable
+class Fusion(Protocol):
+    """Joint layers over both encoders' token sequences (MuLaP's ViLBERT-style co-attention).
+
+    Optional (the ``[fusion]`` table). It is a branch beside the two towers, not in front of
+    them: the projectors still embed each modality on its own, which is what retrieval and
+    the evaluation tasks use, and the fused streams go to the objectives
+    (``StepOutputs.fused_audio``, ``fused_text``). Constructed with ``audio_features`` and
+    ``text_features`` (the encoders' widths) injected.
+
+    Attributes:
+        output_dim: Width of both fused streams' ``pooled`` vectors (a common width, so an
+            objective can compare them).
+    """
+
+    output_dim: int
+
+    def forward(self, audio: EncoderOutput, text: EncoderOutput) -> tuple[EncoderOutput, EncoderOutput]:
+        """Return the fused ``(audio, text)`` streams: tokens, pooled ``[B, output_dim]`` and
+        masks as :class:`EncoderOutput`; padding (``mask`` False) is never attended to."""
+        ...
+
+
 # ------------------------------------------------------------------------------ objectives
 
 
@@ -266,6 +298,10 @@ class StepOutputs:
     audio_embedding: torch.Tensor
     text_embedding: torch.Tensor
     extra: dict[str, Any] = attrs.field(factory=dict)
+    fused_audio: EncoderOutput | None = None
+    """The fusion's audio stream (``None`` without a ``[fusion]``)."""
+    fused_text: EncoderOutput | None = None
+    """The fusion's text stream."""
 
 
 @attrs.define
@@ -302,7 +338,7 @@ class Objective(Protocol):
 
 # ------------------------------------------------------------------------------ augmenters
 
-AUGMENT_STAGES = ("sample", "waveform", "features", "audio_tokens", "text_tokens", "batch")
+AUGMENT_STAGES = ("sample", "waveform", "features", "audio_tokens", "text_tokens", "batch", "encoded")
 """Where an augmenter acts, in pipeline order.
 
 * ``sample``: a :class:`Sample` in a DataLoader worker (view dropout, tag-to-caption).
@@ -311,7 +347,11 @@ AUGMENT_STAGES = ("sample", "waveform", "features", "audio_tokens", "text_tokens
 * ``audio_tokens``: receives the batch and returns it with ``audio_keep_index`` set
   (FLAP 1-D/2-D masking); reads the encoder's ``token_grid`` from ``batch.token_grid``.
 * ``text_tokens``: receives the batch after tokenisation (MLM masking).
-* ``batch``: the whole collated batch (TextSwap hard negatives).
+* ``batch``: the whole collated batch (TextSwap hard negatives, MuLaP's caption swap); runs
+  first on the device, before the waveform stage.
+* ``encoded``: the batch after the encoders, with ``batch.audio_encoded`` and
+  ``batch.text_encoded`` set; may replace them (MuLaP's masked audio modelling zeroes chunk
+  features) before the projectors and the fusion read them.
 """
 
 
@@ -339,7 +379,7 @@ class Augmenter(Protocol):
     Augmenters run in training only unless ``applies_in_eval`` is True.
     """
 
-    stage: ClassVar[Literal["sample", "waveform", "features", "audio_tokens", "text_tokens", "batch"]]
+    stage: ClassVar[Literal["sample", "waveform", "features", "audio_tokens", "text_tokens", "batch", "encoded"]]
 
     def __call__(self, value: Any, context: AugmentContext) -> Any: ...
 

@@ -121,6 +121,13 @@ KINDS: tuple[Kind, ...] = (
         help="tokenizer and model: text -> token sequence",
     ),
     Kind("projector", interfaces.Projector, ("forward",), (_OUTPUT_DIM,), help="encoder output -> joint embedding"),
+    Kind(
+        "fusion",
+        interfaces.Fusion,
+        ("forward",),
+        (_OUTPUT_DIM,),
+        help="joint layers over both token sequences (co-attention), for the objectives",
+    ),
     Kind("objective", interfaces.Objective, ("forward",), help="a loss over the step's outputs"),
     Kind(
         "augmenter",
@@ -210,6 +217,13 @@ SLOTS: tuple[Slot, ...] = (
         model=True,
         inputs={"in_features": "text_encoder.output_dim"},
         help="text encoding -> joint embedding",
+    ),
+    Slot(
+        "fusion",
+        "fusion",
+        model=True,
+        inputs={"audio_features": "audio_encoder.output_dim", "text_features": "text_encoder.output_dim"},
+        help="optional joint layers over both encoders' tokens; their streams go to the objectives",
     ),
     Slot("augmenter", "augmenter", many=True, model=True, help="input augmentations, applied in stage order"),
     Slot(

@@ -5,7 +5,8 @@ the project fits into::
 
     batch augmenters -> waveform augmenters -> preprocess -> feature augmenters
       -> audio-token augmenters (keep_index) -> text-token augmenters
-      -> encoders -> projectors -> objectives (weighted sum)
+      -> encoders -> encoded augmenters -> projectors (and the fusion, if any)
+      -> objectives (weighted sum)
 
 Embeddings for retrieval and evaluation (:meth:`System.embed_audio`, :meth:`System.embed_text`)
 are the projections, unless an objective supplies a head to put on top of them
@@ -70,6 +71,7 @@ class System(nn.Module):
         **modules: Any,
     ):
         super().__init__()
+        self.fusion = None  # the optional [fusion] slot; set from ``modules`` when the recipe has one
         for name, module in modules.items():
             # An array slot's components are trained and saved like any other module.
             setattr(self, name, nn.ModuleList(module) if isinstance(module, (list, tuple)) else module)
@@ -109,14 +111,19 @@ class System(nn.Module):
         batch.token_grid = getattr(self.audio_encoder, "token_grid", None)
         batch = self._augment("audio_tokens", batch, context)
         batch = self._augment("text_tokens", batch, context)
-        audio = self.audio_encoder(batch.features, keep_index=batch.get("audio_keep_index"))
-        text = self.text_encoder(batch.text_inputs["input_ids"], batch.text_inputs["attention_mask"])
+        batch.audio_encoded = self.audio_encoder(batch.features, keep_index=batch.get("audio_keep_index"))
+        batch.text_encoded = self.text_encoder(batch.text_inputs["input_ids"], batch.text_inputs["attention_mask"])
+        batch = self._augment("encoded", batch, context)
+        audio, text = batch.audio_encoded, batch.text_encoded
+        fused_audio, fused_text = self.fusion(audio, text) if self.fusion is not None else (None, None)
         return StepOutputs(
             batch=batch,
             audio=audio,
             text=text,
             audio_embedding=self.audio_projector(audio),
             text_embedding=self.text_projector(text),
+            fused_audio=fused_audio,
+            fused_text=fused_text,
         )
 
     def forward(self, batch: Batch, context: AugmentContext | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
