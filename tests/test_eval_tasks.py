@@ -49,6 +49,10 @@ class KnownSystem(nn.Module):
         self.audio_encoder = KnownAudio()
         self.audio_projector = Identity()
 
+    def project(self, modality, encoded):
+        assert modality == "audio"
+        return self.audio_projector(encoded)
+
     def embed_text(self, texts):
         out = torch.zeros(len(texts), len(CLASSES))
         for i, text in enumerate(texts):
@@ -138,6 +142,27 @@ def test_probe_learns_a_separable_problem_and_a_linear_target():
     from mtrun.eval.metrics import r2_score
 
     assert r2_score(pred, target[250:]) > 0.9
+
+
+def test_linear_probe_and_the_validation_metric_rule():
+    """hidden = 0 is one Linear layer: it cannot learn XOR, the MLP can, whether early stopping
+    follows the validation metric or the loss; the global RNG is left alone."""
+    import torch
+
+    from mtrun.eval.probe import train_probe
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 2))
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).astype(np.int64)
+    parts = (x[:400], y[:400], x[400:500], y[400:500], x[500:])
+    linear = train_probe(*parts, kind="single", seed=0, hidden=0, max_epochs=80)
+    mlp = train_probe(*parts, kind="single", seed=0, hidden=64, max_epochs=80)
+    by_loss = train_probe(*parts, kind="single", seed=0, hidden=64, max_epochs=80, stop_on="loss")
+    assert (linear.argmax(1) == y[500:]).mean() < 0.7
+    assert (mlp.argmax(1) == y[500:]).mean() > 0.9 and (by_loss.argmax(1) == y[500:]).mean() > 0.9
+    state = torch.random.get_rng_state()
+    train_probe(*parts, kind="single", seed=0, hidden=0, max_epochs=2)
+    assert torch.equal(state, torch.random.get_rng_state())
 
 
 def test_probe_task_reports_mean_over_seeds_and_leaves_the_global_rng_alone():
