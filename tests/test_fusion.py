@@ -34,7 +34,7 @@ class SumFusion(nn.Module):
 
     def __init__(self, config: Config, *, audio_features: int, text_features: int):
         super().__init__()
-        self.output_dim = config.dim
+        self.output_dim = self.audio_width = self.text_width = config.dim
         self.audio_in, self.text_in = nn.Linear(audio_features, config.dim), nn.Linear(text_features, config.dim)
 
     def forward(self, audio: EncoderOutput, text: EncoderOutput):

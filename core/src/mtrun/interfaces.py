@@ -275,9 +275,13 @@ class Fusion(Protocol):
     Attributes:
         output_dim: Width of both fused streams' ``pooled`` vectors (a common width, so an
             objective can compare them).
+        audio_width: Width of the fused audio stream's ``tokens`` (for heads on them: MAM).
+        text_width: Width of the fused text stream's ``tokens`` (MLM).
     """
 
     output_dim: int
+    audio_width: int
+    text_width: int
 
     def forward(self, audio: EncoderOutput, text: EncoderOutput) -> tuple[EncoderOutput, EncoderOutput]:
         """Return the fused ``(audio, text)`` streams: tokens, pooled ``[B, output_dim]`` and

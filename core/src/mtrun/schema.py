@@ -125,7 +125,11 @@ KINDS: tuple[Kind, ...] = (
         "fusion",
         interfaces.Fusion,
         ("forward",),
-        (_OUTPUT_DIM,),
+        (
+            _OUTPUT_DIM,
+            Attribute("audio_width", "a positive int", _positive_int),
+            Attribute("text_width", "a positive int", _positive_int),
+        ),
         help="joint layers over both token sequences (co-attention), for the objectives",
     ),
     Kind("objective", interfaces.Objective, ("forward",), help="a loss over the step's outputs"),
