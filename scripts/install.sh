@@ -45,6 +45,10 @@ echo "install.sh: installing ${targets[*]}"
 # playback only, no wheel, needs PortAudio headers) is not used; without it, the corpus falls
 # back to a NumPy synthesizer and says so in its manifest.
 "$VPY" -m pip install --no-deps "tinysoundfont>=0.3.7,<0.4"
+# musicnn's published weights (TensorFlow checkpoints inside the wheel) for the mtrun-musicnn
+# plugin, which reads them without TensorFlow. --no-deps: its declared tensorflow, librosa and
+# numpy<1.17 requirements are not needed to read the files and would clash with this venv.
+"$VPY" -m pip install --no-deps "musicnn==0.1.0"
 
 "$VPY" -m mtrun.cli plugins >/dev/null || {
     echo "install.sh: installed, but 'mtrun plugins' fails; see the error above" >&2

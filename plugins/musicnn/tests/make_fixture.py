@@ -10,8 +10,10 @@ dependencies of mtrun or of this plugin; the tests only read the file this scrip
 
 (``tf.compat.v1.layers``, which musicnn's model code uses, needs the legacy Keras 2 package
 ``tf-keras`` on TensorFlow >= 2.16; ``TF_USE_LEGACY_KERAS=1`` selects it.) Made with
-tensorflow-cpu 2.21.0, tf-keras 2.21.0, librosa 0.11.0, numpy 2.4.6, musicnn 0.1.0; the
-versions used are stored in the file's ``meta``.
+tensorflow-cpu 2.21.0, tf-keras 2.21.0, librosa 0.11.0, numpy 2.4.6, musicnn 0.1.0 (Python
+3.11, TensorFlow's plain Eigen kernels: the script sets ``TF_ENABLE_ONEDNN_OPTS=0``, since
+oneDNN's round-off changes with the batch size); the versions used are stored in the file's
+``meta``.
 
 What it does, for ``MTT_musicnn`` and ``MSD_musicnn``:
 
