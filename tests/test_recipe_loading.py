@@ -168,7 +168,8 @@ def test_a_table_of_another_type_replaces_the_parents_table_wholesale(tmp_path):
     assert tiny["audio_encoder"] == {"type": "toy-audio", "width": 32, "frame": 100}
     child = write(tmp_path / "child.toml", "extends = 'parent.toml'\n[audio_encoder]\ntype = 'other'\nsize = 2\n")
     assert load_recipe(child)["audio_encoder"] == {"type": "other", "size": 2}
-    assert load_recipe(child, profile="tiny")["audio_encoder"] == {"type": "toy-audio", "frame": 100}
+    # The parent's profile edits were for the parent's encoder; the child's own choice stands.
+    assert load_recipe(child, profile="tiny")["audio_encoder"] == {"type": "other", "size": 2}
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -298,3 +299,33 @@ def test_dump_recipe_round_trips_through_load(tmp_path, base):
     dumped = write(tmp_path / "dumped.toml", dump_recipe(data))
     assert load_recipe(dumped) == data
     assert read_toml(dumped) == dict(data)
+
+
+def test_a_childs_retyped_table_drops_the_parents_profile_edits_of_it(tmp_path):
+    """The parent's [profile.tiny.audio_encoder] tuned the parent's encoder; once the child
+    swaps in another type those keys belong to nothing, while the parent's other profile edits
+    and the child's own profile tables still apply."""
+    write(
+        tmp_path / "parent.toml",
+        """
+        [audio_encoder]
+        type = "mert"
+        pretrained = "m-a-p/MERT"
+        [trainer]
+        max_steps = 100
+        [profile.tiny.audio_encoder]
+        preset = "tiny"
+        pretrained = ""
+        [profile.tiny.trainer]
+        max_steps = 2
+        """,
+    )
+    child = write(
+        tmp_path / "child.toml",
+        "extends = 'parent.toml'\n[audio_encoder]\ntype = 'musicnn'\nweights = 'MTT'\n[profile.tiny.audio_encoder]\nmax_seconds = 6.0\n",
+    )
+    tiny = load_recipe(child, profile="tiny")
+    assert tiny["audio_encoder"] == {"type": "musicnn", "weights": "MTT", "max_seconds": 6.0}
+    assert tiny["trainer"] == {"max_steps": 2}
+    same_type = write(tmp_path / "same.toml", "extends = 'parent.toml'\n[audio_encoder]\npretrained = 'other'\n")
+    assert load_recipe(same_type, profile="tiny")["audio_encoder"] == {"type": "mert", "pretrained": "", "preset": "tiny"}

@@ -217,7 +217,26 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
             str(path), [f"extends = {parent_ref!r}: no such file ({parent}; relative to {path.parent})"]
         )
     base = _load_with_extends(parent, chain + (resolved,))
-    return deep_merge(base, data)
+    return deep_merge(_drop_retyped_profile_tables(base, data), data)
+
+
+def _drop_retyped_profile_tables(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """The parent recipe without its profiles' edits of tables the child gives another ``type``.
+
+    A parent's ``[profile.tiny.audio_encoder]`` adjusts the parent's audio encoder (``preset =
+    "tiny"`` for MERT); once the child swaps in another component, those keys belong to no
+    config of it. The child's own profile tables still apply.
+    """
+    retyped = [key for key, table in child.items() if isinstance(table, dict) and isinstance(base.get(key), dict) and _retyped(base[key], table)]
+    profiles = base.get("profile")
+    if not retyped or not isinstance(profiles, dict):
+        return base
+    base = copy.deepcopy(base)
+    for profile in base["profile"].values():
+        if isinstance(profile, dict):
+            for key in retyped:
+                profile.pop(key, None)
+    return base
 
 
 def _apply_profile(data: dict[str, Any], profile: str | None, source: str) -> dict[str, Any]:
