@@ -283,3 +283,17 @@ def test_probe_with_a_mistyped_train_split_names_it_before_embedding_anything():
     probe = Probe(Probe.Config(clip_seconds=1.0, train_split="trian"), data=Splits())
     with pytest.raises(MtrunError, match="train_split 'trian'.*train, val, test"):
         probe.evaluate(KnownSystem(), known_samples([0, 1] * 4))
+
+
+def test_a_probe_trains_inside_an_evaluation_context():
+    """The trainer evaluates under no_grad (and autocast): the probe still trains."""
+    import torch
+
+    from mtrun.eval.probe import train_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4))
+    y = (x[:, 0] > 0).astype(np.int64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = train_probe(x[:120], y[:120], x[120:160], y[120:160], x[160:], kind="single", seed=0, max_epochs=30)
+    assert (probs.argmax(1) == y[160:]).mean() > 0.9

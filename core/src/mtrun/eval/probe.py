@@ -113,7 +113,9 @@ def train_probe(
         ys = [torch.as_tensor((y - y_mean) / y_std, dtype=torch.float32) for y in (y_train, y_val)]
         loss_fn = nn.MSELoss()
 
-    with torch.random.fork_rng(devices=[]), single_thread():
+    # Evaluation during training runs under no_grad and autocast: the probe trains in float32
+    # with gradients whatever the caller's context.
+    with torch.random.fork_rng(devices=[]), single_thread(), torch.enable_grad(), torch.autocast("cpu", enabled=False):
         torch.manual_seed(seed)
         width = xs[0].shape[1]
         layers = [nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, n_out)] if hidden else [nn.Linear(width, n_out)]
