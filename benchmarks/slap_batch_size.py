@@ -17,10 +17,11 @@ and writes every run's numbers to ``OUT/results.json``; runs that already have a
 a 2-core CPU) for the quickstart's MAViL tiny on 2.56 s crops (~4x faster), so that the sweep
 fits a CPU session; everything else is the recipes' tiny profile.
 
-Memory (``--memory``): each objective in a fresh process (no DataLoader workers) trains a few
-steps at the same micro-batch; the peak resident memory of the process (``ru_maxrss``) over
-those steps is printed for both and their ratio. Weights, gradients, optimizer state and EMA
-targets are all in it, as they are on a GPU.
+Memory (``--memory``): what one training step of each objective holds at the same micro-batch,
+counted tensor by tensor (a CPU has no allocator statistics, and a process's resident memory
+is mostly libraries): weights (EMA targets included), gradients and AdamW state of the
+trainable ones, and the tensors autograd saves for the backward pass. ``--scale paper`` builds
+the paper's model sizes at random initialisation.
 """
 
 from __future__ import annotations
@@ -142,34 +143,76 @@ def table(results: dict[str, dict[str, dict[str, float]]], seeds: list[int], bat
 
 # ---------------------------------------------------------------------------- memory
 
-_MEMORY_CHILD = r"""
-import json, resource, sys
-from mtrun.cli import main
-code = main(sys.argv[1:])
-print("MAXRSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
+
+def step_memory(method: str, args: argparse.Namespace) -> dict[str, float]:
+    """Bytes one training step holds at its peak, counted tensor by tensor (CPUs have no
+    allocator statistics): the weights (EMA targets included), the gradients and AdamW's two
+    moments of the trainable ones, and every tensor autograd saves for the backward pass of one
+    micro-batch (deduplicated by storage)."""
+    import torch
+
+    from mtrun import Batch
+    from mtrun.assemble import assemble
+    from mtrun.runner import prepare
+
+    overrides = [f"run.output_dir={args.out / 'memory'}", f"run.name={method}-memory", "eval=[]"]
+    if args.scale == "paper":  # the paper's models at random initialisation (no hub here)
+        from mtrun_hf_text.tiny_tokenizers import build_tiny_tokenizer  # an offline byte-level BPE
+
+        tokenizer = args.out / "memory" / "tokenizer"
+        build_tiny_tokenizer("roberta").save_pretrained(str(tokenizer))
+        overrides += ["audio_encoder.preset=htsat-base", 'audio_encoder.pretrained=""', 'text_encoder.pretrained=""',
+                      "text_encoder.preset=roberta-base", f'text_encoder.tokenizer="{tokenizer}"', "loader.clip_seconds=10.0",
+                      "text_encoder.pooling=pooler"]
+        if method == "slap":
+            overrides += ["audio_projector.hidden_sizes=[512]", "audio_projector.dim=512", "text_projector.dim=512",
+                          "text_projector.hidden_sizes=[512]", "objective.0.audio_predictor.hidden_sizes=[4096]",
+                          "objective.0.audio_predictor.dim=512", "objective.0.text_predictor.hidden_sizes=[4096]",
+                          "objective.0.text_predictor.dim=512"]
+        else:
+            overrides += ["audio_projector.dim=512", "text_projector.dim=512"]
+    elif args.audio == "mavil":
+        overrides += MAVIL
+    resolved, run = prepare(str(RECIPES / f"{method}.toml"), overrides, "tiny", False, None)
+    torch.manual_seed(0)
+    system = assemble(resolved, run).system.train()
+    seconds = run.loader.clip_seconds
+    rate = system.audio_encoder.sample_rate
+    # A caption long enough to fill SLAP's 128 tokens (max_length truncates it).
+    texts = [" ".join(["a slow ballad on piano with soft strings and a warm voice"] * 20)] * args.memory_batch
+    batch = Batch(waveforms=torch.randn(args.memory_batch, int(seconds * rate)) * 0.1, texts=texts,
+                  text_inputs=system.text_encoder.tokenize(texts))
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = system(batch)
+    loss.backward()
+    weights = {p.data_ptr(): p.numel() * p.element_size() for p in system.parameters()}
+    weights.update({b.data_ptr(): b.numel() * b.element_size() for b in system.buffers()})
+    trainable = sum(p.numel() * p.element_size() for p in system.parameters() if p.requires_grad)
+    mib = 2**20
+    return {
+        "weights": sum(weights.values()) / mib,
+        "gradients + AdamW state": 3 * trainable / mib,
+        "saved activations": sum(saved.values()) / mib,
+        "total": (sum(weights.values()) + 3 * trainable + sum(saved.values())) / mib,
+    }
 
 
 def memory(args: argparse.Namespace) -> None:
-    out = args.out / "memory"
-    rows = {}
-    for method in METHODS:
-        cmd = [
-            sys.executable, "-c", _MEMORY_CHILD, str(RECIPES / f"{method}.toml"), "--profile", "tiny",
-            f"run.output_dir={out}", f"run.name={method}-{int(time.time())}",
-            *(MAVIL if args.audio == "mavil" else []),
-            f"trainer.batch_size={args.memory_batch}", "trainer.grad_accum=1", f"trainer.max_steps={args.memory_steps}",
-            "trainer.precision=fp32", "loader.num_workers=0", 'trainer.val_split="none"', "eval=[]",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("MAXRSS_KIB")]
-        if proc.returncode != 0 or not line:
-            raise SystemExit(f"memory run failed ({method}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        rows[method] = int(line[-1].split()[1]) / 1024
-    print(f"peak resident memory, {args.memory_steps} steps at micro-batch {args.memory_batch} ({args.audio} audio encoder):")
-    for method, mib in rows.items():
-        print(f"  {method}: {mib:.0f} MiB")
-    print(f"  slap / clap: {rows['slap'] / rows['clap']:.3f}")
+    rows = {method: step_memory(method, args) for method in METHODS}
+    size = "paper-size models (HTS-AT base + RoBERTa-base, random init)" if args.scale == "paper" else f"tiny profiles ({args.audio} audio)"
+    print(f"memory of one training step at micro-batch {args.memory_batch}, {size}, MiB:")
+    print("| objective | " + " | ".join(rows["slap"]) + " |")
+    print("|---|" + "---|" * len(rows["slap"]))
+    for method, row in rows.items():
+        print(f"| {method} | " + " | ".join(f"{v:.1f}" for v in row.values()) + " |")
+    print("slap / clap: " + ", ".join(f"{k} {rows['slap'][k] / rows['clap'][k]:.2f}x" for k in rows["slap"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="further recipe overrides for every run")
     parser.add_argument("--memory", action="store_true", help="measure peak memory per step instead")
     parser.add_argument("--memory-batch", type=int, default=MICRO)
-    parser.add_argument("--memory-steps", type=int, default=5)
+    parser.add_argument("--scale", default="tiny", choices=("tiny", "paper"), help="--memory: the tiny profiles or paper-size models")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     print(cpu_line(), flush=True)

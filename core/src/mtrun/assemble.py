@@ -27,7 +27,7 @@ from mtrun.run import Run
 from mtrun.schema import Slot
 from mtrun.spec import BuildError, construct
 
-__all__ = ["Assembly", "BuildError", "assemble", "construct"]
+__all__ = ["Assembly", "BuildError", "assemble", "assemble_model", "construct"]
 
 
 @attrs.frozen
@@ -76,3 +76,23 @@ def assemble(resolved: ResolvedRecipe, run: Run) -> Assembly:
         elif built:
             available[slot.inject_as] = built[0]
     return Assembly(system=available["system"], trainer=available["trainer"], data=available["data"], evals=available.get("evals", ()))
+
+
+def assemble_model(resolved: ResolvedRecipe, run: Run) -> Any:
+    """Build only the model slots ``resolved`` holds, in schema order, and the System over them.
+
+    For inference (:func:`mtrun.load`): nothing else is built (no data source, evaluations or
+    trainer), and a recipe resolved with ``slots=`` may leave model slots out too (augmenters,
+    which act only in training and are not part of the saved weights).
+    """
+    src = resolved.source
+    available: dict[str, Any] = {"run": run}
+    for slot in schema.SLOTS:
+        if not slot.model:
+            continue
+        built = [construct(spec, {**available, **_inputs(slot, available)}, src) for spec in resolved.specs(slot)]
+        if slot.many:
+            available[slot.inject_as] = tuple(built)
+        elif built:
+            available[slot.inject_as] = built[0]
+    return _system(resolved, available)

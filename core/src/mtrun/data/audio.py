@@ -13,6 +13,13 @@ whose :attr:`~AudioDecodeError.kind` is a short machine-readable category (``mis
 ``unreadable``, ``zero-length``, ``truncated``, ``not-audio``, ``silent``, ``non-finite``, ...).
 The loader uses these to skip bad items and list them in ``skipped.jsonl``.
 
+For files of any length, :func:`open_stream` decodes in blocks, :class:`StreamResampler`
+resamples block by block (the same sinc kernel as :func:`resample`, with the context each output
+sample needs carried over from the previous block), and :func:`stream_windows` cuts the stream
+into the windows :func:`sliding_windows` would cut from the whole file. Memory is then bounded by
+the block and window sizes, not the file: inference on a ten-minute track needs as much as on a
+ten-second one.
+
 Besides paths, :func:`decode` accepts any *audio reference*: an object with an ``open()``
 method returning a binary file object, and optionally ``name`` and ``suffix`` attributes
 (:class:`mtrun.data.sources.shards.TarMember` is one: a byte range inside a tar shard).
@@ -26,7 +33,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from mtrun.errors import MtrunError
 
@@ -40,13 +47,16 @@ __all__ = [
     "PAD_POLICIES",
     "SILENCE_THRESHOLD",
     "AudioDecodeError",
+    "StreamResampler",
     "check_waveform",
     "crop_or_pad",
     "decode",
     "describe_audio",
     "load_waveform",
+    "open_stream",
     "resample",
     "sliding_windows",
+    "stream_windows",
     "to_mono",
 ]
 
@@ -454,3 +464,337 @@ def sliding_windows(wave: torch.Tensor, length: int, hop: int | None = None) -> 
     if starts[-1] != total - length:
         starts.append(total - length)
     return torch.stack([wave[s : s + length] for s in starts])
+
+
+# ------------------------------------------------------------------------------ streaming
+
+DEFAULT_BLOCK_FRAMES = 1 << 16
+"""Frames decoded per block when streaming (1.5 s at 44.1 kHz; 0.5 MB of stereo float32)."""
+
+
+def open_stream(path: Any, block_frames: int = DEFAULT_BLOCK_FRAMES) -> tuple[int, Iterator[torch.Tensor]]:
+    """Open an audio file for decoding block by block.
+
+    The file is opened and its format checked at once, so a missing, empty, unreadable or
+    unknown file fails here; damage further in (a cut-off end, a corrupt frame) fails while the
+    blocks are read. The errors are those of :func:`decode`.
+
+    Args:
+        path: A file path, or an audio reference with ``open()``.
+        block_frames: Frames per block (the last block may be shorter).
+
+    Returns:
+        ``(sample_rate, blocks)``: the file's rate and an iterator of float32 ``[channels, n]``
+        tensors that closes the file when exhausted.
+    """
+    name = describe_audio(path)
+    if isinstance(path, (str, os.PathLike)):
+        file = Path(path)
+        if not file.exists():
+            raise AudioDecodeError(f"audio file {name!r}: missing (no such file)", kind="missing", path=name)
+        if file.is_dir():
+            raise AudioDecodeError(f"audio file {name!r}: is a folder, not a file", kind="not-audio", path=name)
+        if file.stat().st_size == 0:
+            raise AudioDecodeError(f"audio file {name!r}: zero-length (the file is empty)", kind="zero-length", path=name)
+        _check_readable(file, name)
+    elif not callable(getattr(path, "open", None)):
+        raise AudioDecodeError(f"cannot decode {path!r}: expected a path or an object with open()", kind="bad-shape")
+    try:
+        return _stream_soundfile(path, block_frames)
+    except _Unrecognised as unrecognised:
+        try:
+            return _stream_pyav(path, block_frames)
+        except ImportError:
+            raise AudioDecodeError(
+                f"audio file {name!r}: not audio, or a format libsndfile does not read "
+                f"({unrecognised}); install PyAV (`pip install av`) to decode AAC/M4A and other FFmpeg formats",
+                kind="not-audio",
+                path=name,
+            ) from None
+        except AudioDecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - FFmpeg's errors all mean "cannot read this"
+            raise AudioDecodeError(
+                f"audio file {name!r}: not audio (neither libsndfile nor FFmpeg recognises it: {exc})",
+                kind="not-audio",
+                path=name,
+            ) from None
+
+
+def _sf_error(name: str, exc: Exception) -> AudioDecodeError:
+    text = getattr(exc, "error_string", None) or str(exc)
+    kind = "truncated" if _looks_truncated(text) else "corrupt"
+    return AudioDecodeError(
+        f"audio file {name!r}: {'truncated or ' if kind == 'truncated' else ''}corrupt ({text})", kind=kind, path=name
+    )
+
+
+def _stream_soundfile(path: Any, block_frames: int) -> tuple[int, Iterator[torch.Tensor]]:
+    import soundfile
+
+    name = describe_audio(path)
+    stack = contextlib.ExitStack()
+    try:
+        source = str(path) if isinstance(path, (str, os.PathLike)) else stack.enter_context(path.open())
+        handle = stack.enter_context(soundfile.SoundFile(source))
+    except soundfile.LibsndfileError as exc:
+        stack.close()
+        if getattr(exc, "code", None) == _SF_UNRECOGNISED_FORMAT or not _has_audio_magic(path):
+            raise _Unrecognised(exc.error_string) from None
+        raise _sf_error(name, exc) from None
+    except (RuntimeError, ValueError, TypeError) as exc:
+        stack.close()
+        raise AudioDecodeError(f"audio file {name!r}: corrupt ({exc})", kind="corrupt", path=name) from None
+    match = _SHOULD_BE.search(handle.extra_info or "")
+    if match and int(match.group(2)) < int(match.group(1)):
+        stack.close()
+        raise AudioDecodeError(
+            f"audio file {name!r}: truncated (its header declares {match.group(1)} bytes of audio, "
+            f"only {match.group(2)} are present)",
+            kind="truncated",
+            path=name,
+        )
+    return int(handle.samplerate), _soundfile_blocks(handle, stack, name, block_frames)
+
+
+def _soundfile_blocks(handle: Any, stack: contextlib.ExitStack, name: str, block_frames: int) -> Iterator[torch.Tensor]:
+    import soundfile
+    import torch
+
+    with stack:
+        declared, read = handle.frames, 0
+        while True:
+            try:
+                data = handle.read(frames=block_frames, dtype="float32", always_2d=True)
+            except soundfile.LibsndfileError as exc:
+                raise _sf_error(name, exc) from None
+            except (RuntimeError, ValueError, TypeError) as exc:
+                raise AudioDecodeError(f"audio file {name!r}: corrupt ({exc})", kind="corrupt", path=name) from None
+            if len(data) == 0:
+                break
+            read += len(data)
+            yield torch.from_numpy(data.T.copy())
+        if read == 0:
+            raise AudioDecodeError(f"audio file {name!r}: holds no audio frames", kind="empty", path=name)
+        if declared > 0 and read < declared * (1 - _TRUNCATION_TOLERANCE):
+            raise AudioDecodeError(
+                f"audio file {name!r}: truncated (its header declares {declared} frames, only {read} decode)",
+                kind="truncated",
+                path=name,
+            )
+
+
+def _stream_pyav(path: Any, block_frames: int) -> tuple[int, Iterator[torch.Tensor]]:
+    import av
+
+    name = describe_audio(path)
+    stack = contextlib.ExitStack()
+    raw = stack.enter_context(_open_binary(path))
+    try:
+        container = stack.enter_context(av.open(raw))
+    except BaseException:
+        stack.close()
+        raise
+    if not container.streams.audio:
+        stack.close()
+        raise AudioDecodeError(f"audio file {name!r}: not audio (the container has no audio stream)", kind="not-audio", path=name)
+    stream = container.streams.audio[0]
+    return int(stream.rate), _pyav_blocks(container, stream, stack, name, block_frames)
+
+
+def _pyav_blocks(container: Any, stream: Any, stack: contextlib.ExitStack, name: str, block_frames: int) -> Iterator[torch.Tensor]:
+    import av
+    import numpy as np
+    import torch
+
+    with stack:
+        resampler = av.AudioResampler(format="fltp")  # planar float32, channels kept
+        pending: list[Any] = []
+        count = total = 0
+
+        def frames():
+            try:
+                for frame in container.decode(stream):
+                    yield from resampler.resample(frame)
+                yield from resampler.resample(None)
+            except av.error.FFmpegError as exc:
+                raise AudioDecodeError(f"audio file {name!r}: corrupt ({exc})", kind="corrupt", path=name) from None
+
+        for out in frames():
+            array = out.to_ndarray()
+            pending.append(array)
+            count += array.shape[1]
+            if count >= block_frames:
+                total += count
+                yield torch.from_numpy(np.concatenate(pending, axis=1).astype("float32", copy=False))
+                pending, count = [], 0
+        if pending:
+            total += count
+            yield torch.from_numpy(np.concatenate(pending, axis=1).astype("float32", copy=False))
+        if total == 0:
+            raise AudioDecodeError(f"audio file {name!r}: holds no audio frames", kind="empty", path=name)
+
+
+class StreamResampler:
+    """Resample a mono stream block by block to the numbers :func:`resample` gives on the whole.
+
+    torchaudio's resampler convolves the zero-padded signal with a polyphase sinc kernel: each
+    group of output samples reads a fixed span of input around its position. This class keeps
+    the input a group still needs between blocks, so the output equals whole-signal resampling
+    up to float rounding (tested within 1e-6) while holding one block and the kernel's width.
+    """
+
+    def __init__(self, orig_rate: int, new_rate: int):
+        import torch
+
+        self.orig_rate, self.new_rate = int(orig_rate), int(new_rate)
+        self.identity = self.orig_rate == self.new_rate
+        self.consumed = 0  # input samples pushed
+        self.produced = 0  # output samples returned
+        if self.identity:
+            return
+        transform = _resampler(self.orig_rate, self.new_rate)
+        self.kernel, self.width = transform.kernel, int(transform.width)
+        gcd = math.gcd(self.orig_rate, self.new_rate)
+        self.o, self.n = self.orig_rate // gcd, self.new_rate // gcd
+        self._buffer = torch.zeros(self.width)  # the left zero padding
+        self._start = -self.width  # input index of _buffer[0]
+        self._group = 0  # next output group (n samples each)
+
+    def _groups(self, last: int) -> torch.Tensor:
+        """Output groups ``self._group .. last`` (inclusive) from the buffer."""
+        import torch
+
+        count = last - self._group + 1
+        if count <= 0:
+            return torch.zeros(0)
+        lo = self._group * self.o - self.width - self._start
+        hi = lo + (count - 1) * self.o + 2 * self.width + self.o
+        segment = self._buffer[lo:hi]
+        with torch.no_grad():
+            out = torch.nn.functional.conv1d(segment[None, None], self.kernel, stride=self.o)  # [1, n, count]
+        out = out[0].transpose(0, 1).reshape(-1)
+        self._group += count
+        keep = self._group * self.o - self.width - self._start
+        self._buffer = self._buffer[keep:]
+        self._start += keep
+        return out
+
+    def push(self, block: torch.Tensor) -> torch.Tensor:
+        """Feed mono input ``[n]``; returns the output samples it completes."""
+        import torch
+
+        self.consumed += block.shape[-1]
+        if self.identity:
+            self.produced += block.shape[-1]
+            return block
+        self._buffer = torch.cat([self._buffer, block.float()])
+        end = self._start + self._buffer.shape[-1]
+        out = self._groups((end - self.width - self.o) // self.o)
+        self.produced += out.shape[-1]
+        return out
+
+    def flush(self) -> torch.Tensor:
+        """The remaining output once the input has ended (the right zero padding applied)."""
+        import torch
+
+        if self.identity:
+            return torch.zeros(0)
+        target = -(-self.n * self.consumed // self.o)  # ceil: torchaudio's output length
+        self._buffer = torch.cat([self._buffer, torch.zeros(self.width + self.o)])
+        out = self._groups(-(-target // self.n) - 1)
+        out = out[: max(0, target - self.produced)]
+        self.produced += out.shape[-1]
+        return out
+
+
+def stream_windows(
+    audio: Any,
+    sample_rate: int,
+    length: int,
+    hop: int | None = None,
+    *,
+    source_rate: int | None = None,
+    block_frames: int = DEFAULT_BLOCK_FRAMES,
+    check: bool = True,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The windows :func:`sliding_windows` cuts, from audio decoded and resampled in blocks.
+
+    Windows start at ``0, hop, 2·hop, ...``; the last one is aligned to the end of the audio
+    and audio shorter than one window gives one repeat-padded window, exactly as
+    :func:`sliding_windows` does on the whole waveform. At most about ``length + hop`` output
+    samples and one input block are held at any time, whatever the length of the file.
+
+    Args:
+        audio: A path, an audio reference with ``open()``, or a waveform ``[C, T]``/``[T]``
+            (then ``source_rate`` is required).
+        sample_rate: The rate of the windows (the encoder's).
+        length: Window length in samples at ``sample_rate``.
+        hop: Samples between window starts (default ``length``).
+        source_rate: The rate of a waveform given as ``audio``.
+        block_frames: Frames decoded per block.
+        check: Refuse non-finite audio (at the first bad block) and silent audio (at the end,
+            after its windows were yielded: callers discard a file that raises).
+
+    Yields:
+        ``(start, window)``: the window's first sample (at ``sample_rate``) and a mono float32
+        ``[length]`` tensor.
+
+    Raises:
+        AudioDecodeError: As :func:`decode` and :func:`check_waveform`, naming the file.
+    """
+    import torch
+
+    hop = length if hop is None else int(hop)
+    if length <= 0 or hop <= 0:
+        raise ValueError(f"length and hop must be positive (got {length}, {hop})")
+    where = describe_audio(audio)
+    if torch.is_tensor(audio) or (hasattr(audio, "__array__") and not isinstance(audio, (str, os.PathLike))):
+        if source_rate is None:
+            raise AudioDecodeError("a waveform needs its sample rate (sample_rate=...)", kind="bad-shape")
+        wave = torch.as_tensor(audio).float()
+        wave = wave if wave.dim() == 2 else to_mono(wave)[None]
+        rate = int(source_rate)
+        blocks: Iterator[torch.Tensor] = (wave[:, i : i + block_frames] for i in range(0, wave.shape[-1], block_frames))
+    else:
+        rate, blocks = open_stream(audio, block_frames)
+        where = f"audio file {where!r}"
+    resampler = StreamResampler(rate, sample_rate)
+    buffer = torch.zeros(0)
+    buffer_start = 0  # output index of buffer[0]
+    next_start, last_start, peak = 0, -1, 0.0
+
+    def cut(new: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        nonlocal buffer, buffer_start, next_start, last_start
+        buffer = torch.cat([buffer, new]) if buffer.numel() else new
+        end = buffer_start + buffer.shape[-1]
+        while next_start + length <= end:
+            offset = next_start - buffer_start
+            yield next_start, buffer[offset : offset + length].clone()
+            last_start = next_start
+            next_start += hop
+        # Keep what the next window needs, and at least the last window's worth for the end.
+        drop = min(next_start, end - length) - buffer_start
+        if drop > 0:
+            buffer = buffer[drop:]
+            buffer_start += drop
+
+    for block in blocks:
+        mono = to_mono(block)
+        if check and mono.numel():
+            block_peak = float(mono.abs().max())
+            if not math.isfinite(block_peak):
+                bad = int((~torch.isfinite(mono)).sum())
+                raise AudioDecodeError(f"{where}: non-finite audio ({bad} NaN or infinite values)", kind="non-finite", path=_path_of(audio))
+            peak = max(peak, block_peak)
+        yield from cut(resampler.push(mono))
+    yield from cut(resampler.flush())
+    total = resampler.produced
+    if total == 0:
+        raise AudioDecodeError(f"{where}: holds no audio frames", kind="empty", path=_path_of(audio))
+    if last_start < 0:  # shorter than one window
+        yield 0, crop_or_pad(buffer, length, "start", pad="repeat")
+    elif last_start != total - length:
+        yield total - length, buffer[-length:].clone()
+    if check and peak <= SILENCE_THRESHOLD:
+        raise AudioDecodeError(f"{where}: silent (peak amplitude {peak:.3g})", kind="silent", path=_path_of(audio))

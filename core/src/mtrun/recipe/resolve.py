@@ -458,7 +458,12 @@ def _resolve_entry(
 
 
 def resolve_recipe(
-    data: dict[str, Any], registry: Registry, source: str, overrides: Iterable[Any] | None = None
+    data: dict[str, Any],
+    registry: Registry,
+    source: str,
+    overrides: Iterable[Any] | None = None,
+    *,
+    slots: Iterable[str] | None = None,
 ) -> ResolvedRecipe:
     """Check a resolved plain recipe against the registry and structure every config.
 
@@ -468,6 +473,10 @@ def resolve_recipe(
         source: The recipe file, named in the error header.
         overrides: Parsed overrides, to mark problems that came from the command line;
             defaults to those :func:`load_recipe` attached to ``data``.
+        slots: Resolve only these slots (by name); the recipe's other slot tables are left
+            unread, whether required or not, so their plugins need not be installed, and
+            contracts are not checked (inference rebuilds the model slots of a recipe that
+            passed them when it was trained). ``None``: every slot, as for training.
 
     Raises:
         RecipeError: With one line per problem found anywhere in the recipe.
@@ -476,12 +485,13 @@ def resolve_recipe(
         overrides = getattr(data, "overrides", ())
     overrides = tuple(overrides)
     created = getattr(data, "created", {})
+    only = None if slots is None else frozenset(slots)
     token = _SOURCE.set(source)
     try:
-        problems, resolved = _resolve(data, registry, source)
+        problems, resolved = _resolve(data, registry, source, only)
     finally:
         _SOURCE.reset(token)
-    if resolved is not None:
+    if resolved is not None and only is None:
         for spec, message in schema.check_contracts(resolved.all_specs(), registry):
             problems.append(_Problem(_spec_path(spec.slot) + ("type",), message, value=spec.name))
     if problems:
@@ -499,7 +509,9 @@ def _spec_path(label: str) -> tuple:
     return tuple(path)
 
 
-def _resolve(data: dict[str, Any], registry: Registry, source: str) -> tuple[list[_Problem], ResolvedRecipe | None]:
+def _resolve(
+    data: dict[str, Any], registry: Registry, source: str, only: frozenset[str] | None = None
+) -> tuple[list[_Problem], ResolvedRecipe | None]:
     converter = make_converter(registry)
     problems: list[_Problem] = []
     components: dict[str, ComponentSpec] = {}
@@ -533,6 +545,8 @@ def _resolve(data: dict[str, Any], registry: Registry, source: str) -> tuple[lis
         problems += found
 
     for slot in schema.SLOTS:
+        if only is not None and slot.name not in only:
+            continue
         value = data.get(slot.name, _MISSING)
         if value is _MISSING:
             if slot.required:
