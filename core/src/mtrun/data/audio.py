@@ -717,6 +717,7 @@ def stream_windows(
     source_rate: int | None = None,
     block_frames: int = DEFAULT_BLOCK_FRAMES,
     check: bool = True,
+    stats: dict[str, Any] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """The windows :func:`sliding_windows` cuts, from audio decoded and resampled in blocks.
 
@@ -735,6 +736,8 @@ def stream_windows(
         block_frames: Frames decoded per block.
         check: Refuse non-finite audio (at the first bad block) and silent audio (at the end,
             after its windows were yielded: callers discard a file that raises).
+        stats: When given, ``stats["samples"]`` is set to the audio's length at
+            ``sample_rate`` once it has been read.
 
     Yields:
         ``(start, window)``: the window's first sample (at ``sample_rate``) and a mono float32
@@ -790,6 +793,8 @@ def stream_windows(
         yield from cut(resampler.push(mono))
     yield from cut(resampler.flush())
     total = resampler.produced
+    if stats is not None:
+        stats["samples"] = total
     if total == 0:
         raise AudioDecodeError(f"{where}: holds no audio frames", kind="empty", path=_path_of(audio))
     if last_start < 0:  # shorter than one window
