@@ -11,7 +11,7 @@ backbone untrained, probed on downstream labels. Conditions:
 
 Each backbone's pooled output (the mean of its chunk features) is probed for the demo corpus'
 instrument, genre and tempo tags with ``mtrun``'s ``probe`` task (MuLaP's protocol: MLP with 512
-hidden units or a linear probe, Adam 1e-3, weight decay, early stopping on validation
+hidden units, and a linear probe; Adam 1e-3, weight decay, early stopping on validation
 accuracy; trained on the train split, tested on the test split; three probe seeds averaged).
 Prints a Markdown table: mean and 95% t-interval over seeds (pretraining seeds for ``mulap``
 and ``random``, probe seeds for the fixed published weights).
@@ -35,6 +35,7 @@ RECIPE = ROOT / "recipes" / "mulap.toml"
 CATEGORIES = ("instrument", "genre", "tempo")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447}
 FULL = ["audio_encoder.preset=musicnn", "audio_encoder.frozen=true"]
+PROBES = {"mlp": 512, "linear": 0}  # MuLaP's MLP probe (512 hidden) and a linear probe
 
 
 def pretrain(seed: int, args: argparse.Namespace) -> Path:
@@ -73,21 +74,22 @@ def probe(condition: str, seed: int, args: argparse.Namespace) -> dict[str, floa
     built = assemble(resolved, run)
     if condition == "mulap":
         built.system.load_state_dict(read_model_state(find_latest(pretrain(seed, args) / "checkpoints")))
-    cache = EvalCache()
+    cache = EvalCache()  # one embedding pass per backbone, shared by every probe
     test = built.data.load("test")
     out = {}
-    for category in CATEGORIES:
-        task = Probe(
-            Probe.Config(
-                category=category, train_split="train", clip_seconds=args.clip_seconds, hop_seconds=10.0,
-                hidden=args.hidden, seed=0, seeds=3,
-            ),
-            run=run,
-            data=built.data,
-        )
-        result = task.evaluate(built.system, test, cache=cache)
-        out[category] = float(result[f"probe/{category}/accuracy"])
-        out[f"{category}:std"] = float(result[f"probe/{category}/accuracy:std"])
+    for probe_name, hidden in PROBES.items():
+        for category in CATEGORIES:
+            task = Probe(
+                Probe.Config(
+                    category=category, train_split="train", clip_seconds=args.clip_seconds, hop_seconds=10.0,
+                    hidden=hidden, seed=0, seeds=3,
+                ),
+                run=run,
+                data=built.data,
+            )
+            result = task.evaluate(built.system, test, cache=cache)
+            out[f"{probe_name}/{category}"] = float(result[f"probe/{category}/accuracy"])
+            out[f"{probe_name}/{category}:std"] = float(result[f"probe/{category}/accuracy:std"])
     out["n_test"] = float(result[f"probe/{category}/n_test"])
     return out
 
@@ -105,12 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150, help="pretraining steps of the tiny profile")
     parser.add_argument("--conditions", nargs="+", default=["mulap", "random", "mtt", "random-full"])
     parser.add_argument("--clip-seconds", type=float, default=3.0, help="probe window: the first N s of each clip")
-    parser.add_argument("--hidden", type=int, default=512, help="probe hidden units; 0 = linear probe")
     parser.add_argument("--out", type=Path, default=Path("runs/mulap-transfer"))
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    store = args.out / f"probes-h{args.hidden}.json"
+    store = args.out / "probes.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     for condition in args.conditions:
         # A fixed published backbone has no initialisation seed; one random full-size network
@@ -123,21 +124,24 @@ def main(argv: list[str] | None = None) -> int:
                 results[key] = probe(condition, seed, args)
                 print(f"{key}: {results[key]}  ({time.perf_counter() - start:.0f} s)", flush=True)
                 store.write_text(json.dumps(results, indent=1))
-    probe_kind = "linear probe" if args.hidden == 0 else f"MLP probe ({args.hidden} hidden)"
-    lines = [f"| backbone | " + " | ".join(f"{c} acc. (%)" for c in CATEGORIES) + " |", "|---|" + "---|" * len(CATEGORIES)]
-    for condition in args.conditions:
-        rows = [v for k, v in results.items() if k.split("/")[0] == condition]
-        cells = []
-        for c in CATEGORIES:
-            if len(rows) > 1:
-                mean, half = mean_ci([r[c] for r in rows])
-            else:  # one backbone: the spread of its three probe seeds
-                mean, half = rows[0][c], T975[2] * rows[0][f"{c}:std"] * math.sqrt(3 / 2) / math.sqrt(3)
-            cells.append(f"{mean:.1f} ± {half:.1f}")
-        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
-    print("\n".join(lines))
-    print(f"\n{probe_kind}; {int(next(iter(results.values()))['n_test'])} test clips; mean ± 95% t-interval over seeds {args.seeds} "
-          "(mtt and random-full, one backbone each: over its three probe seeds).")
+    for probe_name, hidden in PROBES.items():
+        kind = "linear probe" if hidden == 0 else f"MLP probe ({hidden} hidden)"
+        print(f"\n{kind}, accuracy on the test split (%):\n")
+        print("| backbone | " + " | ".join(CATEGORIES) + " |")
+        print("|---|" + "---|" * len(CATEGORIES))
+        for condition in args.conditions:
+            rows = [v for k, v in results.items() if k.split("/")[0] == condition]
+            cells = []
+            for c in CATEGORIES:
+                name = f"{probe_name}/{c}"
+                if len(rows) > 1:
+                    mean, half = mean_ci([r[name] for r in rows])
+                else:  # one backbone: the spread of its three probe seeds
+                    mean, half = rows[0][name], T975[2] * rows[0][f"{name}:std"] * math.sqrt(3 / 2) / math.sqrt(3)
+                cells.append(f"{mean:.1f} ± {half:.1f}")
+            print(f"| {condition} | " + " | ".join(cells) + " |")
+    n_test = int(next(iter(results.values()))["n_test"])
+    print(f"\n{n_test} test clips; mean ± 95% t-interval over seeds {args.seeds} (mtt and random-full, one backbone each: over its three probe seeds).")
     return 0
 
 
