@@ -75,6 +75,8 @@ _PUBLIC: dict[str, str] = {
     "EmaCopy": "mtrun.nn.ema",
     "cosine_ema_rate": "mtrun.nn.ema",
     "embedding_std": "mtrun.train.collapse",
+    # using trained models: embed music and text (docs/using-models.md)
+    "load": "mtrun.inference",
     # weight loading
     "LoadReport": "mtrun.weights",
     "load_matching": "mtrun.weights",

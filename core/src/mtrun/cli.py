@@ -1,7 +1,8 @@
 """The ``mtrun`` command line.
 
 ``mtrun RECIPE [--profile NAME] [--resume] [KEY=VALUE | ~KEY ...]`` trains; subcommands
-``validate``, ``plugins`` and ``components`` inspect recipes and what is installed. Errors that
+``validate``, ``plugins`` and ``components`` inspect recipes and what is installed; ``eval``,
+``report``, ``export``, ``embed`` and ``search`` evaluate and use trained models. Errors that
 are the user's to fix (:class:`~mtrun.errors.MtrunError`) print as a message without a
 traceback and exit with the error's status; ``MTRUN_DEBUG=1`` shows the traceback instead.
 
@@ -24,7 +25,14 @@ __all__ = ["main"]
 
 # Commands whose parser and handler live beside the code they drive: each module has
 # ``configure(parser)`` and ``run(args) -> int``, imported only when its command is used.
-MODULE_COMMANDS = {"data": "mtrun.data.commands", "eval": "mtrun.eval.commands"}
+MODULE_COMMANDS = {
+    "data": "mtrun.data.commands",
+    "eval": "mtrun.eval.commands",
+    "embed": "mtrun.inference.library",
+    "search": "mtrun.inference.search",
+    "export": "mtrun.inference.export",
+    "report": "mtrun.run_report",
+}
 
 SUBCOMMANDS = ("train", "validate", "plugins", "components", *MODULE_COMMANDS)
 
@@ -38,6 +46,10 @@ usage:
   mtrun components [KIND [NAME]]                                   components and their settings
   mtrun data {shard,demo} ...                                      prepare data (see mtrun data -h)
   mtrun eval CHECKPOINT_OR_RECIPE [--tasks ...]                    evaluate and write a report
+  mtrun report RUN                                                 write RUN/report.md (curves + evaluation)
+  mtrun export RUN -o DIR                                          a self-contained model folder
+  mtrun embed MODEL INPUT... -o OUT.parquet                        embed audio files, folders, manifests
+  mtrun search INDEX "a mellow piano piece" | --like FILE          text -> music, music -> music
 
 Overrides are TOML values: trainer.optimizer.lr=3e-4  run.name="tiny"  objective.0.weight=2  ~augmenter
 """
@@ -117,17 +129,12 @@ def _registry():
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from mtrun.run_report import print_summary
     from mtrun.runner import train
-    from mtrun.train.metrics import console_view
 
     result = train(args.recipe, overrides=list(args.overrides), profile=args.profile, resume=args.resume)
     if result:
-        shown = "  ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in console_view(result).items()
-            if isinstance(v, (int, float, str))
-        )
-        print(f"done: {shown}")
+        print_summary(result)
     return 0
 
 
@@ -315,6 +322,8 @@ def _run(argv: list[str]) -> int:
 
 def _resume_hint(argv: list[str]) -> str:
     """For an interrupted training run: where its work is and how to continue it."""
+    if argv and argv[0] == "embed":
+        return "; the files embedded so far are kept: run the same command again to continue"
     if argv and argv[0] == "train":
         argv = argv[1:]
     if not argv or argv[0] in SUBCOMMANDS or argv[0].startswith("-"):

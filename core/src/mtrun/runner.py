@@ -90,15 +90,21 @@ def train(
     built = assemble(resolved, run)
     metrics = built.trainer.fit()
     if int(os.environ.get("RANK", "0")) == 0:
-        report = _evaluate_best(built, run, int(metrics.get("step", 0)))
+        report, checkpoint = _evaluate_best(built, run, int(metrics.get("step", 0)))
         if report is not None:
             metrics["report"] = str(Path(report["out_dir"]) / "report.md")
+        if checkpoint is not None:
+            metrics["checkpoint"] = str(checkpoint)
+        run_report = _write_run_report(run.dir)
+        if run_report is not None:
+            metrics["run_report"] = str(run_report)
     return metrics
 
 
-def _evaluate_best(built: Any, run: Any, final_step: int) -> dict[str, Any] | None:
+def _evaluate_best(built: Any, run: Any, final_step: int) -> tuple[dict[str, Any] | None, Path | None]:
     """Evaluate the best checkpoint (by the trainer's best metric; the final weights when no
-    evaluation picked one) on the test split and write the report into the run folder."""
+    evaluation picked one) on the test split and write the report into the run folder.
+    Returns the evaluation's result and the checkpoint it used."""
     from mtrun.eval.run import evaluate_trained
     from mtrun.train.checkpoint import find_best, find_latest, read_model_state
 
@@ -109,9 +115,18 @@ def _evaluate_best(built: Any, run: Any, final_step: int) -> dict[str, Any] | No
         built.system.load_state_dict(read_model_state(best))
         step = int(best.name.split("-")[-1])
     checkpoint = best or (find_latest(root) if root.is_dir() else None)
-    result = evaluate_trained(built, run, split="test", step=step)
-    if result is not None:
-        print(f"report:     {Path(result['out_dir']) / 'report.md'}")
-    if checkpoint is not None:
-        print(f"checkpoint: {checkpoint}")
-    return result
+    return evaluate_trained(built, run, split="test", step=step), checkpoint
+
+
+def _write_run_report(run_dir: Path) -> Path | None:
+    """``RUN/report.md`` with the training curves; a failure is a warning, not a failed run
+    (the checkpoints and the evaluation are written; ``mtrun report RUN`` tries again)."""
+    import sys
+
+    from mtrun.run_report import write_run_report
+
+    try:
+        return write_run_report(run_dir)
+    except (OSError, MtrunError, ValueError) as exc:
+        print(f"WARNING: could not write {run_dir / 'report.md'}: {exc}. Try again with `mtrun report {run_dir}`.", file=sys.stderr)
+        return None

@@ -433,7 +433,7 @@ class Model:
     ):
         if clip_seconds <= 0 or (hop_seconds is not None and hop_seconds <= 0) or batch_size < 1:
             raise ValueError("clip_seconds, hop_seconds and batch_size must be positive")
-        self.system = system
+        self.system = system.eval()  # inference: no dropout, batch norm on its running statistics
         self.source = source
         self.recipe = recipe or {}
         self.clip_seconds = float(clip_seconds)
@@ -510,13 +510,18 @@ class Model:
                 out.append(projected[:n].float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
-    def windows_of(self, audio: Any, sample_rate: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """The ``(start, window)`` pairs of one file or waveform (see the module docstring)."""
+    def windows_of(
+        self, audio: Any, sample_rate: int | None = None, *, stats: dict[str, Any] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """The ``(start, window)`` pairs of one file or waveform (see the module docstring);
+        ``stats["samples"]`` is its length at the model's rate once read."""
         from mtrun.data.audio import stream_windows
 
         if _is_waveform(audio) and sample_rate is None:
             raise MtrunError("embed_audio: a waveform needs its rate: embed_audio(wave, sample_rate=...)")
-        return stream_windows(audio, self.sample_rate, self.window_samples, self.hop_samples, source_rate=sample_rate)
+        return stream_windows(
+            audio, self.sample_rate, self.window_samples, self.hop_samples, source_rate=sample_rate, stats=stats
+        )
 
     def embed_audio(
         self, audio: Any, sample_rate: int | None = None, *, windows: bool = False
@@ -543,9 +548,10 @@ class Model:
         batcher = WindowBatcher(self, keep_windows=windows)
         done: dict[int, AudioEmbedding] = {}
         for i, item in enumerate(items):
-            for start, window in self.windows_of(item, sample_rate):
+            stats: dict[str, Any] = {}
+            for start, window in self.windows_of(item, sample_rate, stats=stats):
                 batcher.add(i, start, window)
-            batcher.finish(i)
+            batcher.finish(i, stats.get("samples"))
             done.update(batcher.pop_complete())
         batcher.flush()
         done.update(batcher.pop_complete())

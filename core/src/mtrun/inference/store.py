@@ -32,7 +32,7 @@ import numpy as np
 
 from mtrun.errors import MtrunError
 
-__all__ = ["FORMAT", "EmbeddingSet", "StoreError", "layout", "read_embeddings", "write_embeddings"]
+__all__ = ["FORMAT", "EmbeddingSet", "StoreError", "layout", "read_embeddings", "write_atomic", "write_embeddings"]
 
 FORMAT = "mtrun-embeddings"
 VERSION = 1
@@ -172,7 +172,8 @@ def exists(path: str | os.PathLike[str]) -> bool:
 # ---------------------------------------------------------------------------- writing
 
 
-def _atomic(path: Path, write: Any) -> None:
+def write_atomic(path: Path, write: Any) -> None:
+    """Call ``write(binary file)`` on a temporary sibling of ``path``, fsync, rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -225,7 +226,7 @@ def _write_parquet(path: Path, data: EmbeddingSet, meta: dict[str, Any]) -> None
         columns["window_starts"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(data.window_starts[order].astype(np.float64)))
         columns["windows"] = pa.ListArray.from_arrays(pa.array(offsets), flat, type=pa.list_(vector_type))
     table = pa.table(columns).replace_schema_metadata({"mtrun": json.dumps(meta)})
-    _atomic(path, lambda f: pq.write_table(table, f))
+    write_atomic(path, lambda f: pq.write_table(table, f))
 
 
 def _write_npy(path: Path, data: EmbeddingSet, meta: dict[str, Any]) -> None:
@@ -242,12 +243,12 @@ def _write_npy(path: Path, data: EmbeddingSet, meta: dict[str, Any]) -> None:
         for r, row in enumerate(rows):
             row["window_offset"], row["window_count"] = int(offsets[r]), int(counts[r])
             row["window_starts"] = [float(s) for s in starts[offsets[r] : offsets[r + 1]]]
-        _atomic(windows_path, lambda f: np.save(f, data.windows[order].astype(np.float32)))
+        write_atomic(windows_path, lambda f: np.save(f, data.windows[order].astype(np.float32)))
         meta["windows_sha256"] = _sha256(windows_path)
-    _atomic(path, lambda f: np.save(f, data.vectors.astype(np.float32)))
+    write_atomic(path, lambda f: np.save(f, data.vectors.astype(np.float32)))
     meta["npy_sha256"] = _sha256(path)
     body = json.dumps({**meta, "rows": rows}, indent=None).encode("utf-8")
-    _atomic(_sidecar(path, "ids.json"), lambda f: f.write(body))
+    write_atomic(_sidecar(path, "ids.json"), lambda f: f.write(body))
     if not data.has_windows:
         windows_path.unlink(missing_ok=True)
 

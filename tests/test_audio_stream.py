@@ -1,0 +1,103 @@
+"""Streaming audio for inference: block decoding, block resampling, windows of any-length files.
+
+The streamed path must give what the whole-file path (``load_waveform`` + ``sliding_windows``,
+the evaluation's) gives, while holding only a block and a window.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from mtrun.data.audio import AudioDecodeError, StreamResampler, load_waveform, open_stream, resample, sliding_windows, stream_windows
+from mtrun.interfaces import Sample
+
+
+@pytest.mark.parametrize(("orig", "new"), [(44100, 16000), (48000, 24000), (22050, 48000), (16000, 8000), (8000, 8000)])
+@pytest.mark.parametrize("block", [311, 100_000])  # shorter and longer than the sinc kernel
+def test_block_resampling_equals_resampling_the_whole_signal(orig, new, block):
+    x = torch.randn(20_011, generator=torch.Generator().manual_seed(orig + block)) * 0.3
+    whole = resample(x, orig, new)
+    stream = StreamResampler(orig, new)
+    parts = [stream.push(x[i : i + block]) for i in range(0, len(x), block)] + [stream.flush()]
+    streamed = torch.cat(parts)
+    assert streamed.shape == whole.shape
+    assert torch.allclose(streamed, whole, atol=2e-6, rtol=0)
+
+
+def _stereo_file(tmp_path, seconds: float, rate: int = 44100, fmt: str = "FLAC"):
+    g = np.random.default_rng(int(seconds * 10))
+    data = (0.2 * g.standard_normal((int(seconds * rate), 2))).astype("float32")
+    path = tmp_path / f"a{seconds}.{fmt.lower()}"
+    soundfile.write(path, data, rate, format=fmt, subtype="PCM_16")
+    return path
+
+
+@pytest.mark.parametrize(("seconds", "window", "hop"), [(7.3, 2.0, 1.0), (7.3, 2.0, None), (2.0, 2.0, 0.5), (1.2, 2.0, None), (9.0, 4.0, 3.0)])
+def test_streamed_windows_are_the_whole_files_sliding_windows(tmp_path, seconds, window, hop):
+    path = _stereo_file(tmp_path, seconds)
+    rate = 16000
+    length, step = int(window * rate), int((hop or window) * rate)
+    expected = sliding_windows(load_waveform(Sample(id="a", audio=str(path)), rate), length, step)
+    stats: dict = {}
+    got = list(stream_windows(path, rate, length, step, block_frames=5000, stats=stats))
+    starts = [s for s, _ in got]
+    assert torch.allclose(torch.stack([w for _, w in got]), expected, atol=1e-6, rtol=0)
+    assert stats["samples"] == int(np.ceil(seconds * 44100 * rate / 44100))
+    if seconds > window:
+        assert starts[-1] == stats["samples"] - length  # the last window ends with the file
+    assert starts == sorted(set(starts))
+
+
+def test_a_waveform_streams_like_a_file_and_needs_its_rate(tmp_path):
+    path = _stereo_file(tmp_path, 3.0, fmt="WAV")
+    data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    from_file = [w for _, w in stream_windows(path, 8000, 8000, 4000)]
+    from_wave = [w for _, w in stream_windows(torch.from_numpy(data.T.copy()), 8000, 8000, 4000, source_rate=rate)]
+    assert all(torch.equal(a, b) for a, b in zip(from_file, from_wave)) and len(from_file) == len(from_wave) == 5
+    with pytest.raises(AudioDecodeError, match="sample rate"):
+        list(stream_windows(torch.zeros(100), 8000, 800))
+
+
+def test_silent_nan_broken_and_truncated_audio_raise_naming_the_file(tmp_path):
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros(16000, "float32"), 16000)
+    with pytest.raises(AudioDecodeError, match="silent.wav.*silent") as info:
+        list(stream_windows(silent, 16000, 8000))
+    assert info.value.kind == "silent"
+    wave = torch.ones(16000)
+    wave[9000] = float("nan")
+    with pytest.raises(AudioDecodeError, match="non-finite") as info:
+        list(stream_windows(wave, 16000, 8000, source_rate=16000))
+    (tmp_path / "text.mp3").write_bytes(b"plain text, not audio " * 50)
+    with pytest.raises(AudioDecodeError, match="text.mp3") as info:
+        list(stream_windows(tmp_path / "text.mp3", 16000, 8000))
+    assert info.value.kind in ("not-audio", "empty")
+    full = tmp_path / "full.wav"
+    soundfile.write(full, np.full(32000, 0.1, "float32"), 16000, subtype="PCM_16")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full.read_bytes()[:30000])
+    with pytest.raises(AudioDecodeError, match="cut.wav") as info:
+        list(stream_windows(cut, 16000, 8000))
+    assert info.value.kind == "truncated"
+
+
+def test_ffmpeg_formats_stream_in_blocks_too(tmp_path):
+    av = pytest.importorskip("av")
+    path = tmp_path / "a.m4a"
+    data = (0.5 * np.sin(2 * np.pi * 440 * np.arange(48000) / 16000)).astype("float32")
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(data[None, :], format="flt", layout="mono")
+        frame.sample_rate = 16000
+        for packet in list(stream.encode(frame)) + list(stream.encode(None)):
+            out.mux(packet)
+    rate, blocks = open_stream(path, block_frames=4000)
+    sizes = [b.shape for b in blocks]
+    assert rate == 16000 and len(sizes) > 5 and all(s[0] == 1 for s in sizes)
+    whole = sliding_windows(load_waveform(Sample(id="a", audio=str(path)), 16000), 16000, 8000)
+    streamed = torch.stack([w for _, w in stream_windows(path, 16000, 16000, 8000)])
+    assert torch.equal(streamed, whole)
