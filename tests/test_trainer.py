@@ -187,6 +187,9 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_checkpoint(tmp_path,
     message = str(info.value)
     assert "step 5" in message
     assert str(tmp_path / "run" / "checkpoints" / "step-000004") in message
+    # Where it came from, read off the step's metrics: the NaN waveforms poisoned the audio side.
+    assert "non-finite: the audio embeddings ([audio_encoder], [audio_projector]); objective 'contrastive'" in message
+    assert "text embeddings" not in message
     # The poisoned step was never applied: the last checkpoint is finite and no later one exists.
     assert find_latest(tmp_path / "run" / "checkpoints").name == "step-000004"
 
@@ -236,7 +239,10 @@ def test_skip_drops_the_non_finite_step_and_trains_to_the_end(tmp_path, toy_trai
     state = json.loads((run_dir / "checkpoints" / "step-000008" / "trainer_state.json").read_text())
     assert state["nonfinite_skipped"] == 1 and state["step"] == 8
     out, err = capsys.readouterr()
-    assert "non-finite loss at step 5 (epoch 0); skipped its optimizer step (1 skipped in this run, at most 10)" in out
+    assert (
+        "non-finite loss at step 5 (epoch 0); non-finite: the audio embeddings ([audio_encoder], [audio_projector]); "
+        "objective 'contrastive'; skipped its optimizer step (1 skipped in this run, at most 10)"
+    ) in out
 
 
 class InfGradAtStep:

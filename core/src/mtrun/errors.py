@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MtrunError", "PluginError", "RegistrationError", "RecipeError", "TrainingError"]
+__all__ = ["ComponentOutputError", "MtrunError", "PluginError", "RegistrationError", "RecipeError", "TrainingError"]
 
 
 class MtrunError(Exception):
@@ -33,3 +33,8 @@ class RecipeError(MtrunError):
 
 class TrainingError(MtrunError):
     """Training stopped for a reason the user must look at (non-finite loss, bad resume)."""
+
+
+class ComponentOutputError(TrainingError):
+    """A component returned something its interface does not allow (a wrong shape or type);
+    the message names its recipe table and type."""

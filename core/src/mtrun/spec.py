@@ -25,7 +25,7 @@ import attrs
 
 from mtrun.errors import MtrunError
 
-__all__ = ["COMPONENT_FIELD", "BuildError", "ComponentSpec", "component_field", "component_fields", "construct"]
+__all__ = ["COMPONENT_FIELD", "BuildError", "ComponentSpec", "component_field", "component_fields", "construct", "label"]
 
 COMPONENT_FIELD = "mtrun_component"
 """The attrs field-metadata key that marks a nested component: its value is the kind."""
@@ -128,8 +128,18 @@ def construct(spec: ComponentSpec, available: dict[str, Any], source: str = "<re
                 f"injectable dependencies are: {', '.join(sorted(available)) or 'none'}"
             )
     try:
-        return spec.cls(spec.config, **kwargs)
+        built = spec.cls(spec.config, **kwargs)
     except MtrunError:
         raise
     except Exception as exc:  # noqa: BLE001 - reported with the recipe slot; MTRUN_DEBUG shows the trace
         raise BuildError(f"{where} failed to build: {type(exc).__name__}: {exc}") from exc
+    try:  # so that a wrong output met later names the recipe table it came from
+        built.mtrun_label = f"[{spec.slot}] type {spec.name!r}"
+    except (AttributeError, TypeError):  # a class with __slots__ or a read-only attribute
+        pass
+    return built
+
+
+def label(component: Any, fallback: str) -> str:
+    """How messages name a built component: its recipe table and type (set by :func:`construct`)."""
+    return getattr(component, "mtrun_label", None) or fallback

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mtrun.errors import MtrunError
+from mtrun.errors import ComponentOutputError, MtrunError
 from mtrun.interfaces import (
     AudioEncoder,
     AugmentContext,
@@ -32,6 +32,7 @@ from mtrun.interfaces import (
     StepOutputs,
     TextEncoder,
 )
+from mtrun.spec import label
 from mtrun.train.collapse import embedding_std
 
 __all__ = ["System", "WeightedObjective"]
@@ -111,8 +112,9 @@ class System(nn.Module):
         batch.token_grid = getattr(self.audio_encoder, "token_grid", None)
         batch = self._augment("audio_tokens", batch, context)
         batch = self._augment("text_tokens", batch, context)
-        batch.audio_encoded = self.audio_encoder(batch.features, keep_index=batch.get("audio_keep_index"))
-        batch.text_encoded = self.text_encoder(batch.text_inputs["input_ids"], batch.text_inputs["attention_mask"])
+        n = len(batch.text_inputs["input_ids"])
+        batch.audio_encoded = _encoded(self.audio_encoder(batch.features, keep_index=batch.get("audio_keep_index")), self.audio_encoder, "[audio_encoder]", n)
+        batch.text_encoded = _encoded(self.text_encoder(batch.text_inputs["input_ids"], batch.text_inputs["attention_mask"]), self.text_encoder, "[text_encoder]", n)
         batch = self._augment("encoded", batch, context)
         audio, text = batch.audio_encoded, batch.text_encoded
         fused_audio, fused_text = self.fusion(audio, text) if self.fusion is not None else (None, None)
@@ -120,8 +122,8 @@ class System(nn.Module):
             batch=batch,
             audio=audio,
             text=text,
-            audio_embedding=self.audio_projector(audio),
-            text_embedding=self.text_projector(text),
+            audio_embedding=_projected(self.audio_projector(audio), self.audio_projector, "[audio_projector]", n),
+            text_embedding=_projected(self.text_projector(text), self.text_projector, "[text_projector]", n),
             fused_audio=fused_audio,
             fused_text=fused_text,
         )
@@ -133,6 +135,13 @@ class System(nn.Module):
         metrics: dict[str, Any] = {}
         for entry in self.objectives:
             result = entry.objective(outputs)
+            loss = getattr(result, "loss", None)
+            if not (torch.is_tensor(loss) and loss.numel() == 1):
+                got = f"loss of shape {list(loss.shape)}" if torch.is_tensor(loss) else type(result).__name__
+                raise ComponentOutputError(
+                    f"{label(entry.objective, f'objective {entry.name!r}')} returned {got}; an objective returns "
+                    "mtrun.ObjectiveOutput with a scalar loss tensor"
+                )
             weighted = entry.weight * result.loss
             total = weighted if total is None else total + weighted
             metrics[f"{entry.name}/loss"] = result.loss.detach()
@@ -203,3 +212,32 @@ def _embedding_heads(objectives: Sequence[WeightedObjective]) -> dict[str, tuple
                 )
             heads[modality] = (entry.name, head)
     return heads
+
+
+def _shape(value: Any) -> str:
+    return str(list(value.shape)) if torch.is_tensor(value) else type(value).__name__
+
+
+def _encoded(out: Any, encoder: Any, slot: str, n: int) -> EncoderOutput:
+    """``out`` if it is the EncoderOutput the interface promises for ``n`` items (a few shape
+    comparisons, no device sync); else a ComponentOutputError naming the recipe table."""
+    width = getattr(encoder, "output_dim", None)
+    problem = None
+    if not isinstance(out, EncoderOutput):
+        problem = f"returned {type(out).__name__}, not mtrun.EncoderOutput"
+    elif not (torch.is_tensor(out.tokens) and out.tokens.ndim == 3 and out.tokens.shape[0] == n):
+        problem = f"returned tokens of shape {_shape(out.tokens)}; expected [B={n}, N, D]"
+    elif not (torch.is_tensor(out.pooled) and tuple(out.pooled.shape) == (n, width)):
+        problem = f"returned pooled of shape {_shape(out.pooled)}; expected [B, output_dim] = [{n}, {width}]"
+    elif not (torch.is_tensor(out.mask) and tuple(out.mask.shape) == tuple(out.tokens.shape[:2])):
+        problem = f"returned mask of shape {_shape(out.mask)}; expected tokens' [B, N] = {list(out.tokens.shape[:2])}"
+    if problem:
+        raise ComponentOutputError(f"{label(encoder, slot)} {problem}")
+    return out
+
+
+def _projected(out: Any, projector: Any, slot: str, n: int) -> torch.Tensor:
+    width = getattr(projector, "output_dim", None)
+    if not (torch.is_tensor(out) and tuple(out.shape) == (n, width)):
+        raise ComponentOutputError(f"{label(projector, slot)} returned {_shape(out)}; expected [B, output_dim] = [{n}, {width}]")
+    return out

@@ -41,7 +41,7 @@ from mtrun.data.loader import BatchLoader
 from mtrun.errors import TrainingError
 from mtrun.interfaces import AugmentContext, Batch, DataSource, EvalTask
 from mtrun.run import Run
-from mtrun.spec import ComponentSpec, component_field
+from mtrun.spec import ComponentSpec, component_field, label
 from mtrun.system import System
 from mtrun.train.checkpoint import (
     Checkpoint,
@@ -454,7 +454,7 @@ class DefaultTrainer:
                 fit.scheduler.step()
             fit.window.add(loss, metrics, grad_norm, lr)
         else:
-            self._skip(fit, what, lr)
+            self._skip(fit, what, lr, self._nonfinite_source(metrics) if what == "loss" else "")
         state.step += 1
         state.epoch, state.batch = (epoch + 1, 0) if b + 1 == fit.steps_per_epoch else (epoch, b + 1)
         if what is None:
@@ -490,7 +490,25 @@ class DefaultTrainer:
                 return "gradient"
         return None
 
-    def _skip(self, fit: _Fit, what: str, lr: float) -> None:
+    def _nonfinite_source(self, metrics: dict[str, float]) -> str:
+        """Where a non-finite loss came from, read off the step's metrics (no extra work): the
+        embeddings whose spread is not finite name their encoder and projector, objectives
+        whose own loss is not finite name themselves."""
+        system, parts = self.system, []
+        for modality in ("audio", "text"):
+            value = metrics.get(f"embedding_std/{modality}")
+            if value is not None and not math.isfinite(value):
+                encoder, projector = getattr(system, f"{modality}_encoder"), getattr(system, f"{modality}_projector")
+                parts.append(
+                    f"the {modality} embeddings ({label(encoder, f'[{modality}_encoder]')}, "
+                    f"{label(projector, f'[{modality}_projector]')})"
+                )
+        objectives = [key[: -len("/loss")] for key, value in metrics.items() if key.endswith("/loss") and not math.isfinite(value)]
+        if objectives:
+            parts.append("objective " + ", ".join(repr(name) for name in sorted(objectives)))
+        return f"; non-finite: {'; '.join(parts)}" if parts else ""
+
+    def _skip(self, fit: _Fit, what: str, lr: float, source: str = "") -> None:
         """Handle a step whose ``what`` is non-finite: stop, or skip its update and count it
         (the caller then advances the step counter and data position).
 
@@ -511,13 +529,13 @@ class DefaultTrainer:
         last_good = fit.last_checkpoint or "none written yet"
         if cfg.nonfinite == "stop":
             raise TrainingError(
-                f"non-finite {what} at step {step + 1} (epoch {epoch}); stopped before the optimizer step. "
+                f"non-finite {what} at step {step + 1} (epoch {epoch}){source}; stopped before the optimizer step. "
                 f"Last good checkpoint: {last_good}"
             )
         skipped = state.nonfinite_skipped + 1
         if skipped > cfg.max_nonfinite_steps:
             raise TrainingError(
-                f"non-finite {what} at step {step + 1} (epoch {epoch}); stopped before the optimizer step: "
+                f"non-finite {what} at step {step + 1} (epoch {epoch}){source}; stopped before the optimizer step: "
                 f"{skipped} steps of this run had a non-finite loss or gradient, more than "
                 f"[trainer].max_nonfinite_steps = {cfg.max_nonfinite_steps}. Last good checkpoint: {last_good}"
             )
@@ -531,7 +549,7 @@ class DefaultTrainer:
         state.nonfinite_skipped = skipped
         fit.window.skip(lr)
         fit.progress.message(
-            f"warning: non-finite {what} at step {step + 1} (epoch {epoch}); skipped its optimizer step "
+            f"warning: non-finite {what} at step {step + 1} (epoch {epoch}){source}; skipped its optimizer step "
             f"({skipped} skipped in this run, at most {cfg.max_nonfinite_steps})"
         )
 
