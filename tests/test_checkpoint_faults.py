@@ -348,11 +348,17 @@ def test_stale_temp_folders_are_removed_at_the_next_start_and_reported(tmp_path,
     (stale / "model.safetensors").write_bytes(b"\x00" * 64)
     live = tmp_path / f"step-000011.tmp-{os.getppid()}"  # a writer that is still running
     live.mkdir()
+    pointer = tmp_path / f".latest.tmp-{dead_pid}"  # a pointer update killed before its rename
+    pointer.write_text("step-000010\n")
+    live_pointer = tmp_path / f".latest.tmp-{os.getppid()}"
+    live_pointer.write_text("step-000011\n")
     capsys.readouterr()
 
     next_start = CheckpointManager(tmp_path)
 
     assert not stale.exists() and live.is_dir() and kept.is_dir()
+    assert not pointer.exists() and live_pointer.is_file()
+    assert (tmp_path / "latest").read_text().strip() == kept.name
     err = capsys.readouterr().err
     assert f"removed {stale}: a partial checkpoint left by process {dead_pid}, which is gone" in err
     assert str(live) not in err

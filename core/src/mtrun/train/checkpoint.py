@@ -78,6 +78,7 @@ COMPLETE = "COMPLETE"
 CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_DIR = re.compile(r"^(step-\d+)\.tmp-(old-|gone-)?(\d+)$")
+_TMP_POINTER = re.compile(r"^\.latest\.tmp-(\d+)$")
 _CHUNK = 1 << 20
 # Files every checkpoint holds (whatever its age); the optimizer's two files come as a pair.
 _REQUIRED = ("model.safetensors", "scheduler.json", "rng.safetensors", "trainer_state.json")
@@ -670,7 +671,8 @@ class CheckpointManager:
         self.clean_stale()
 
     def clean_stale(self) -> list[Path]:
-        """Remove temporary folders whose writing process is gone; return what was removed.
+        """Remove temporary folders (and ``latest`` pointer temp files) whose writing process is
+        gone; return what was removed.
 
         A ``step-N.tmp-old-PID`` folder is the complete checkpoint a rewrite of ``step-N`` had
         moved aside; when ``step-N`` itself is missing it is moved back instead.
@@ -679,6 +681,12 @@ class CheckpointManager:
         if not self.root.is_dir():
             return removed
         for child in sorted(self.root.iterdir()):
+            pointer = _TMP_POINTER.match(child.name)
+            if pointer and child.is_file() and _process_gone(int(pointer.group(1))):
+                # A ``latest`` pointer update killed between its write and its rename.
+                child.unlink(missing_ok=True)
+                removed.append(child)
+                continue
             match = _TMP_DIR.match(child.name)
             if not match or not child.is_dir() or not _process_gone(int(match.group(3))):
                 continue
