@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,6 +95,23 @@ class MetricsLogger:
                 self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=purge)
             except OSError as exc:
                 self._give_up(self.tensorboard_dir, exc, None)
+            else:
+                self._catch_writer_thread_errors()
+
+    def _catch_writer_thread_errors(self) -> None:
+        """TensorBoard writes its event file in a thread of its own; a full disk there would
+        print that thread's traceback. Report it as this log's one warning instead."""
+        previous = threading.excepthook
+
+        def hook(args: Any) -> None:
+            if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+                self._give_up(self.tensorboard_dir, args.exc_value, self._tensorboard_step)
+                return
+            previous(args)
+
+        threading.excepthook = hook
+        self._thread_hook = (hook, previous)
+        self._tensorboard_step: int | None = None
 
     def _open_jsonl(self, resume_step: int | None):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +171,7 @@ class MetricsLogger:
                 self._give_up(self.path, exc, step)
                 self._close_jsonl()
         if self._writer is not None:
+            self._tensorboard_step = step  # what a failure in TensorBoard's writer thread was writing
             try:
                 for key, value in record.items():
                     if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -180,6 +199,9 @@ class MetricsLogger:
             writer.close()
         except OSError as exc:
             self._give_up(self.tensorboard_dir, exc, None)
+        hook = getattr(self, "_thread_hook", None)
+        if hook is not None and threading.excepthook is hook[0]:  # leave a later hook in place
+            threading.excepthook = hook[1]
 
     def close(self) -> None:
         """Close both logs; a failure to flush them is reported, never raised (this runs in the
