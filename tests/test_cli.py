@@ -316,3 +316,18 @@ def test_components_accepts_a_slot_name_for_its_kind(capsys):
 def test_components_unknown_kind_or_name_suggests_and_exits_2(capsys, argv, fragment):
     assert main(argv) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`mtrun validate RECIPE --print | true`: no traceback when the reader has gone (`true`
+    exits before mtrun has started, so every write meets a closed pipe)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "slap.toml"
+    proc = subprocess.run(
+        f"'{sys.executable}' -m mtrun.cli validate '{recipe}' --print | true",
+        shell=True, capture_output=True, text=True, timeout=120,
+    )
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr

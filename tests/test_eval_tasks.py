@@ -104,6 +104,20 @@ def test_zero_shot_templates_must_hold_a_placeholder():
         ZeroShot.Config(templates=("no placeholder",))
 
 
+def test_zero_shot_default_templates_are_a_neutral_set_not_claimed_as_slaps():
+    # SLAP's exact templates and aggregation could not be verified in public code or pages, so
+    # the default set carries a neutral name and neither code nor docs call it SLAP's.
+    from pathlib import Path
+
+    from mtrun.eval import zeroshot
+
+    assert zeroshot.ZeroShot.Config().templates == zeroshot.SONG_TEMPLATES == zeroshot.DEFAULT_TEMPLATES
+    assert len(zeroshot.SONG_TEMPLATES) == 4 and all("{}" in t for t in zeroshot.SONG_TEMPLATES)
+    doc = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
+    for text in (Path(zeroshot.__file__).read_text(), doc.read_text()):
+        assert "SLAP-style" not in text
+
+
 def test_retrieval_is_perfect_when_embeddings_identify_classes():
     from mtrun.eval.retrieval import Retrieval
 

@@ -142,6 +142,10 @@ class Batch(dict):
     # Filled by the system on the way to the encoders:
     features: torch.Tensor
     """The audio encoder's ``preprocess`` output, after ``features`` augmenters."""
+    clean_features: torch.Tensor
+    """The same ``preprocess`` output before any ``features`` augmenter (SpecAugment), for an
+    objective whose target must not carry the augmentation (mae-recon reconstructs these).
+    ``features`` augmenters return a new tensor and never write into this one."""
     token_grid: tuple[int, int] | None
     """The audio encoder's token grid (``audio_tokens`` augmenters read it)."""
     # Filled by augmenters:
@@ -347,7 +351,8 @@ AUGMENT_STAGES = ("sample", "waveform", "features", "audio_tokens", "text_tokens
 
 * ``sample``: a :class:`Sample` in a DataLoader worker (view dropout, tag-to-caption).
 * ``waveform``: the ``[B, T]`` waveform tensor on the device.
-* ``features``: the preprocessed audio input (SpecAugment, masked audio modelling).
+* ``features``: the preprocessed audio input (SpecAugment, masked audio modelling); returns a
+  new tensor (never writes in place: ``batch.clean_features`` keeps the input it received).
 * ``audio_tokens``: receives the batch and returns it with ``audio_keep_index`` set
   (FLAP 1-D/2-D masking); reads the encoder's ``token_grid`` from ``batch.token_grid``.
 * ``text_tokens``: receives the batch after tokenisation (MLM masking).

@@ -108,7 +108,10 @@ class System(nn.Module):
         """Run augmenters, encoders and projectors on a collated batch (already on device)."""
         batch = self._augment("batch", batch, context)
         batch.waveforms = self._augment("waveform", batch.waveforms, context)
-        batch.features = self._augment("features", self.audio_encoder.preprocess(batch.waveforms), context)
+        # Kept before the ``features`` augmenters so an objective can use the un-augmented
+        # features as its target (mae-recon must not learn to rebuild SpecAugment's zeroed bands).
+        batch.clean_features = self.audio_encoder.preprocess(batch.waveforms)
+        batch.features = self._augment("features", batch.clean_features, context)
         batch.token_grid = getattr(self.audio_encoder, "token_grid", None)
         batch = self._augment("audio_tokens", batch, context)
         batch = self._augment("text_tokens", batch, context)

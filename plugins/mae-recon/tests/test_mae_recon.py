@@ -131,3 +131,98 @@ def test_with_the_mavil_encoder_and_token_mask():
     out = obj(_outputs(features, keep, audio.tokens))
     out.loss.backward()
     assert torch.isfinite(out.loss) and enc.patch_embed.proj.weight.grad is not None
+
+
+class GridAudio(torch.nn.Module):
+    """A gridded encoder over ``[B, 1, 16, 8]`` features (a 4 x 2 grid of 4 x 4 patches)."""
+
+    token_grid = (4, 2)
+    output_dim = 8
+    patch_size = 4
+    sample_rate = 16000
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 8)
+
+    def preprocess(self, waveforms):
+        return waveforms.reshape(waveforms.shape[0], 1, 16, 8)
+
+    def forward(self, features, *, keep_index=None, output_hidden_states=False):
+        tokens = self.proj(patchify(features, 4))
+        if keep_index is not None:
+            tokens = torch.gather(tokens, 1, keep_index[..., None].expand(-1, -1, 8))
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
+        return EncoderOutput(tokens=tokens, pooled=tokens.mean(1), mask=mask, keep_index=keep_index)
+
+
+class ConstText(torch.nn.Module):
+    output_dim = 8
+
+    def forward(self, input_ids, attention_mask):
+        b = input_ids.shape[0]
+        return EncoderOutput(tokens=torch.zeros(b, 1, 8), pooled=torch.zeros(b, 8), mask=torch.ones(b, 1, dtype=torch.bool))
+
+
+class Pool(torch.nn.Module):
+    output_dim = 8
+
+    def forward(self, encoded):
+        return encoded.pooled
+
+
+class ZeroBand:
+    """SpecAugment-like: zeroes frequency bins 0..3 of every frame (stage ``features``)."""
+
+    stage = "features"
+    applies_in_eval = False
+
+    def __call__(self, features, context):
+        return torch.where(torch.arange(features.shape[-1]) < 4, torch.zeros(()), features)
+
+
+class KeepFixed:
+    """Keeps grid places 0, 3, 5 of every item (stage ``audio_tokens``)."""
+
+    stage = "audio_tokens"
+    applies_in_eval = False
+
+    def __call__(self, batch, context):
+        batch.audio_keep_index = torch.tensor([[0, 3, 5]] * len(batch.waveforms))
+        return batch
+
+
+def test_target_is_the_features_before_features_augmenters():
+    from mtrun import AugmentContext
+    from mtrun import System, WeightedObjective
+
+    torch.manual_seed(0)
+    audio = GridAudio()
+    obj = MaeReconstruction(SMALL, audio_encoder=audio)
+    system = System(
+        audio_encoder=audio,
+        text_encoder=ConstText(),
+        audio_projector=Pool(),
+        text_projector=Pool(),
+        objectives=[WeightedObjective("recon", 1.0, obj)],
+        augmenters=[ZeroBand(), KeepFixed()],
+    )
+    waveforms = torch.randn(2, 128) + 3.0  # no patch is near zero, so a zeroed band shows
+    batch = Batch(waveforms=waveforms, texts=["a", "b"], text_inputs={"input_ids": torch.zeros(2, 1, dtype=torch.long), "attention_mask": torch.ones(2, 1)})
+    context = AugmentContext(step=0, epoch=0, steps_per_epoch=1, total_steps=1, training=True)
+    outputs = system.encode(batch, context)
+    clean = waveforms.reshape(2, 1, 16, 8)
+    assert torch.equal(outputs.batch.clean_features, clean)
+    assert torch.all(outputs.batch.features[..., :4] == 0)  # the encoder did see the augmented features
+
+    keep = torch.tensor([[0, 3, 5]] * 2)
+    pred = obj.decode(outputs.audio.tokens, keep)
+    dropped = [i for i in range(8) if i not in (0, 3, 5)]
+
+    def masked_mse(target):
+        patches = patchify(target, 4)
+        return torch.stack([((pred[b, i] - patches[b, i]) ** 2).mean() for b in range(2) for i in dropped]).mean()
+
+    loss = obj(outputs).loss
+    torch.testing.assert_close(loss, masked_mse(clean))
+    assert not torch.allclose(loss, masked_mse(outputs.batch.features))

@@ -91,3 +91,37 @@ def test_mask_drives_a_token_dropping_encoder_end_to_end():
     out = GridEcho()(batch.features, keep_index=batch.audio_keep_index)
     assert out.tokens.shape == (3, 2 * 2, 1)
     assert torch.equal(out.tokens[..., 0].long(), batch.audio_keep_index)
+
+
+def test_random_rounding_makes_the_expected_2d_kept_fraction_exact():
+    """FLAP's 2-D 0.2/0.2 keeps 64 % of the tokens: floor keeps 306/512; random rounding's mean is 0.64."""
+    from mtrun_token_mask.masking import sample_keep_index
+
+    gen = torch.Generator().manual_seed(0)
+    counts, shapes = [], set()
+    for _ in range(3000):
+        keep = sample_keep_index(3, GRID, mode="2d", group_ratio=0.2, position_ratio=0.2, rounding="random", generator=gen)
+        groups = {i // 8 for i in keep[0].tolist()}
+        positions = {i % 8 for i in keep[0].tolist()}
+        assert keep.shape[1] == len(groups) * len(positions)  # still a product M' x K', same for every item
+        shapes.add((len(groups), len(positions)))
+        counts.append(keep.shape[1])
+    assert shapes == {(51, 6), (51, 7), (52, 6), (52, 7)}
+    # Independent: E[M'] = 0.8 * 64 = 51.2 and E[K'] = 0.8 * 8 = 6.4, drawn independently.
+    mean = sum(counts) / len(counts)
+    sd = torch.tensor(counts, dtype=torch.float64).std().item()
+    assert abs(mean - 0.64 * 512) < 4 * sd / len(counts) ** 0.5
+    assert abs(mean - 306) > 10  # what floor gives
+    aug = TokenMask(TokenMask.Config(mode="2d", rounding="random"))
+    assert aug.kept_fraction(GRID) == pytest.approx(0.64)
+    assert TokenMask(TokenMask.Config(mode="1d", ratio=0.4, rounding="random")).kept_fraction(GRID) == pytest.approx(0.6)
+
+
+def test_random_rounding_in_1d_has_the_exact_expected_count_and_floor_is_unchanged():
+    from mtrun_token_mask.masking import sample_keep_index
+
+    gen = torch.Generator().manual_seed(1)
+    counts = [sample_keep_index(2, GRID, mode="1d", ratio=0.4, rounding="random", generator=gen).shape[1] for _ in range(3000)]
+    assert set(counts) == {307, 308}
+    assert sum(counts) / len(counts) == pytest.approx(0.6 * 512, abs=0.05)  # 307.2: P(308) = 0.2
+    assert _run(mode="2d").shape == (6, 306)  # the default stays AudioMAE's floor

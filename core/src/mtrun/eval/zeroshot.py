@@ -10,16 +10,21 @@ import numpy as np
 from mtrun.eval import metrics
 from mtrun.eval.embed import EmbeddingTask, EmbedSettings, EvalCache
 
-__all__ = ["DEFAULT_TEMPLATES", "ZeroShot", "class_embeddings", "label_matrix", "zero_shot_scores"]
+__all__ = ["DEFAULT_TEMPLATES", "SONG_TEMPLATES", "ZeroShot", "class_embeddings", "label_matrix", "zero_shot_scores"]
 
-DEFAULT_TEMPLATES: tuple[str, ...] = (
+SONG_TEMPLATES: tuple[str, ...] = (
     "This is a {} song.",
     "A {} track.",
     "A song of {} music.",
     "{} music.",
 )
-"""Four templates of the "This is a {} song." family used by SLAP-style zero-shot evaluation;
-``{}`` is replaced by the tag. Set ``templates`` in the recipe to use others."""
+"""Four generic music prompt templates of our own (``{}`` is replaced by the tag), averaged
+per class. They are *not* SLAP's: SLAP's exact templates and aggregation could not be found in
+its public code or pages, so reproducing a published zero-shot table needs its wordings set in
+``templates`` by hand (docs/evaluation.md)."""
+
+DEFAULT_TEMPLATES: tuple[str, ...] = SONG_TEMPLATES
+"""The ``templates`` default: :data:`SONG_TEMPLATES`."""
 
 
 def _templates_ok(instance: Any, attribute: Any, value: Sequence[str]) -> None:

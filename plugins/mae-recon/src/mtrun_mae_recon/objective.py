@@ -46,8 +46,11 @@ class MaeReconstruction(nn.Module):
     the decoder width -> scattered back into the full ``M x K`` grid with a learned [MASK]
     token at the dropped places -> fixed sin-cos positions -> ``depth`` pre-norm blocks ->
     LayerNorm -> Linear to the ``p*p`` values of each patch. The loss is the MSE against the
-    patches of ``batch.features`` (the normalised fbank, patchified in the encoder's
-    time-major order), averaged over the **dropped** patches only.
+    patches of ``batch.clean_features`` (the normalised fbank *before* any ``features``
+    augmenter such as SpecAugment, patchified in the encoder's time-major order; a batch built
+    without the system, which has no ``clean_features``, falls back to ``batch.features``),
+    averaged over the **dropped** patches only. Rebuilding the augmented features instead would
+    teach the decoder to reproduce SpecAugment's zeroed bands.
 
     Needs the audio encoder (injected) for its ``token_grid``, ``output_dim`` and
     ``patch_size``. When nothing was dropped (evaluation, or no masking augmenter) the loss is
@@ -123,5 +126,8 @@ class MaeReconstruction(nn.Module):
             zero = sum(p.sum() for p in self.parameters()) * 0.0
             return ObjectiveOutput(loss=zero, metrics={"skipped": 1.0, "masked_fraction": 0.0})
         keep_index = keep_index.to(device=tokens.device, dtype=torch.long)
-        loss, dropped = self.loss_from(tokens, keep_index, outputs.batch.features)
+        target = outputs.batch.get("clean_features")
+        if target is None:
+            target = outputs.batch.features
+        loss, dropped = self.loss_from(tokens, keep_index, target)
         return ObjectiveOutput(loss=loss, metrics={"mse_masked": loss.detach(), "masked_fraction": dropped.mean().detach(), "skipped": 0.0})

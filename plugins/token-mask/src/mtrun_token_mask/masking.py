@@ -10,7 +10,7 @@ import torch
 
 from mtrun import AugmentContext, Batch, MtrunError, Need
 
-__all__ = ["TokenMask", "kept_count", "sample_keep_index"]
+__all__ = ["TokenMask", "expected_kept", "kept_count", "sample_keep_index"]
 
 
 def kept_count(total: int, drop_ratio: float) -> int:
@@ -20,6 +20,27 @@ def kept_count(total: int, drop_ratio: float) -> int:
     (a small tolerance keeps ``10 * (1 - 0.3)`` from flooring to 6).
     """
     return max(1, math.floor(total * (1.0 - drop_ratio) + 1e-9))
+
+
+def _rounded_count(total: int, drop_ratio: float, rounding: str, generator: torch.Generator | None) -> int:
+    """Kept count for one batch: ``kept_count`` (``"floor"``) or, with ``"random"``, the exact
+    ``total * (1 - drop_ratio)`` rounded up with probability equal to its fractional part (one
+    draw from ``generator``), so the *expected* count is exact while every item of the batch
+    keeps the same number (a dense tensor)."""
+    low = kept_count(total, drop_ratio)
+    if rounding == "floor":
+        return low
+    exact = total * (1.0 - drop_ratio)
+    frac = exact - low
+    if frac <= 1e-9:
+        return low
+    return low + int(torch.rand((), generator=generator).item() < frac)
+
+
+def expected_kept(total: int, drop_ratio: float, rounding: str = "floor") -> float:
+    """The mean of :func:`_rounded_count` over draws (what the compute scales with on average)."""
+    low = kept_count(total, drop_ratio)
+    return float(low) if rounding == "floor" else max(float(low), total * (1.0 - drop_ratio))
 
 
 def _random_subsets(batch: int, total: int, keep: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -36,6 +57,7 @@ def sample_keep_index(
     ratio: float = 0.4,
     group_ratio: float = 0.2,
     position_ratio: float = 0.2,
+    rounding: str = "floor",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Indices of the kept tokens of a time-major ``(M, K)`` grid, ``[batch, N']`` ascending.
@@ -47,14 +69,23 @@ def sample_keep_index(
             dropped. ``"2d"``: ``group_ratio`` of the M groups dropped and, independently,
             ``position_ratio`` of the K positions (the same positions in every kept group),
             so ``N' = M' * K'``.
+        rounding: ``"floor"``: kept counts are ``floor(total * (1 - ratio))`` (AudioMAE).
+            ``"random"``: each count is rounded up with probability equal to its fractional part,
+            once per batch, so the expected kept count is exact; in 2-D the two counts are drawn
+            independently, so the expected kept fraction is ``(1 - group_ratio) * (1 -
+            position_ratio)`` (0.64 at 0.2/0.2, where floor keeps 306/512 = 59.8 %).
         generator: CPU generator the noise is drawn from (the indices are made on the CPU).
     """
+    if rounding not in ("floor", "random"):
+        raise ValueError(f"rounding must be 'floor' or 'random' (got {rounding!r})")
     m, k = grid
     if mode == "1d":
-        return _random_subsets(batch, m * k, kept_count(m * k, ratio), generator)
+        return _random_subsets(batch, m * k, _rounded_count(m * k, ratio, rounding, generator), generator)
     if mode == "2d":
-        groups = _random_subsets(batch, m, kept_count(m, group_ratio), generator)  # [B, M']
-        positions = _random_subsets(batch, k, kept_count(k, position_ratio), generator)  # [B, K']
+        m_kept = _rounded_count(m, group_ratio, rounding, generator)
+        k_kept = _rounded_count(k, position_ratio, rounding, generator)
+        groups = _random_subsets(batch, m, m_kept, generator)  # [B, M']
+        positions = _random_subsets(batch, k, k_kept, generator)  # [B, K']
         # Ascending t and ascending f give ascending t*K + f when flattened row by row.
         return (groups[:, :, None] * k + positions[:, None, :]).flatten(1)
     raise ValueError(f"mode must be '1d' or '2d' (got {mode!r})")
@@ -81,6 +112,7 @@ class TokenMask:
         ratio: float = attrs.field(default=0.4, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)], metadata={"help": "1d: fraction of tokens DROPPED; kept = floor(N * (1 - ratio)) (FLAP: 0.4 best)"})
         group_ratio: float = attrs.field(default=0.2, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)], metadata={"help": "2d: fraction of the M time groups DROPPED; kept M' = floor(M * (1 - group_ratio)) (FLAP: 0.2)"})
         position_ratio: float = attrs.field(default=0.2, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)], metadata={"help": "2d: fraction of the K positions within a group DROPPED, the same positions for all kept groups; K' = floor(K * (1 - position_ratio)) (FLAP: 0.2)"})
+        rounding: str = attrs.field(default="floor", validator=attrs.validators.in_(("floor", "random")), metadata={"help": "'floor': kept counts floor(total * (1 - ratio)) as AudioMAE (2d 0.2/0.2 keeps 306/512 = 59.8%); 'random': each count rounded up with probability equal to its fractional part, once per batch from the augmentation generator, so the EXPECTED kept fraction is exact (0.64 at 0.2/0.2)"})
 
     def __init__(self, config: Config):
         self.config = config
@@ -102,6 +134,7 @@ class TokenMask:
             ratio=self.config.ratio,
             group_ratio=self.config.group_ratio,
             position_ratio=self.config.position_ratio,
+            rounding=self.config.rounding,
             generator=context.generator,
         )
         if features is not None:
@@ -110,11 +143,13 @@ class TokenMask:
         return batch
 
     def kept_fraction(self, grid: tuple[int, int]) -> float:
-        """Share of the grid's tokens that reach the transformer (what the compute scales with)."""
+        """Share of the grid's tokens that reach the transformer (what the compute scales with);
+        with ``rounding = "random"`` the expected share over batches."""
         m, k = grid
-        if self.config.mode == "1d":
-            return kept_count(m * k, self.config.ratio) / (m * k)
-        return kept_count(m, self.config.group_ratio) * kept_count(k, self.config.position_ratio) / (m * k)
+        c = self.config
+        if c.mode == "1d":
+            return expected_kept(m * k, c.ratio, c.rounding) / (m * k)
+        return expected_kept(m, c.group_ratio, c.rounding) * expected_kept(k, c.position_ratio, c.rounding) / (m * k)
 
     def __repr__(self) -> str:
         return f"TokenMask({self.config!r})"
