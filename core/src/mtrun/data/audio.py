@@ -33,7 +33,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from mtrun.errors import MtrunError
 
@@ -142,26 +142,7 @@ def decode(path: Any) -> tuple[torch.Tensor, int]:
     elif not callable(getattr(path, "open", None)):
         raise AudioDecodeError(f"cannot decode {path!r}: expected a path or an object with open()", kind="bad-shape")
 
-    try:
-        data, rate = _decode_soundfile(path)
-    except _Unrecognised as unrecognised:
-        try:
-            data, rate = _decode_pyav(path)
-        except ImportError:
-            raise AudioDecodeError(
-                f"audio file {name!r}: not audio, or a format libsndfile does not read "
-                f"({unrecognised}); install PyAV (`pip install av`) to decode AAC/M4A and other FFmpeg formats",
-                kind="not-audio",
-                path=name,
-            ) from None
-        except AudioDecodeError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - FFmpeg's errors all mean "cannot read this"
-            raise AudioDecodeError(
-                f"audio file {name!r}: not audio (neither libsndfile nor FFmpeg recognises it: {exc})",
-                kind="not-audio",
-                path=name,
-            ) from None
+    data, rate = _soundfile_or_pyav(name, lambda: _decode_soundfile(path), lambda: _decode_pyav(path))
     wave = torch.from_numpy(data.T.copy())
     if wave.shape[-1] == 0:
         raise AudioDecodeError(f"audio file {name!r}: holds no audio frames", kind="empty", path=name)
@@ -188,6 +169,31 @@ class _Unrecognised(Exception):
 
 def _open_binary(path: Any):
     return open(path, "rb") if isinstance(path, (str, os.PathLike)) else path.open()
+
+
+def _soundfile_or_pyav(name: str, with_soundfile: Callable[[], Any], with_pyav: Callable[[], Any]) -> Any:
+    """``with_soundfile()``; for a format libsndfile does not recognise, ``with_pyav()`` (FFmpeg),
+    with one message when neither can read the file (or PyAV is not installed)."""
+    try:
+        return with_soundfile()
+    except _Unrecognised as unrecognised:
+        try:
+            return with_pyav()
+        except ImportError:
+            raise AudioDecodeError(
+                f"audio file {name!r}: not audio, or a format libsndfile does not read "
+                f"({unrecognised}); install PyAV (`pip install av`) to decode AAC/M4A and other FFmpeg formats",
+                kind="not-audio",
+                path=name,
+            ) from None
+        except AudioDecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - FFmpeg's errors all mean "cannot read this"
+            raise AudioDecodeError(
+                f"audio file {name!r}: not audio (neither libsndfile nor FFmpeg recognises it: {exc})",
+                kind="not-audio",
+                path=name,
+            ) from None
 
 
 def _decode_soundfile(path: Any):
@@ -499,26 +505,7 @@ def open_stream(path: Any, block_frames: int = DEFAULT_BLOCK_FRAMES) -> tuple[in
         _check_readable(file, name)
     elif not callable(getattr(path, "open", None)):
         raise AudioDecodeError(f"cannot decode {path!r}: expected a path or an object with open()", kind="bad-shape")
-    try:
-        return _stream_soundfile(path, block_frames)
-    except _Unrecognised as unrecognised:
-        try:
-            return _stream_pyav(path, block_frames)
-        except ImportError:
-            raise AudioDecodeError(
-                f"audio file {name!r}: not audio, or a format libsndfile does not read "
-                f"({unrecognised}); install PyAV (`pip install av`) to decode AAC/M4A and other FFmpeg formats",
-                kind="not-audio",
-                path=name,
-            ) from None
-        except AudioDecodeError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - FFmpeg's errors all mean "cannot read this"
-            raise AudioDecodeError(
-                f"audio file {name!r}: not audio (neither libsndfile nor FFmpeg recognises it: {exc})",
-                kind="not-audio",
-                path=name,
-            ) from None
+    return _soundfile_or_pyav(name, lambda: _stream_soundfile(path, block_frames), lambda: _stream_pyav(path, block_frames))
 
 
 def _sf_error(name: str, exc: Exception) -> AudioDecodeError:
