@@ -223,7 +223,7 @@ def test_a_report_folder_that_cannot_be_created_is_an_error_naming_it(tmp_path, 
 
 
 # The toy training recipe of the checkpoint-fault tests: one run folder with a checkpoint at step 2.
-from test_checkpoint_faults import EVAL_RECIPE as TOY_RECIPE  # noqa: E402
+from test_checkpoint_faults import EVAL_RECIPE as TOY_RECIPE, contents  # noqa: E402
 
 
 @pytest.fixture
@@ -267,22 +267,6 @@ def test_a_full_disk_at_the_final_report_is_an_mtrun_error_after_the_checkpoint_
 
 
 # --------------------------------------------------------------- checkpoints: missing parts
-
-
-def contents(step: int) -> dict:
-    model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    return dict(
-        model_state=model.state_dict(),
-        optimizer_state=opt.state_dict(),
-        scheduler_state={"last_epoch": step},
-        trainer_state={"step": step, "epoch": 0, "batch": step},
-        rng_tensors={"torch_cpu": torch.get_rng_state()},
-        rng_plain={},
-        recipe={"run": {"seed": 1}},
-    )
 
 
 DAMAGE = {
