@@ -171,7 +171,7 @@ def _work_dir(out: Path) -> Path:
 
 
 def _write_part(folder: Path, seq: int, rows: list[tuple[Entry, os.stat_result, Any]], windows: bool) -> None:
-    from mtrun.inference.store import write_atomic
+    from mtrun.cache import write_atomic
 
     vectors = np.stack([emb.vector for _, _, emb in rows]).astype(np.float32)
     arrays: dict[str, Any] = {
@@ -349,7 +349,7 @@ def embed_library(
             shutil.rmtree(work)
     work.mkdir(exist_ok=True)
     if not meta_path.is_file():
-        from mtrun.inference.store import write_atomic
+        from mtrun.cache import write_atomic
 
         write_atomic(meta_path, lambda f: f.write(json.dumps(settings).encode()))
     parts = _read_parts(work, dim, windows, settings)
@@ -423,7 +423,7 @@ def embed_library(
 
 
 def _write_skipped(out: Path, skipped: list[dict[str, str]]) -> None:
-    from mtrun.inference.store import write_atomic
+    from mtrun.cache import write_atomic
 
     path = out.with_name(out.name + ".skipped.jsonl")
     if not skipped:

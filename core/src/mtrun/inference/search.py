@@ -229,7 +229,7 @@ class Index:
         index.add(vectors)
         if cache is not None:
             try:
-                from mtrun.inference.store import write_atomic
+                from mtrun.cache import write_atomic
 
                 tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
                 faiss.write_index(index, str(tmp))

@@ -30,9 +30,10 @@ from typing import Any
 import attrs
 import numpy as np
 
+from mtrun.cache import write_atomic
 from mtrun.errors import MtrunError
 
-__all__ = ["FORMAT", "EmbeddingSet", "StoreError", "layout", "read_embeddings", "write_atomic", "write_embeddings"]
+__all__ = ["FORMAT", "EmbeddingSet", "StoreError", "layout", "read_embeddings", "write_embeddings"]
 
 FORMAT = "mtrun-embeddings"
 VERSION = 1
@@ -170,20 +171,6 @@ def exists(path: str | os.PathLike[str]) -> bool:
 
 
 # ---------------------------------------------------------------------------- writing
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(binary file)`` on a temporary sibling of ``path``, fsync, rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _sha256(path: Path) -> str:

@@ -37,6 +37,7 @@ import attrs
 from mtrun.data.demo.captions import make_captions
 from mtrun.data.demo.render import INSTRUMENTS, available_renderer, render_clip, schedule_notes, soundfont_path
 from mtrun.data.demo.scores import COLLECTIONS, PieceRef, analyse_piece, select_pieces
+from mtrun.cache import cache_root
 from mtrun.errors import MtrunError
 
 __all__ = ["BUILD_VERSION", "TEMPO_BUCKETS", "DemoSettings", "build_corpus", "cache_root", "corpus_dir"]
@@ -81,11 +82,6 @@ class DemoSettings:
 
 
 _NOT_HASHED = ("workers", "timeout_s")
-
-
-def cache_root() -> Path:
-    """``$MTRUN_CACHE`` or ``~/.cache/mtrun``."""
-    return Path(os.environ.get("MTRUN_CACHE") or Path.home() / ".cache" / "mtrun").expanduser()
 
 
 def _fingerprint(settings: DemoSettings, renderer: str) -> dict[str, Any]:
