@@ -187,3 +187,55 @@ def test_unreachable_hub_name_asks_for_a_local_folder(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(MtrunError, match=r"pretrained='laion/larger_clap_music'.*local folder"):
         _tiny(pretrained="laion/larger_clap_music")
+
+
+def _to_htsat_classifier(state: dict) -> dict:
+    """An HTS-AT AudioSet classifier checkpoint's tensors: HTS-AT's network under ``sed_model.``
+    (no DDP prefix, no text side), with its front end and 527-class head."""
+    laion = _to_laion(state)
+    out = {
+        "sed_model." + k.removeprefix("module.audio_branch."): v
+        for k, v in laion.items()
+        if k.startswith("module.audio_branch.")
+    }
+    out["sed_model.tscam_conv.weight"] = torch.zeros(527, 64, 2, 3)
+    out["sed_model.head.bias"] = torch.zeros(527)
+    return out
+
+
+def test_htsat_audioset_classifier_checkpoint_loads_with_its_own_front_end(tmp_path):
+    source = _source_model()
+    classifier = _to_htsat_classifier(source.state_dict())
+    assert "sed_model.layers.0.blocks.0.attn.qkv.weight" in classifier
+    # A PyTorch Lightning file: the tensors under state_dict, training state beside them.
+    torch.save({"epoch": 30, "global_step": 12345, "state_dict": classifier}, tmp_path / "HTSAT_AudioSet_Saved_1.ckpt")
+    enc = _tiny(pretrained=str(tmp_path / "HTSAT_AudioSet_Saved_1.ckpt"), front_end="audioset")
+    assert enc.sample_rate == 32_000
+    assert enc.load_report.matched == len(source.state_dict())
+    assert "sed_model.head.bias" in enc.load_report.ignored and "sed_model.tscam_conv.weight" in enc.load_report.ignored
+    _assert_same_outputs(enc, source)
+
+
+def test_checkpoints_are_refused_with_the_other_kinds_front_end(tmp_path):
+    source = _source_model()
+    torch.save({"state_dict": _to_htsat_classifier(source.state_dict())}, tmp_path / "classifier.ckpt")
+    with pytest.raises(MtrunError, match=r"HTS-AT AudioSet classifier.*32 kHz.*audio_encoder\.front_end = 'audioset'"):
+        _tiny(pretrained=str(tmp_path / "classifier.ckpt"))
+    torch.save({"state_dict": _to_laion(source.state_dict())}, tmp_path / "clap.pt")
+    with pytest.raises(MtrunError, match=r"LAION-CLAP audio tower.*48 kHz.*audio_encoder\.front_end = 'clap'"):
+        _tiny(pretrained=str(tmp_path / "clap.pt"), front_end="audioset")
+
+
+def test_audioset_front_end_matches_the_feature_extractor_at_htsat_settings():
+    """HTS-AT's AudioSet front end (torchlibrosa: power STFT, slaney mels, 10*log10 with
+    amin 1e-10) is CLAP's computation at 32 kHz and hop 320; the numpy extractor at those
+    settings is the independent reference."""
+    from transformers import ClapFeatureExtractor
+
+    sr = 32_000
+    fe = ClapFeatureExtractor(feature_size=64, sampling_rate=sr, hop_length=320, max_length_s=10, fft_window_size=1024, frequency_min=50, frequency_max=14_000, truncation="rand_trunc", padding="repeatpad")
+    waves = 0.1 * torch.randn(2, int(3.7 * sr), generator=torch.Generator().manual_seed(5))
+    expected = fe([w.numpy().astype(np.float64) for w in waves], sampling_rate=sr, return_tensors="pt").input_features
+    got = _tiny(front_end="audioset").eval().preprocess(waves)
+    assert got.shape == expected.shape == (2, 1, 1001, 64)
+    assert (got.double() - expected.double()).abs().max() < 1e-3

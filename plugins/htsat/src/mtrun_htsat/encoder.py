@@ -10,19 +10,20 @@ from torch import nn
 
 from mtrun import EncoderOutput
 
-__all__ = ["FEATURES", "PRESETS", "HtsatEncoder", "preset_config"]
+__all__ = ["FEATURES", "FRONT_ENDS", "PRESETS", "HtsatEncoder", "preset_config"]
 
-FEATURES: dict[str, Any] = {
-    # CLAP's feature extractor (laion/clap-htsat-unfused preprocessor_config, "rand_trunc" path)
-    "sample_rate": 48_000,
-    "n_mels": 64,
-    "n_fft": 1024,
-    "hop": 480,
-    "f_min": 50.0,
-    "f_max": 14_000.0,
-    "seconds": 10,
+FRONT_ENDS: dict[str, dict[str, Any]] = {
+    # CLAP's feature extractor (laion/clap-htsat-unfused preprocessor_config, "rand_trunc" path):
+    # what LAION-CLAP's audio towers were trained on.
+    "clap": {"sample_rate": 48_000, "n_mels": 64, "n_fft": 1024, "hop": 480, "f_min": 50.0, "f_max": 14_000.0, "seconds": 10},
+    # HTS-AT's own AudioSet classifier training (its config.py: 32 kHz, 1024/320, 64 mels over
+    # 50-14000 Hz via torchlibrosa): the same 100 frames/s and mel range at another rate.
+    "audioset": {"sample_rate": 32_000, "n_mels": 64, "n_fft": 1024, "hop": 320, "f_min": 50.0, "f_max": 14_000.0, "seconds": 10},
 }
-"""48 kHz, 64 slaney mels over 50-14000 Hz, 1024/480 STFT, 10 s -> 1001 frames."""
+"""Each front end: 64 slaney mels over 50-14000 Hz, a 1024-point STFT, 10 s -> 1001 frames."""
+
+FEATURES: dict[str, Any] = FRONT_ENDS["clap"]
+"""The default (``clap``) front end."""
 
 _COMMON = {"spec_size": 256, "num_mel_bins": 64, "window_size": 8, "patch_size": 4, "patch_stride": [4, 4], "enable_fusion": False}
 
@@ -51,7 +52,8 @@ def _check_preset(instance: Any, attribute: Any, value: str) -> None:
 class HtsatEncoder(nn.Module):
     """HTS-AT (``transformers.ClapAudioModel``) with CLAP's log-mel front end on the device.
 
-    ``preprocess`` reproduces ``ClapFeatureExtractor``'s non-fusion ("rand_trunc") path:
+    ``preprocess`` reproduces ``ClapFeatureExtractor``'s non-fusion ("rand_trunc") path (with
+    ``front_end = "audioset"``, the same at HTS-AT's AudioSet settings, 32 kHz and hop 320):
     clips longer than 10 s are cropped to 10 s (at random while training with
     ``crop="random"``, else from the start), shorter ones are repeated whole and zero-padded
     ("repeatpad"), then a 1024/480 Hann STFT (centred, reflect padding), power, 64 slaney
@@ -72,40 +74,43 @@ class HtsatEncoder(nn.Module):
         pretrained: str = attrs.field(default="", metadata={"help": "'' = train from scratch; a hub name or folder saved by ClapModel/ClapAudioModel(WithProjection), or a LAION-CLAP .pt checkpoint (unfused)"})
         frozen: bool = attrs.field(default=False, metadata={"help": "freeze the audio tower (eval mode, no gradients)"})
         crop: str = attrs.field(default="random", validator=attrs.validators.in_(("random", "start")), metadata={"help": "how clips over 10 s are cut to 10 s: random offset while training (CLAP's rand_trunc) or always from the start"})
+        front_end: str = attrs.field(default="clap", validator=attrs.validators.in_(tuple(FRONT_ENDS)), metadata={"help": "log-mel front end the weights were trained with: clap (48 kHz, hop 480; LAION-CLAP audio towers) or audioset (32 kHz, hop 320; HTS-AT's AudioSet classifier checkpoints)"})
 
     token_grid = None
-    sample_rate = FEATURES["sample_rate"]
 
     def __init__(self, config: Config):
         super().__init__()
         import torchaudio
 
         self.config = config
+        self.features = FRONT_ENDS[config.front_end]
+        self.sample_rate = self.features["sample_rate"]
         self.load_report = None
         if config.pretrained:
             from mtrun_htsat.loading import load_audio_tower
 
-            self.model, self.load_report = load_audio_tower(config.pretrained, preset_config(config.preset))
+            self.model, self.load_report = load_audio_tower(config.pretrained, preset_config(config.preset), front_end=config.front_end)
         else:
             from transformers import ClapAudioModel
 
             self.model = ClapAudioModel(preset_config(config.preset))
         hf = self.model.config
-        if hf.num_mel_bins != FEATURES["n_mels"]:
-            raise ValueError(f"this encoder's front end makes {FEATURES['n_mels']} mel bands; the checkpoint expects {hf.num_mel_bins}")
+        features = self.features
+        if hf.num_mel_bins != features["n_mels"]:
+            raise ValueError(f"this encoder's front end makes {features['n_mels']} mel bands; the checkpoint expects {hf.num_mel_bins}")
         self.output_dim = int(hf.patch_embeds_hidden_size * 2 ** (len(hf.depths) - 1))
         fb = torchaudio.functional.melscale_fbanks(
-            n_freqs=FEATURES["n_fft"] // 2 + 1,
-            f_min=FEATURES["f_min"],
-            f_max=FEATURES["f_max"],
-            n_mels=FEATURES["n_mels"],
-            sample_rate=FEATURES["sample_rate"],
+            n_freqs=features["n_fft"] // 2 + 1,
+            f_min=features["f_min"],
+            f_max=features["f_max"],
+            n_mels=features["n_mels"],
+            sample_rate=features["sample_rate"],
             norm="slaney",
             mel_scale="slaney",
         )
         # Not persistent: derived from constants, so checkpoints hold only learned weights.
         self.register_buffer("mel_fb", fb, persistent=False)
-        self.register_buffer("window", torch.hann_window(FEATURES["n_fft"], periodic=True), persistent=False)
+        self.register_buffer("window", torch.hann_window(features["n_fft"], periodic=True), persistent=False)
         self._augmenting = False
         if config.frozen:
             self.model.requires_grad_(False)
@@ -120,7 +125,7 @@ class HtsatEncoder(nn.Module):
         return self
 
     def _fit_length(self, x: torch.Tensor) -> torch.Tensor:
-        target = FEATURES["seconds"] * FEATURES["sample_rate"]
+        target = self.features["seconds"] * self.sample_rate
         n = x.shape[-1]
         if n > target:
             start = 0
@@ -133,12 +138,12 @@ class HtsatEncoder(nn.Module):
         return x
 
     def preprocess(self, waveforms: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` at 48 kHz -> log-mel ``[B, 1, 1001, 64]`` in dB (float32)."""
+        """``[B, T]`` at the front end's rate -> log-mel ``[B, 1, 1001, 64]`` in dB (float32)."""
         x = waveforms.float()
         if x.ndim == 3:
             x = x.mean(1)
         x = self._fit_length(x)
-        spec = torch.stft(x, n_fft=FEATURES["n_fft"], hop_length=FEATURES["hop"], window=self.window, center=True, pad_mode="reflect", return_complex=True)
+        spec = torch.stft(x, n_fft=self.features["n_fft"], hop_length=self.features["hop"], window=self.window, center=True, pad_mode="reflect", return_complex=True)
         power = spec.real.square() + spec.imag.square()  # [B, 513, frames]
         mel = torch.matmul(power.transpose(1, 2), self.mel_fb)  # [B, frames, 64]
         return (10.0 * torch.log10(mel.clamp_min(1e-10))).unsqueeze(1)

@@ -12,7 +12,16 @@ Two sources:
   ``state_dict``, usually with DDP's ``module.`` prefix). Their HTS-AT keys are renamed with
   :data:`LAION_TO_HF`, ``attn.qkv`` is split into query/key/value, and the keys listed in
   :data:`LAION_IGNORED` (the STFT/mel front end, which our ``preprocess`` replaces; the AudioSet
-  head; Swin's cached attention masks; the text side) are dropped.
+  head; Swin's cached attention masks; the text side) are dropped. These towers were trained
+  contrastively on audio–text pairs, at 48 kHz.
+* **HTS-AT's own AudioSet classifier checkpoints** (``HTSAT_AudioSet_Saved_*.ckpt``, PyTorch
+  Lightning files whose ``state_dict`` holds the network under ``sed_model.``): the same
+  network class as LAION-CLAP's ``audio_branch``, so the same mapping applies after the prefix;
+  they were trained to classify AudioSet's 527 classes at 32 kHz and need
+  ``front_end = "audioset"``.
+
+:func:`checkpoint_kind` tells the two ``.pt`` kinds apart, and a checkpoint paired with the
+other kind's front end is refused: the log-mels would not be those the weights were trained on.
 
 Every module key must be matched: missing, unexpected and mis-shaped keys raise, all listed.
 """
@@ -27,7 +36,7 @@ import attrs
 
 from mtrun import LoadReport, MtrunError, load_matching, read_json, read_state_dict
 
-__all__ = ["LAION_IGNORED", "LAION_TO_HF", "LoadReport", "audio_config_from_dict", "laion_to_hf_state_dict", "load_audio_tower"]
+__all__ = ["CHECKPOINT_KINDS", "LAION_IGNORED", "LAION_TO_HF", "LoadReport", "audio_config_from_dict", "checkpoint_kind", "laion_to_hf_state_dict", "load_audio_tower"]
 
 LAION_TO_HF: tuple[tuple[str, str], ...] = (
     # (LAION-CLAP key pattern, ClapAudioModel key); ``{i}``/``{j}`` = stage / block index.
@@ -76,8 +85,25 @@ _BLOCK_RULES = (
 )
 
 
+CHECKPOINT_KINDS: dict[str, tuple[str, str]] = {
+    # kind: (what it is, the front end it was trained with)
+    "laion-clap": ("a LAION-CLAP audio tower (trained contrastively on audio-text pairs, 48 kHz)", "clap"),
+    "htsat-audioset": ("an HTS-AT AudioSet classifier (trained on AudioSet's 527 labels, 32 kHz)", "audioset"),
+}
+"""The ``.pt`` checkpoint kinds this plugin reads, named for what they are."""
+
+_CLASSIFIER_PREFIX = "sed_model."
+
+
+def checkpoint_kind(state: dict[str, Any]) -> str:
+    """``htsat-audioset`` when the keys live under HTS-AT's ``sed_model.``, else ``laion-clap``."""
+    keys = [k.removeprefix("module.") for k in state]
+    return "htsat-audioset" if keys and all(k.startswith(_CLASSIFIER_PREFIX) for k in keys) else "laion-clap"
+
+
 def laion_to_hf_state_dict(state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Rename a LAION-CLAP state dict to ``ClapAudioModel`` keys; return it and the ignored keys.
+    """Rename a LAION-CLAP (or HTS-AT classifier) state dict to ``ClapAudioModel`` keys; return
+    it and the ignored keys.
 
     Keys that neither map nor are known-ignorable are kept as they are, so the exact load
     reports them as unexpected instead of dropping them silently.
@@ -87,6 +113,8 @@ def laion_to_hf_state_dict(state: dict[str, Any]) -> tuple[dict[str, Any], list[
     block = re.compile(r"^audio_branch\.layers\.(\d+)\.blocks\.(\d+)\.(.*)$")
     for raw, value in state.items():
         key = raw[len("module.") :] if raw.startswith("module.") else raw
+        if key.startswith(_CLASSIFIER_PREFIX):  # HTS-AT's own network is LAION-CLAP's audio_branch
+            key = "audio_branch." + key[len(_CLASSIFIER_PREFIX) :]
         if any(re.fullmatch(p, key) for p in LAION_IGNORED):
             ignored.append(raw)
             continue
@@ -146,22 +174,25 @@ def _resolve(pretrained: str) -> Path:
         ) from exc
 
 
-def load_audio_tower(pretrained: str, preset_config: Any) -> tuple[Any, LoadReport]:
-    """Build a ``ClapAudioModel`` and load HF CLAP or LAION-CLAP weights into it exactly.
+def load_audio_tower(pretrained: str, preset_config: Any, front_end: str = "clap") -> tuple[Any, LoadReport]:
+    """Build a ``ClapAudioModel`` and load HF CLAP, LAION-CLAP or HTS-AT classifier weights
+    into it exactly.
 
     Args:
-        pretrained: Hub name, HF folder, or a LAION-CLAP ``.pt``/``.ckpt`` file.
-        preset_config: The ``ClapAudioConfig`` to build for LAION files, which carry no config.
+        pretrained: Hub name, HF folder, or a LAION-CLAP / HTS-AT AudioSet ``.pt``/``.ckpt`` file.
+        preset_config: The ``ClapAudioConfig`` to build for ``.pt`` files, which carry no config.
+        front_end: The encoder's front end; it must be the one the weights were trained with.
     """
     from transformers import ClapAudioModel
 
     what = f"pretrained={pretrained!r}"
-    hint = " (HTS-AT; check the preset for LAION .pt files)"
+    hint = " (HTS-AT; check the preset for .pt files)"
     path = _resolve(pretrained)
     if path.is_file():
         state = read_state_dict(path, what=what)
         if any("fusion_model" in k or "mel_conv2d" in k for k in state):
             raise MtrunError(f"{what}: a fusion LAION-CLAP checkpoint; only unfused HTS-AT checkpoints are supported")
+        _check_front_end(what, checkpoint_kind(state), front_end)
         state, ignored = laion_to_hf_state_dict(state)
         model = ClapAudioModel(preset_config)
         report = load_matching(model, state, what=what, hint=hint)
@@ -169,6 +200,7 @@ def load_audio_tower(pretrained: str, preset_config: Any) -> tuple[Any, LoadRepo
     config_path = path / "config.json"
     if not config_path.is_file():
         raise MtrunError(f"{what}: {path} has no config.json")
+    _check_front_end(what, "laion-clap", front_end)  # HF CLAP folders hold LAION-CLAP towers
     model = ClapAudioModel(audio_config_from_dict(read_json(config_path, what=what)))
     state = read_state_dict(path, what=what)
     return model, load_matching(model, state, ignore=_HF_IGNORED, rename=_strip_audio_model, what=what, hint=hint)
@@ -176,3 +208,12 @@ def load_audio_tower(pretrained: str, preset_config: Any) -> tuple[Any, LoadRepo
 
 def _strip_audio_model(key: str) -> str:
     return key.removeprefix("audio_model.")
+
+
+def _check_front_end(what: str, kind: str, front_end: str) -> None:
+    description, needed = CHECKPOINT_KINDS[kind]
+    if front_end != needed:
+        raise MtrunError(
+            f"{what} is {description}; set audio_encoder.front_end = {needed!r} "
+            f"(it is {front_end!r}), so the log-mels are the ones these weights were trained on"
+        )
