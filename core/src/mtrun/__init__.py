@@ -78,6 +78,9 @@ _PUBLIC: dict[str, str] = {
     # using trained models: embed music and text (docs/using-models.md)
     "load": "mtrun.inference",
     # weight loading
+    # the shared on-disk cache (plugins keep their caches under cache_root())
+    "cache_root": "mtrun.cache",
+    "write_atomic": "mtrun.cache",
     "LoadReport": "mtrun.weights",
     "load_matching": "mtrun.weights",
     "read_json": "mtrun.weights",

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,8 +49,9 @@ EVAL_SPLITS = ("val", "test")
 
 def default_cache_dir() -> Path:
     """``$MTRUN_CACHE/enriched-captions``, else ``~/.cache/mtrun/enriched-captions``."""
-    root = os.environ.get("MTRUN_CACHE") or str(Path.home() / ".cache" / "mtrun")
-    return Path(root).expanduser() / "enriched-captions"
+    from mtrun import cache_root
+
+    return cache_root() / "enriched-captions"
 
 
 def enrichment_key(identity: str, generation: dict[str, Any], caption: str, tags: dict[str, list[str]]) -> str:

@@ -32,8 +32,9 @@ _SMALL = 64 * 1024 * 1024
 
 def default_cache_dir() -> Path:
     """``$MTRUN_CACHE/captions``, else ``~/.cache/mtrun/captions``."""
-    root = os.environ.get("MTRUN_CACHE") or str(Path.home() / ".cache" / "mtrun")
-    return Path(root).expanduser() / "captions"
+    from mtrun import cache_root
+
+    return cache_root() / "captions"
 
 
 def canonical_tags(tags: Mapping[str, Iterable[Any]]) -> dict[str, list[str]]:
