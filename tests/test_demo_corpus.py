@@ -304,3 +304,38 @@ def test_acceptance_instrument_and_tempo_are_learnable_from_log_mel_statistics()
         print(f"{category}: accuracy {accuracy:.3f} on {len(test)} test clips "
               f"({len(set(y_train))} classes, majority-class chance {chance:.3f}, train {len(train)})")
         assert accuracy >= 2 * chance, (category, accuracy, chance)
+
+
+@pytest.mark.parametrize("where", ["clip", "metadata"])
+def test_a_full_disk_stops_the_build_naming_the_folder_and_caches_nothing(monkeypatch, tmp_path, where):
+    """A write failure is the machine's fault, not the score's: skipping those pieces would cache
+    a corpus silently missing everything written after the disk filled up."""
+    import errno
+
+    import soundfile
+
+    import mtrun.data.demo.build as build
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if where == "clip":
+        real_write, calls = soundfile.write, []
+
+        def write(*args, **kwargs):
+            calls.append(args[0])
+            if len(calls) > 2:
+                raise full
+            return real_write(*args, **kwargs)
+
+        monkeypatch.setattr(soundfile, "write", write)
+    else:
+        def metadata(*args, **kwargs):
+            raise full
+
+        monkeypatch.setattr(build, "_write_metadata", metadata)
+    settings = DemoSettings(scale=0.005, clip_seconds=2.0)
+    with pytest.raises(MtrunError) as err:
+        build_corpus(settings, root=tmp_path, workers=1)
+    message = str(err.value)
+    assert f"could not write into {tmp_path}" in message and "No space left on device" in message
+    assert "Nothing was cached" in message and "MTRUN_CACHE" in message
+    assert list(tmp_path.iterdir()) == []  # no corpus, no temporary folder

@@ -185,8 +185,13 @@ def render_piece(
             item_id = f"{ref.id}-r{k}"
             rel = f"audio/{ref.collection}/{item_id}.flac"
             path = Path(out_dir) / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            soundfile.write(str(path), wave, settings.sample_rate, subtype="PCM_16", format="FLAC")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                soundfile.write(str(path), wave, settings.sample_rate, subtype="PCM_16", format="FLAC")
+            except Exception as exc:  # noqa: BLE001 - soundfile wraps OS errors in its own type
+                # The machine's fault, not the score's: stop the build rather than cache a
+                # corpus silently missing every piece written after the disk filled up.
+                return [], {"piece": ref.id, "path": ref.path, "reason": f"{type(exc).__name__}: {exc}", "write_error": str(path)}
             rows.append(_row(ref, piece, split, item_id, rel, instrument, bucket, bpm, renderer, settings))
         return rows, None
     except _Timeout:
@@ -313,11 +318,15 @@ def build_corpus(
                 results[i] = result
         rows = sorted((row for rs, _ in results for row in rs), key=lambda r: r["id"])
         skipped = [skip for _, skip in results if skip is not None]
+        _stop_on_write_errors(skipped, target, tmp)
         if not rows:  # never cache an empty corpus: it would be reused as if it were complete
             reasons = "; ".join(f"{s['piece']}: {s['reason']}" for s in skipped[:3])
             raise MtrunError(f"demo corpus build made no clips: every piece failed (first reasons: {reasons})")
         seconds = time.perf_counter() - started
-        _write_metadata(tmp, rows, skipped, settings, renderer, seconds, len(refs))
+        try:
+            _write_metadata(tmp, rows, skipped, settings, renderer, seconds, len(refs))
+        except OSError as exc:
+            raise _write_failed(target, tmp, f"{type(exc).__name__}: {exc}") from None
         if force and target.exists():
             shutil.rmtree(target)
         try:
@@ -330,6 +339,28 @@ def build_corpus(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _stop_on_write_errors(skipped: list[dict[str, str]], target: Path, tmp: Path) -> None:
+    failed = [s for s in skipped if "write_error" in s]
+    if failed:
+        first = failed[0]
+        raise _write_failed(target, tmp, f"{first['reason']} (writing {first['write_error']}; {len(failed)} piece(s) affected)")
+
+
+def _write_failed(target: Path, tmp: Path, reason: str) -> MtrunError:
+    """The error for a build that could not write its files; nothing is cached."""
+    written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
+    try:
+        free = shutil.disk_usage(target.parent).free
+        space = f"{free / 2**20:.0f} MiB free there"
+    except OSError:
+        space = "free space unknown"
+    return MtrunError(
+        f"the demo corpus build could not write into {target.parent}: {reason}. Nothing was cached "
+        f"(the partial build, {written / 2**20:.0f} MiB, was removed; {space}; the full corpus needs "
+        "about 600 MiB). Free space or point MTRUN_CACHE at another disk, then run again."
+    )
 
 
 @contextlib.contextmanager
