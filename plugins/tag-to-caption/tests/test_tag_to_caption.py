@@ -287,3 +287,37 @@ def test_cache_survives_a_line_cut_by_a_crash_and_a_damaged_byte(tmp_path):
     assert again.add([{"key": "c", "caption": "third"}]) == 1
     fresh = CaptionCache(tmp_path)  # what a restarted process reads back
     assert fresh.get("a") == "first" and fresh.get("c") == "third"
+
+
+def test_a_cache_file_that_cannot_be_written_keeps_captions_in_memory_and_warns_once(tmp_path, monkeypatch, caplog):
+    """A full disk must not end the run nor lose what was generated in it: the captions stay
+    readable in this process (and in DataLoader workers, which get a pickled copy)."""
+    import errno
+    import pickle
+
+    import mtrun_tag_to_caption.cache as cache_module
+    from mtrun_tag_to_caption.cache import CaptionCache
+
+    cache = CaptionCache(tmp_path)
+    assert cache.add([{"key": "a", "caption": "Saved first."}]) == 1
+
+    def full(path, mode="r", *args, **kwargs):
+        if "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "open", full, raising=False)
+    with caplog.at_level(logging.WARNING, logger="mtrun.tag_to_caption"):
+        assert cache.add([{"key": "b", "caption": "Generated while the disk was full."}]) == 0
+        assert cache.add([{"key": "c", "caption": "And another."}, {"key": "a", "caption": "Not this."}]) == 0
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and str(cache.path) in warnings[0] and "No space left on device" in warnings[0]
+    monkeypatch.undo()
+    # Another process appends: the re-read it triggers must not drop the unsaved captions.
+    CaptionCache(tmp_path).add([{"key": "d", "caption": "From elsewhere."}])
+    for reader in (cache, pickle.loads(pickle.dumps(cache))):
+        assert reader.get("d") == "From elsewhere."
+        assert reader.get("b") == "Generated while the disk was full."
+        assert reader.get("c") == "And another."
+        assert reader.get("a") == "Saved first."
+    assert CaptionCache(tmp_path).get("b") is None  # a later run generates it again

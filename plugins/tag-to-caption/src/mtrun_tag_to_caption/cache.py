@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 __all__ = ["CACHE_FILE", "CaptionCache", "canonical_tags", "caption_key", "default_cache_dir", "lm_identity"]
+
+_log = logging.getLogger("mtrun.tag_to_caption")
 
 CACHE_FILE = "captions.jsonl"
 """The file inside ``cache_dir``."""
@@ -80,10 +83,11 @@ class CaptionCache:
         self.path = Path(directory).expanduser() / CACHE_FILE
         self._data: dict[str, str] | None = None
         self._stamp: tuple[int, int] | None = None
+        self._unsaved: dict[str, str] = {}  # generated but not written (the disk refused them)
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers get the path, not a copy of every caption.
-        return {"path": self.path, "_data": None, "_stamp": None}
+        # DataLoader workers get the path, not a copy of every caption (only those the disk refused).
+        return {"path": self.path, "_data": None, "_stamp": None, "_unsaved": self._unsaved}
 
     def _file_stamp(self) -> tuple[int, int] | None:
         try:
@@ -104,6 +108,8 @@ class CaptionCache:
                         data[str(record["key"])] = str(record["caption"])
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue  # a line cut by a crash mid-write
+        for key, caption in self._unsaved.items():
+            data.setdefault(key, caption)
         self._data, self._stamp = data, stamp
 
     def _ends_with_newline(self) -> bool:
@@ -139,14 +145,34 @@ class CaptionCache:
     def add(self, records: Iterable[Mapping[str, Any]]) -> int:
         """Append records (``key``, ``caption``, anything else) whose key is not cached yet.
 
+        When the file cannot be written (a full disk, a read-only folder) the captions are kept
+        in memory for this process and its workers, with one warning naming the file: the run
+        goes on, and a later run generates them again.
+
         Returns:
             How many were written.
         """
-        import fcntl
-
         records = list(records)
         if not records:
             return 0
+        try:
+            return self._append(records)
+        except OSError as exc:
+            fresh = {str(r["key"]): str(r["caption"]) for r in records}
+            if self._data is not None:
+                for key, caption in fresh.items():
+                    self._data.setdefault(key, caption)  # a caption already in the file wins, as on reading
+            if not self._unsaved:
+                _log.warning(
+                    "could not write generated captions to %s (%s: %s); they are kept in memory for "
+                    "this run and will be generated again next time", self.path, type(exc).__name__, exc.strerror or exc,
+                )
+            self._unsaved.update(fresh)
+            return 0
+
+    def _append(self, records: list[Mapping[str, Any]]) -> int:
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         written = 0
         with open(self.path, "a+", encoding="utf-8") as handle:
