@@ -1,0 +1,129 @@
+"""`mtrun ablate`: planning variants × seeds, validating before running, resuming, the table."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from mtrun.ablation import command, parse_grid, plan_ablation, rows, sweep, validate_plan, write_tables
+from mtrun.errors import MtrunError, RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.toml"
+
+
+def test_grid_values_keep_commas_inside_brackets_and_quotes():
+    assert parse_grid('audio_projector.hidden_sizes=[128,64],[256], "a,b"') == (
+        "audio_projector.hidden_sizes", ["[128,64]", "[256]", '"a,b"'],
+    )
+    with pytest.raises(ValueError, match="expected KEY=V1,V2"):
+        parse_grid("trainer.optimizer.lr")
+
+
+def test_grids_multiply_into_named_variants_after_the_explicit_ones():
+    plan = plan_ablation(
+        QUICKSTART,
+        grid=["audio_encoder.type=mavil,htsat", "trainer.optimizer.lr=1e-3,3e-3"],
+        variants=["baseline="],
+        seeds=[0, 1],
+    )
+    names = [v.name for v in plan.variants]
+    assert names[0] == "baseline" and plan.baseline == "baseline"
+    assert len(names) == 5 and "audio_encoder.type=htsat, lr=0.003" in names
+    assert plan.variants[-1].overrides == ("audio_encoder.type=htsat", "trainer.optimizer.lr=0.003")
+    assert [r.name for r in plan.runs][:3] == ["baseline-s0", "baseline-s1", "audio_encoder.type_mavil_lr_0.001-s0"]
+    run = plan.runs[-1]
+    cmd = command(plan, run, "sweep", Path("out"))
+    assert cmd[-4:] == ["run.seed=1", f"run.output_dir={Path('out') / 'sweep'}", f"run.name={run.name}", "run.resume=latest"]
+
+
+def test_the_recipe_table_gives_defaults_and_the_command_line_wins():
+    table = {
+        "seeds": [3, 4],
+        "metrics": ["retrieval/t2a/R@1"],
+        "grid": {"trainer.optimizer.lr": [1e-3, 2e-3]},
+        "variant": [{"name": "no specaugment", "overrides": ["~augmenter.0"]}],
+    }
+    plan = plan_ablation(QUICKSTART, table=table)
+    assert plan.seeds == (3, 4) and plan.metrics == ("retrieval/t2a/R@1",)
+    assert [v.name for v in plan.variants] == ["no specaugment", "lr=0.001", "lr=0.002"]
+    plan = plan_ablation(QUICKSTART, table=table, grid=["trainer.batch_size=16,32"], seeds=[0])
+    assert [v.name for v in plan.variants] == ["no specaugment", "batch_size=16", "batch_size=32"] and plan.seeds == (0,)
+
+
+def test_plan_problems_are_listed_together_naming_the_recipe_and_key():
+    table = {"seed": [0], "variant": [{"name": "a"}, {"name": "a"}]}
+    with pytest.raises(RecipeError) as err:
+        plan_ablation(QUICKSTART, table=table, baseline="nope")
+    text = str(err.value)
+    assert str(QUICKSTART) in text and "[ablation].seed: unknown key" in text
+    assert "variant name 'a' is used twice" in text and "baseline 'nope' is not a variant" in text
+
+
+def test_every_variant_is_validated_before_anything_runs():
+    from mtrun import plugins
+
+    plan = plan_ablation(QUICKSTART, variants=["ok=", "typo=trainer.optimizer.lrr=1e-3", "bad type=audio_encoder.type=no-such-encoder"])
+    with pytest.raises(MtrunError) as err:
+        validate_plan(plan, plugins.get_plugins().registry)
+    text = str(err.value)
+    assert "2 of 3 ablation variants do not validate; nothing was run" in text
+    assert "variant 'typo'" in text and "lrr" in text and "variant 'bad type'" in text and "no-such-encoder" in text
+    assert "variant 'ok'" not in text
+
+
+def _fake_runner(results: dict[tuple[str, int], float], calls: list[str], fail: str | None = None):
+    """Stands in for one `mtrun` run: writes what a finished run leaves (report.md and an
+    evaluation of the test split) with a metric chosen per (variant overrides, seed)."""
+
+    def run(cmd):
+        args = dict(a.split("=", 1) for a in cmd if "=" in a and a.startswith("run."))
+        folder = Path(args["run.output_dir"]) / args["run.name"]
+        calls.append(args["run.name"])
+        if args["run.name"] == fail:
+            return 3
+        key = (next((a for a in cmd if a.startswith("trainer.optimizer.lr=")), "base"), int(args["run.seed"]))
+        evaluation = folder / "eval-test-10"
+        evaluation.mkdir(parents=True)
+        (evaluation / "eval.json").write_text(json.dumps({"step": 10, "split": "test", "metrics": {"retrieval/t2a/R@10": results[key], "retrieval/n_items": 50}}))
+        (evaluation / "report.md").write_text("done")
+        (folder / "report.md").write_text("done")
+        return 0
+
+    return run
+
+
+def test_a_sweep_resumes_after_a_failed_run_and_the_table_matches_an_independent_computation(tmp_path):
+    values = {
+        ("base", 0): 20.0, ("base", 1): 24.0, ("base", 2): 22.0,
+        ("trainer.optimizer.lr=1e-3", 0): 25.0, ("trainer.optimizer.lr=1e-3", 1): 26.0, ("trainer.optimizer.lr=1e-3", 2): 30.0,
+    }
+    plan = plan_ablation(QUICKSTART, variants=["baseline=", "low lr=trainer.optimizer.lr=1e-3"], seeds=[0, 1, 2])
+    calls: list[str] = []
+    with pytest.raises(MtrunError, match=r"low_lr-s1 \(low lr, seed 1\) exited with status 3.*run the same command again"):
+        sweep(plan, "sw", tmp_path, runner=_fake_runner(values, calls, fail="low_lr-s1"), say=lambda _: None)
+    state = json.loads((tmp_path / "sw" / "ablation.json").read_text())
+    assert sorted(state["runs"]) == ["baseline-s0", "baseline-s1", "baseline-s2", "low_lr-s0"]
+
+    calls.clear()
+    state = sweep(plan, "sw", tmp_path, runner=_fake_runner(values, calls), say=lambda _: None)
+    assert calls == ["low_lr-s1", "low_lr-s2"]  # finished runs are not started again
+    table = rows(state, ["baseline", "low lr"], ["retrieval/t2a/R@10"], "baseline")
+    base, low = table
+    t2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom
+    assert base["mean"] == pytest.approx(22.0) and base["ci"] == pytest.approx(t2 * 2.0 / math.sqrt(3))
+    diffs = [5.0, 2.0, 8.0]
+    assert low["diff"] == pytest.approx(5.0)
+    assert low["diff_ci"] == pytest.approx(t2 * statistics.stdev(diffs) / math.sqrt(3))
+    assert base["diff"] is None and low["paired_seeds"] == 3
+
+    text, paths = write_tables(tmp_path / "sw", state, ["baseline", "low lr"], ["retrieval/t2a/R@10"], "baseline", [0, 1, 2])
+    assert "| low lr | 27.00 ± " in text and "+5.00 ± " in text
+    assert [p.name for p in paths] == ["table.md", "table.csv", "table.png"] and all(p.is_file() for p in paths)
+    csv_lines = (tmp_path / "sw" / "table.csv").read_text().splitlines()
+    assert csv_lines[0] == "variant,metric,n,mean,ci,diff,diff_ci,paired_seeds" and len(csv_lines) == 3
+    assert (tmp_path / "sw" / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
