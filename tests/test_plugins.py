@@ -514,3 +514,27 @@ def test_a_plugin_that_fails_part_way_through_registering_leaves_nothing_behind(
     loaded = load_plugins(extra=[(PluginInfo("half"), HalfDone())], entry_points=False, strict=False)
     assert [b.info.name for b in loaded.broken] == ["half"]
     assert ("projector", "first") not in loaded.registry
+
+
+def test_mtrun_trace_says_what_each_plugin_registered_and_why_one_was_skipped(monkeypatch, capsys):
+    """MTRUN_TRACE=1 is the first thing to read when an install misbehaves."""
+    from mtrun import plugins
+
+    monkeypatch.setenv("MTRUN_TRACE", "1")
+    monkeypatch.setenv("MTRUN_DISABLE_PLUGINS", "mert")
+    monkeypatch.delenv("MTRUN_LOAD_PLUGINS", raising=False)
+    loaded = plugins.load_plugins()
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("mtrun trace: entry point mert = 'mtrun_mert'") and "MTRUN_DISABLE_PLUGINS" in line for line in err)
+    assert any("plugin 'infonce'" in line and "imported 'mtrun_infonce' from " in line and line.endswith(" ms") for line in err)
+    registered = [line for line in err if " registered " in line]
+    assert any("registered objective 'infonce' -> mtrun_infonce.objective.InfoNCE" in line for line in registered)
+    assert len(registered) == len(list(loaded.registry))  # one line per component, no more
+
+
+def test_without_mtrun_trace_loading_plugins_prints_nothing(monkeypatch, capsys):
+    from mtrun import plugins
+
+    monkeypatch.delenv("MTRUN_TRACE", raising=False)
+    plugins.load_plugins()
+    assert capsys.readouterr().err == ""

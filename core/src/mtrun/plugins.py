@@ -4,12 +4,17 @@ Environment:
     MTRUN_LOAD_PLUGINS: comma-separated entry-point names; only these (and core's ``builtins``)
         are loaded. Set it empty to load core alone.
     MTRUN_DISABLE_PLUGINS: comma-separated entry-point names that are not loaded.
+    MTRUN_TRACE: set to 1 to print, on standard error, each entry point found and why it was
+        skipped, where each plugin was imported from and how long it took, and each component
+        it registered (kind, name, class): what to read when an install misbehaves.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
+import time
 from importlib import metadata
 from typing import Any, Iterable
 
@@ -52,6 +57,12 @@ class PluginSet:
         return [(c.kind, c.name) for c in self.registry if c.plugin.name == plugin_name]
 
 
+def _trace(message: str) -> None:
+    """One ``MTRUN_TRACE`` line on standard error (nothing unless MTRUN_TRACE is set)."""
+    if os.environ.get("MTRUN_TRACE", "") not in ("", "0"):
+        print(f"mtrun trace: {message}", file=sys.stderr, flush=True)
+
+
 def _env_names(var: str) -> set[str] | None:
     raw = os.environ.get(var)
     if raw is None:
@@ -65,8 +76,10 @@ def _selected_entry_points() -> list[metadata.EntryPoint]:
     chosen: dict[str, metadata.EntryPoint] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in disabled:
+            _trace(f"entry point {ep.name} = {ep.value!r} ({_dist_name(ep)}): skipped, named in MTRUN_DISABLE_PLUGINS")
             continue
         if only is not None and ep.name != BUILTINS and ep.name not in only:
+            _trace(f"entry point {ep.name} = {ep.value!r} ({_dist_name(ep)}): skipped, not named in MTRUN_LOAD_PLUGINS")
             continue
         if ep.name in chosen and chosen[ep.name].value != ep.value:
             first, second = chosen[ep.name], ep
@@ -120,9 +133,11 @@ def load_plugins(extra: Iterable[tuple[PluginInfo, Any]] = (), *, entry_points: 
     if entry_points:
         for ep in _selected_entry_points():
             info = _info(ep)
+            started = time.perf_counter()
             try:
                 module = ep.load()
             except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's
+                _trace(f"{info.describe()}: import of {ep.value!r} failed: {type(exc).__name__}: {exc}")
                 error = PluginError(
                     f'Error importing plugin "{ep.name}" (entry point {ep.name} = {ep.value!r} '
                     f"in distribution {info.distribution or '<unknown>'} {info.version or ''}): "
@@ -131,6 +146,8 @@ def load_plugins(extra: Iterable[tuple[PluginInfo, Any]] = (), *, entry_points: 
                 error.__cause__ = exc
                 fail(info, error)
                 continue
+            where = getattr(module, "__file__", None) or "<no file>"
+            _trace(f"{info.describe()}: imported {ep.value!r} from {where} in {1000 * (time.perf_counter() - started):.0f} ms")
             candidates.append((info, module))
     candidates.extend(extra)
 
@@ -166,7 +183,12 @@ def load_plugins(extra: Iterable[tuple[PluginInfo, Any]] = (), *, entry_points: 
         registry.current_plugin = info
         try:
             impl.function(registry=registry)
+            for component in registry:
+                if component.plugin.name == info.name:
+                    cls = component.cls
+                    _trace(f"{info.describe()} registered {component.kind} {component.name!r} -> {cls.__module__}.{cls.__qualname__}")
         except Exception as exc:  # noqa: BLE001
+            _trace(f"{info.describe()}: its mtrun_register_components hook raised {type(exc).__name__}: {exc}")
             error = exc if isinstance(exc, PluginError) else PluginError(
                 f"{info.describe()} failed while registering its components: {type(exc).__name__}: {exc}"
             )
