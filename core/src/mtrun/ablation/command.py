@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from mtrun.ablation.table import write_tables
     from mtrun.recipe import load_recipe
 
-    table = load_recipe(args.recipe, profile=args.profile).get("ablation")
+    table = load_recipe(args.recipe, profile=args.profile).ablation
     plan = plan_ablation(
         args.recipe,
         table=table,

@@ -48,7 +48,6 @@ def validate_plan(plan: AblationPlan, registry: Any) -> None:
     for variant in plan.variants:
         try:
             data = load_recipe(plan.recipe, overrides=[*plan.common, *variant.overrides], profile=plan.profile)
-            data.pop("ablation", None)
             resolve_recipe(data, registry, str(plan.recipe))
         except RecipeError as exc:
             failures.append(f"variant {variant.name!r} ({'; '.join(variant.overrides) or 'the recipe as it is'}):\n    {exc}")

@@ -36,6 +36,9 @@ class RecipeData(dict):
     overrides: tuple[Override, ...] = ()
     created: dict[tuple[str | int, ...], str] = {}
     """Key paths that did not exist before an override added them, to the override's text."""
+    ablation: dict[str, Any] | None = None
+    """The recipe's ``[ablation]`` table (after profile and overrides), read by ``mtrun ablate``
+    and left out of the recipe itself: a run never sees it."""
 
 
 @attrs.frozen
@@ -301,7 +304,9 @@ def load_recipe(
     problems += apply_overrides(data, parsed, created)
     if problems:
         raise RecipeError(source, problems)
+    ablation = data.pop("ablation", None)  # `mtrun ablate`'s table: not part of any one run
     result = RecipeData(data)
     result.overrides = tuple(parsed)
     result.created = created
+    result.ablation = ablation
     return result
