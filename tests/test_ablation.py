@@ -127,3 +127,26 @@ def test_a_sweep_resumes_after_a_failed_run_and_the_table_matches_an_independent
     csv_lines = (tmp_path / "sw" / "table.csv").read_text().splitlines()
     assert csv_lines[0] == "variant,metric,n,mean,ci,diff,diff_ci,paired_seeds" and len(csv_lines) == 3
     assert (tmp_path / "sw" / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_mtrun_ablate_runs_the_quickstart_then_finds_it_done(tmp_path):
+    """The real thing, once: a 3-step quickstart through `mtrun ablate`, its table, and a rerun
+    that starts nothing."""
+    import subprocess
+    import sys
+
+    from demodata import data_overrides
+
+    args = [
+        sys.executable, "-m", "mtrun.cli", "ablate", str(QUICKSTART), "--variant", "baseline=", "--seeds", "1",
+        "--output-dir", str(tmp_path / "runs"), "trainer.max_steps=3", "trainer.log_every=1", *data_overrides(tmp_path),
+    ]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    sweep_dir = tmp_path / "runs" / "quickstart-ablation"
+    assert "| baseline | " in first.stdout and f"table: {sweep_dir / 'table.md'}" in first.stdout
+    state = json.loads((sweep_dir / "ablation.json").read_text())
+    assert "retrieval/t2a/R@10" in state["runs"]["baseline-s0"]["metrics"]
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0 and "baseline, seed 0: done already" in again.stdout, again.stdout + again.stderr
