@@ -18,8 +18,10 @@ Pooling:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -84,6 +86,22 @@ _POOLER_KEYS = re.compile(r"(^|\.)pooler\.")
 _LAYER_KEYS = re.compile(r"(^|\.)encoder\.(layer|block)\.(\d+)\.")
 
 
+def family_of(config: Any) -> str | None:
+    """The model family a config will build, known without loading anything: the preset's for
+    random init, a local folder's ``config.json`` ``model_type``, else guessed from a hub name
+    (``None`` when the name does not tell)."""
+    if not config.pretrained:
+        return PRESETS[config.preset][0]
+    folder = Path(config.pretrained).expanduser()
+    if (folder / "config.json").is_file():
+        try:
+            return str(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") or "") or None
+        except (OSError, ValueError):
+            return None
+    name = config.pretrained.lower().rsplit("/", 1)[-1]
+    return next((family for family in ("t5", "roberta", "bert") if family in name), None)
+
+
 def _layer_count_key(config: Any) -> str:
     return "num_layers" if config.model_type in _T5_LIKE else "num_hidden_layers"
 
@@ -97,6 +115,13 @@ class HFTextEncoder(HFTextEncoderBase):
         family: ``config.model_type`` of the model (``bert``, ``roberta``, ``t5``, ...).
         loading_info: transformers' report of missing/unexpected keys when loaded.
     """
+
+    @staticmethod
+    def provides(config: Any) -> frozenset[str]:
+        """``hidden_states`` always; ``masked_lm_vocabulary`` (a mask token for MuLaP's MLM)
+        unless the family is T5-like, which has sentinel tokens instead. A hub name that does not
+        tell its family is taken to have one; building the MLM components checks for real."""
+        return frozenset({"hidden_states"}) | (frozenset() if family_of(config) in _T5_LIKE else frozenset({"masked_lm_vocabulary"}))
 
     @attrs.frozen
     class Config:
