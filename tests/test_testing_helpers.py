@@ -181,7 +181,66 @@ class NeedsSystemObjective(nn.Module):
         self.system = system
 
     def forward(self, outputs):
-        raise NotImplementedError
+        from mtrun.interfaces import ObjectiveOutput
+
+        return ObjectiveOutput(loss=(outputs.audio_embedding * outputs.text_embedding).sum(-1).mean())
+
+
+class DetachedLossObjective(nn.Module):
+    """Returns a loss that does not depend on the model's outputs (a constant, say)."""
+
+    Config = _GoodConfigMixin.Config
+
+    def __init__(self, config):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, outputs):
+        from mtrun.interfaces import ObjectiveOutput
+
+        return ObjectiveOutput(loss=self.scale * outputs.audio_embedding.detach().sum())
+
+
+class VectorLossObjective(nn.Module):
+    """Returns one loss per item instead of their mean."""
+
+    Config = _GoodConfigMixin.Config
+
+    def __init__(self, config):
+        super().__init__()
+
+    def forward(self, outputs):
+        from mtrun.interfaces import ObjectiveOutput
+
+        return ObjectiveOutput(loss=(outputs.audio_embedding - outputs.text_embedding).pow(2).sum(-1))
+
+
+class InPlaceFeatureAugmenter:
+    """A features augmenter that zeroes bands in its input (which clean_features shares)."""
+
+    Config = _GoodConfigMixin.Config
+    stage: ClassVar[str] = "features"
+
+    def __init__(self, config):
+        pass
+
+    def __call__(self, features, context):
+        features[..., :2] = 0.0
+        return features
+
+
+class UnsortedKeepAugmenter:
+    """An audio_tokens augmenter whose keep_index is not ascending."""
+
+    Config = _GoodConfigMixin.Config
+    stage: ClassVar[str] = "audio_tokens"
+
+    def __init__(self, config):
+        pass
+
+    def __call__(self, batch, context):
+        batch.audio_keep_index = torch.tensor([[3, 1], [0, 2]])
+        return batch
 
 
 class ShapeChangingAugmenter:
@@ -209,7 +268,11 @@ class BrokenPlugin:
         registry.projector("positional", PositionalDependencyProjector)
         registry.audio_encoder("bad-attrs", BadAttributesEncoder)
         registry.objective("needs-system", NeedsSystemObjective)
+        registry.objective("detached", DetachedLossObjective)
+        registry.objective("vector-loss", VectorLossObjective)
         registry.augmenter("cropper", ShapeChangingAugmenter)
+        registry.augmenter("in-place", InPlaceFeatureAugmenter)
+        registry.augmenter("unsorted-keep", UnsortedKeepAugmenter)
 
 
 @pytest.fixture
@@ -290,3 +353,33 @@ def mtrun_plugin_modules(testkit):
 def test_pytest_fixture_gives_a_registry_of_the_overridden_modules(mtrun_registry):
     assert mtrun_registry.names("audio_encoder") == ["toy-audio"]
     check_component(mtrun_registry, "audio_encoder", "toy-audio")
+
+
+def test_an_objective_whose_loss_never_reaches_the_embeddings_fails(broken_registry):
+    with pytest.raises(ContractError, match="gradient reaches none of the embeddings"):
+        check_component(broken_registry, "objective", "detached")
+
+
+def test_an_objective_returning_one_loss_per_item_fails(broken_registry):
+    with pytest.raises(ContractError, match=r"loss must be a scalar tensor \(got \(2,\)\)"):
+        check_component(broken_registry, "objective", "vector-loss")
+
+
+def test_a_features_augmenter_writing_into_its_input_fails(broken_registry):
+    with pytest.raises(ContractError, match="wrote into its input"):
+        check_component(broken_registry, "augmenter", "in-place")
+
+
+def test_an_audio_tokens_augmenter_with_unsorted_keep_index_fails(broken_registry):
+    with pytest.raises(ContractError, match="ascending grid positions"):
+        check_component(broken_registry, "augmenter", "unsorted-keep")
+
+
+def test_synthetic_outputs_carry_gradients_to_every_model_output():
+    from mtrun.testing import synthetic_outputs
+
+    outputs = synthetic_outputs(3, dim=8)
+    assert outputs.audio_embedding.shape == (3, 8) and outputs.audio_embedding.requires_grad
+    assert outputs.text.tokens.requires_grad and outputs.batch.text_encoded is outputs.text
+    mask = outputs.batch.text_inputs["attention_mask"]
+    assert mask.sum(1).min() < mask.shape[1]  # one caption is padded

@@ -31,7 +31,7 @@ import attrs
 from mtrun import schema
 from mtrun.registry import PluginInfo, Registry
 
-__all__ = ["ContractError", "check_component", "config_converter", "isolated_registry", "resolve"]
+__all__ = ["ContractError", "check_component", "config_converter", "isolated_registry", "resolve", "synthetic_batch", "synthetic_outputs"]
 
 
 class ContractError(AssertionError):
@@ -109,6 +109,7 @@ def check_component(
     forward: bool = True,
     batch_size: int = 2,
     input_seconds: float = 1.0,
+    inputs: Any = None,
     **deps: Any,
 ) -> Any:
     """Check that a registered component honours its interface; return the built instance.
@@ -127,8 +128,12 @@ def check_component(
     * with ``forward=True``, a small input goes through and the outputs have the documented
       shapes: encoders return ``EncoderOutput`` with ``tokens [B, N, D]``, ``pooled [B, D]``,
       ``mask [B, N]`` (and honour ``keep_index`` when they declare a ``token_grid``),
-      projectors return ``[B, output_dim]``, waveform augmenters keep the shape, data sources
-      load a split of samples.
+      projectors return ``[B, output_dim]``, data sources load a split of samples;
+      objectives return ``ObjectiveOutput`` with a finite scalar loss whose gradient reaches
+      the model's outputs (run on :func:`synthetic_outputs`); augmenters return their stage's
+      type with shapes and dtypes kept (``features`` augmenters must not write into their
+      input; ``audio_tokens`` ones leave an ascending in-range ``audio_keep_index``), run on
+      :func:`synthetic_batch` (or a sample, or waveforms).
 
     Args:
         registry: Usually from :func:`isolated_registry`.
@@ -138,6 +143,8 @@ def check_component(
         forward: Run the small forward pass (turn off for components that download weights).
         batch_size: Items in the test batch.
         input_seconds: Length of the test waveform for audio encoders and augmenters.
+        inputs: What the forward check feeds an objective (a ``StepOutputs``) or an augmenter
+            (its stage's value), when the synthetic one lacks what the component reads.
         **deps: Constructor dependencies, injected by keyword as the assembler would.
 
     Raises:
@@ -165,7 +172,10 @@ def check_component(
 
         try:
             with torch.no_grad():
-                _FORWARD_CHECKS.get(kind, _no_forward_check)(instance, problems, batch_size, input_seconds, deps)
+                if kind in ("objective", "augmenter"):
+                    _FORWARD_CHECKS[kind](instance, problems, batch_size, inputs, deps)
+                else:
+                    _FORWARD_CHECKS.get(kind, _no_forward_check)(instance, problems, batch_size, input_seconds, deps)
         except Exception as exc:  # noqa: BLE001 - a crash is a contract failure to report
             problems.append(f"forward check raised {type(exc).__name__}: {exc}")
     if problems:
@@ -268,7 +278,7 @@ def _check_attributes(kind: str, obj: Any, problems: list[str]) -> None:
 
 
 def _no_forward_check(*_: Any) -> None:
-    """Objectives, trainers and evals need a whole system to run; their contract is structural."""
+    """Trainers and evals need a whole system to run; their contract is structural."""
 
 
 def _shape(t: Any) -> Any:
@@ -369,18 +379,152 @@ def _check_projector(proj: Any, problems: list[str], batch: int, seconds: float,
         problems.append("forward returned NaN or inf")
 
 
-def _check_augmenter(aug: Any, problems: list[str], batch: int, seconds: float, deps: dict[str, Any]) -> None:
+def synthetic_batch(batch_size: int = 2, *, seconds: float = 1.0, sample_rate: int = 16_000, seed: int = 0) -> Any:
+    """A collated :class:`mtrun.Batch` with every documented field, for testing a component
+    outside a system: waveforms, captions with genre/mood/instrument words and matching tags,
+    tokenised text (byte ids, the second row padded), ``features``/``clean_features``
+    ``[B, 1, 32, 16]`` with a ``(4, 4)`` token grid, and encoder outputs of width 16."""
     import torch
 
-    from mtrun.interfaces import AugmentContext
+    from mtrun.interfaces import Batch, EncoderOutput
 
-    if aug.stage != "waveform":
-        return  # other stages need a real batch or sample; their plugin tests cover them
+    gen = torch.Generator().manual_seed(seed)
+    texts = ["a calm piano piece for a quiet evening", "an upbeat rock song with electric guitar"]
+    texts = (texts * batch_size)[:batch_size]
+    tags = [{"genre": ["classical"], "mood": ["calm"], "instrument": ["piano"]}, {"genre": ["rock"], "mood": ["upbeat"], "instrument": ["electric guitar"]}]
+    tags = (tags * batch_size)[:batch_size]
+    length = max(len(t) for t in texts)
+    ids = torch.zeros(batch_size, length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids[i, : len(text)] = torch.tensor(list(text.encode())) + 1
+    attention = (ids != 0).long()
+    features = torch.randn(batch_size, 1, 32, 16, generator=gen)
+    mask = attention.bool()
+    return Batch(
+        ids=[f"item-{i}" for i in range(batch_size)],
+        waveforms=0.1 * torch.randn(batch_size, max(1, int(seconds * sample_rate)), generator=gen),
+        texts=texts,
+        tags=tags,
+        groups=[None] * batch_size,
+        text_inputs={"input_ids": ids, "attention_mask": attention},
+        skipped=[],
+        clean_features=features,
+        features=features.clone(),
+        token_grid=(4, 4),
+        audio_encoded=EncoderOutput(tokens=torch.randn(batch_size, 16, 16, generator=gen), pooled=torch.randn(batch_size, 16, generator=gen), mask=torch.ones(batch_size, 16, dtype=torch.bool)),
+        text_encoded=EncoderOutput(tokens=torch.randn(batch_size, length, 16, generator=gen), pooled=torch.randn(batch_size, 16, generator=gen), mask=mask),
+    )
+
+
+def synthetic_outputs(batch_size: int = 4, *, dim: int = 16, seed: int = 0) -> Any:
+    """A :class:`mtrun.StepOutputs` over :func:`synthetic_batch` whose embeddings ``[B, dim]``
+    and encoder tokens/pooled vectors are leaves requiring grad, so a test can check that an
+    objective's loss reaches them."""
+    import torch
+
+    from mtrun.interfaces import EncoderOutput, StepOutputs
+
+    batch = synthetic_batch(batch_size, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).requires_grad_(True)
+
+    audio, text = batch.audio_encoded, batch.text_encoded
+    audio = EncoderOutput(tokens=leaf(*audio.tokens.shape), pooled=leaf(*audio.pooled.shape), mask=audio.mask)
+    text = EncoderOutput(tokens=leaf(*text.tokens.shape), pooled=leaf(*text.pooled.shape), mask=text.mask)
+    batch.audio_encoded, batch.text_encoded = audio, text
+    return StepOutputs(batch=batch, audio=audio, text=text, audio_embedding=leaf(batch_size, dim), text_embedding=leaf(batch_size, dim))
+
+
+_INPUTS_HINT = "; if the component reads more than the synthetic input carries, pass inputs= to check_component"
+
+
+def _check_objective(obj: Any, problems: list[str], batch: int, inputs: Any, deps: dict[str, Any]) -> None:
+    import torch
+
+    from mtrun.interfaces import ObjectiveOutput
+
+    outputs = inputs if inputs is not None else synthetic_outputs(max(batch, 2))
+    if hasattr(obj, "train"):
+        obj.train()
+    with torch.enable_grad():
+        try:
+            result = obj(outputs)
+        except Exception as exc:  # noqa: BLE001 - a crash is a contract failure to report
+            problems.append(f"forward(StepOutputs) raised {type(exc).__name__}: {exc}{'' if inputs is not None else _INPUTS_HINT}")
+            return
+        if not isinstance(result, ObjectiveOutput):
+            problems.append(f"forward must return mtrun.ObjectiveOutput (got {type(result).__name__})")
+            return
+        loss = result.loss
+        if not (torch.is_tensor(loss) and loss.numel() == 1):
+            problems.append(f"ObjectiveOutput.loss must be a scalar tensor (got {_shape(loss)})")
+            return
+        if not torch.isfinite(loss).all():
+            problems.append(f"the loss is not finite ({loss.item()})")
+            return
+        for key, value in result.metrics.items():
+            if not (isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1)):
+                problems.append(f"metric {key!r} must be a number or a 0-d tensor (got {_shape(value)})")
+        leaves = [t for t in (outputs.audio_embedding, outputs.text_embedding, outputs.audio.tokens, outputs.audio.pooled, outputs.text.tokens, outputs.text.pooled) if torch.is_tensor(t) and t.requires_grad]
+        if not loss.requires_grad:
+            problems.append("the loss has no gradient: it must depend on the model's outputs")
+            return
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        if leaves and all(g is None or not g.abs().sum() > 0 for g in grads):
+            problems.append("the loss's gradient reaches none of the embeddings or encoder outputs")
+
+
+def _check_augmenter(aug: Any, problems: list[str], batch: int, inputs: Any, deps: dict[str, Any]) -> None:
+    import torch
+
+    from mtrun.interfaces import AugmentContext, Batch, Sample
+
     context = AugmentContext(step=0, epoch=0, steps_per_epoch=10, total_steps=100, training=True, generator=torch.Generator().manual_seed(0))
-    waveforms = 0.1 * torch.randn(batch, max(1, int(seconds * 16000)))
-    out = aug(waveforms, context)
-    if not (torch.is_tensor(out) and out.shape == waveforms.shape):
-        problems.append(f"waveform augmenter must keep the shape {tuple(waveforms.shape)} (got {_shape(out)})")
+    stage = aug.stage
+    full = synthetic_batch(batch)
+    if inputs is not None:
+        value = inputs
+    elif stage == "waveform":
+        value = full.waveforms
+    elif stage == "features":
+        value = full.clean_features
+    elif stage == "sample":
+        value = Sample(id="item-0", audio=full.waveforms[0], sample_rate=16_000, captions=[full.texts[0]], tags=full.tags[0])
+    else:
+        value = full
+    before = value.clone() if torch.is_tensor(value) else None
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in (value.items() if isinstance(value, Batch) else ()) if torch.is_tensor(v)}
+    try:
+        out = aug(value, context)
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"{stage} augmenter raised {type(exc).__name__}: {exc}{'' if inputs is not None else _INPUTS_HINT}")
+        return
+    if before is not None:
+        if not (torch.is_tensor(out) and out.shape == before.shape and out.dtype == before.dtype):
+            problems.append(f"{stage} augmenter must keep the shape {tuple(before.shape)} and dtype {before.dtype} (got {_shape(out)}, {getattr(out, 'dtype', None)})")
+        if not torch.equal(value, before):
+            problems.append(f"{stage} augmenter wrote into its input; return a new tensor (the input may be kept, e.g. clean_features)")
+        return
+    if stage == "sample":
+        if not isinstance(out, Sample):
+            problems.append(f"sample augmenter must return an mtrun.Sample (got {type(out).__name__})")
+        return
+    if not isinstance(out, Batch):
+        problems.append(f"{stage} augmenter must return the mtrun.Batch (got {type(out).__name__})")
+        return
+    for key, (shape, dtype) in shapes.items():
+        now = out.get(key)
+        if torch.is_tensor(now) and (tuple(now.shape), now.dtype) != (shape, dtype):
+            problems.append(f"{stage} augmenter changed batch.{key} from {shape} {dtype} to {tuple(now.shape)} {now.dtype}")
+    keep = out.get("audio_keep_index")
+    if keep is not None:
+        grid = full.token_grid[0] * full.token_grid[1]
+        if not (torch.is_tensor(keep) and keep.ndim == 2 and keep.shape[0] == batch and keep.dtype == torch.long):
+            problems.append(f"audio_keep_index must be a LongTensor [B={batch}, N'] (got {_shape(keep)}, {getattr(keep, 'dtype', None)})")
+        elif keep.numel() and (keep.min() < 0 or keep.max() >= grid or not bool((keep[:, 1:] > keep[:, :-1]).all())):
+            problems.append(f"audio_keep_index must hold ascending grid positions in [0, {grid})")
 
 
 def _check_data(source: Any, problems: list[str], batch: int, seconds: float, deps: dict[str, Any]) -> None:
@@ -406,6 +550,7 @@ _FORWARD_CHECKS = {
     "text_encoder": _check_text_encoder,
     "projector": _check_projector,
     "augmenter": _check_augmenter,
+    "objective": _check_objective,
     "data": _check_data,
 }
 

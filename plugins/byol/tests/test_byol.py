@@ -265,10 +265,12 @@ def test_predictor_tables_structure_into_projector_specs_and_typos_are_named():
 def test_byol_honours_the_component_contract():
     registry = isolated_registry(mtrun_byol)
     registry.projector("linear", Linear)
+    modules = arms()
     check_component(
         registry,
         "objective",
         "byol",
         config=Byol.Config(audio_predictor=predictor(), text_predictor=predictor()),
-        **arms(),
+        inputs=step_outputs(modules),  # the target arms re-encode the batch: it must fit them
+        **modules,
     )

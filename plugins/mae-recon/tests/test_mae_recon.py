@@ -37,7 +37,11 @@ def _outputs(features, keep_index, tokens=None) -> StepOutputs:
 
 
 def test_mae_recon_honours_the_component_contract():
-    obj = check_component(isolated_registry(mtrun_mae_recon), "objective", "mae-recon", config=SMALL, audio_encoder=FakeEncoder())
+    # It reads the spectrogram and which tokens were kept: a 16×8 log-mel, 3 of the 4×2 grid.
+    keep = torch.tensor([[0, 3, 6], [1, 2, 7]])
+    tokens = torch.randn(2, 3, 8, requires_grad=True)
+    inputs = _outputs(torch.randn(2, 1, 16, 8), keep, tokens=tokens)
+    obj = check_component(isolated_registry(mtrun_mae_recon), "objective", "mae-recon", config=SMALL, audio_encoder=FakeEncoder(), inputs=inputs)
     assert obj.num_tokens == 8
     default = MaeReconstruction.Config()
     assert (default.decoder_dim, default.depth, default.heads) == (512, 4, 4)
