@@ -298,3 +298,20 @@ def test_transformer_block_ignores_padded_tokens():
     out_a = block(x, key_padding_mask=mask)
     out_b = block(noisy, key_padding_mask=mask)
     torch.testing.assert_close(out_a[:, :4], out_b[:, :4])
+
+
+def test_bf16_attention_on_cpu_is_computed_in_float32_and_returned_in_bf16():
+    """CPU SDPA's bf16 backward is several times slower than float32 (benchmarks/precision.py):
+    the weights are formed in float32, the result handed back in bf16 like the inputs."""
+    from torch.nn import functional as F
+
+    from mtrun.nn.attention import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=g).to(torch.bfloat16).requires_grad_(True) for _ in range(3))
+    out = attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(torch.bfloat16)
+    assert torch.equal(out, expected)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16

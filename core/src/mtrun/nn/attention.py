@@ -175,6 +175,11 @@ def attention(
 
     if resolve_backend(q.device, backend) == "xformers":
         out = _xformers_attention(q, k, v, key_padding_mask, attn_bias, dropout_p, scale)
+    elif q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # PyTorch's CPU SDPA backward is 3-5x slower in bf16 than in float32 (measured with
+        # torch 2.10, benchmarks/precision.py), which made bf16 training of small ViTs slower
+        # than fp32; the projections around it keep their bf16 matmuls.
+        out = _sdpa_attention(q.float(), k.float(), v.float(), key_padding_mask, attn_bias, dropout_p, scale).to(q.dtype)
     else:
         out = _sdpa_attention(q, k, v, key_padding_mask, attn_bias, dropout_p, scale)
 
