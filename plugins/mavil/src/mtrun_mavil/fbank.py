@@ -90,10 +90,15 @@ def kaldi_fbank(
         window = torch.hann_window(size, periodic=False, dtype=x.dtype, device=x.device)
     frames = x.unfold(-1, size, shift)  # [B, m, 400], a strided view like kaldi's _get_strided
     frames = frames - frames.mean(dim=-1, keepdim=True)  # remove_dc_offset
-    # Pre-emphasis with the first sample repeated (kaldi: x[j] -= 0.97 * x[max(0, j - 1)]).
-    previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
-    frames = (frames - FBANK["preemphasis"] * previous) * window
-    frames = torch.nn.functional.pad(frames, (0, padded - size))
-    power = torch.fft.rfft(frames).abs().pow(2.0)  # [B, m, 257]
+    # Pre-emphasis with the first sample repeated (kaldi: x[j] -= 0.97 * x[max(0, j - 1)]),
+    # written into the fresh tensor above rather than through a concatenated copy.
+    emphasised = frames.clone()
+    emphasised[..., 1:] -= FBANK["preemphasis"] * frames[..., :-1]
+    emphasised[..., 0] -= FBANK["preemphasis"] * frames[..., 0]
+    frames = emphasised * window
+    # rfft zero-pads to n itself, and |z|² as re² + im² avoids the complex abs's square root
+    # (together ~0.75x the CPU time of pad + abs().pow(2); benchmarks/plain_loop.py).
+    spec = torch.fft.rfft(frames, n=padded)  # [B, m, 257]
+    power = spec.real.square() + spec.imag.square()
     mel = torch.matmul(power, banks.T)
     return mel.clamp_min(_EPSILON).log()
