@@ -116,7 +116,7 @@ def test_config_rejects_out_of_range_values(bad):
 
 
 def test_each_swapped_caption_changes_exactly_one_keyword_of_one_category_to_the_same_category():
-    aug = always(fraction=1.0)
+    aug = always(swaps="fraction", fraction=1.0)
     hard = run(aug)
     assert len(hard.texts) > 10
     for anchor, swapped in zip(hard.anchor.tolist(), hard.texts):
@@ -137,7 +137,7 @@ def test_each_swapped_caption_changes_exactly_one_keyword_of_one_category_to_the
 
 
 def test_swaps_never_produce_synonyms_related_concepts_or_the_items_own_tags():
-    aug = always(fraction=1.0)
+    aug = always(swaps="fraction", fraction=1.0)
     texts = ["a piano piece with violin"] * 6
     tags = [{"instrument": ["piano", "violin", "cello"]}] * 6
     for seed in range(5):
@@ -156,7 +156,7 @@ def test_articles_and_capitals_follow_the_replacement():
 
 
 def test_a_caption_without_keywords_gets_no_hard_negatives():
-    hard = run(always(fraction=1.0))
+    hard = run(always(swaps="fraction", fraction=1.0))
     assert 5 not in hard.anchor.tolist()
 
 
@@ -164,7 +164,7 @@ def test_a_caption_without_keywords_gets_no_hard_negatives():
 
 
 def test_output_follows_the_hard_negatives_contract():
-    aug = always(fraction=0.5)
+    aug = always(swaps="fraction", fraction=0.5)
     hard = run(aug)
     assert isinstance(hard, HardNegatives) and hard.text_inputs is None and len(hard) == len(hard.texts)
     n = len(TEXTS)
@@ -184,7 +184,7 @@ def test_output_follows_the_hard_negatives_contract():
 
 
 def test_max_per_pair_caps_the_swaps_of_each_pair():
-    hard = run(always(fraction=1.0, max_per_pair=2))
+    hard = run(always(swaps="fraction", fraction=1.0, max_per_pair=2))
     assert max(Counter(hard.anchor.tolist()).values()) == 2
 
 
@@ -204,7 +204,7 @@ def test_swapped_share_of_pairs_follows_p():
 
 
 def test_same_generator_seed_gives_the_same_hard_negatives_and_another_seed_differs():
-    aug = always(fraction=0.5)
+    aug = always(swaps="fraction", fraction=0.5)
     first, again, other = run(aug, seed=7), run(aug, seed=7), run(aug, seed=8)
     assert first.texts == again.texts
     assert torch.equal(first.anchor, again.anchor) and torch.equal(first.replaces, again.replaces)
@@ -214,8 +214,8 @@ def test_same_generator_seed_gives_the_same_hard_negatives_and_another_seed_diff
 def test_hard_negatives_an_earlier_augmenter_wrote_are_kept_and_this_steps_appended():
     earlier = HardNegatives(anchor=torch.tensor([2]), replaces=torch.tensor([-1]), texts=["an earlier caption"])
     batch = Batch(texts=list(TEXTS), tags=list(TAGS), hard_negatives=earlier)
-    merged = always(fraction=0.5)(batch, context(seed=7)).hard_negatives
-    alone = run(always(fraction=0.5), seed=7)
+    merged = always(swaps="fraction", fraction=0.5)(batch, context(seed=7)).hard_negatives
+    alone = run(always(swaps="fraction", fraction=0.5), seed=7)
     assert isinstance(merged, HardNegatives) and len(merged) == 1 + len(alone)
     assert merged.texts == ["an earlier caption", *alone.texts]
     assert merged.anchor.tolist() == [2, *alone.anchor.tolist()]
@@ -225,8 +225,8 @@ def test_hard_negatives_an_earlier_augmenter_wrote_are_kept_and_this_steps_appen
 def test_an_empty_earlier_hard_negatives_is_replaced_by_this_steps():
     empty = HardNegatives(anchor=torch.zeros(0, dtype=torch.long), replaces=torch.zeros(0, dtype=torch.long))
     batch = Batch(texts=list(TEXTS), tags=list(TAGS), hard_negatives=empty)
-    merged = always(fraction=0.5)(batch, context(seed=7)).hard_negatives
-    alone = run(always(fraction=0.5), seed=7)
+    merged = always(swaps="fraction", fraction=0.5)(batch, context(seed=7)).hard_negatives
+    alone = run(always(swaps="fraction", fraction=0.5), seed=7)
     assert merged.texts == alone.texts and torch.equal(merged.anchor, alone.anchor)
 
 
@@ -339,7 +339,7 @@ def test_one_training_step_with_infonce_through_the_system():
     audio_projector = kit.ToyLinear(kit.ToyLinear.Config(), in_features=audio_encoder.output_dim)
     text_projector = kit.ToyLinear(kit.ToyLinear.Config(), in_features=text_encoder.output_dim)
     objective = InfoNCE(InfoNCE.Config(), text_encoder=text_encoder, text_projector=text_projector)
-    swap = always(fraction=0.3)
+    swap = always(swaps="fraction", fraction=0.3)
     system = System(
         audio_encoder=audio_encoder, text_encoder=text_encoder, audio_projector=audio_projector,
         text_projector=text_projector, objectives=[WeightedObjective("infonce", 1.0, objective)], augmenters=[swap],
@@ -374,3 +374,21 @@ def test_a_dictionary_with_nothing_to_swap_is_an_error_not_a_silent_no_op(tmp_pa
     with pytest.raises(MtrunError, match="no concepts.*genre.*genres"):
         SwapDictionary.load(["genre"], user_file=str(user), use_default=False)
     assert SwapDictionary.load(["genre"]).concepts["genre"]  # the shipped dictionary has genres
+
+
+def test_per_category_makes_one_swap_for_each_category_the_caption_names():
+    """The paper's count (the default): TextSwap applied once per descriptor category."""
+    aug = always()
+    assert aug.config.swaps == "per-category"
+    hard = run(aug)
+    for i in set(hard.anchor.tolist()):
+        original = TEXTS[i]
+        expected = set(aug.swappable(original, TAGS[i]))
+        made = [t for a, t in zip(hard.anchor.tolist(), hard.texts) if a == i]
+        changed = []
+        for swapped in made:
+            before, _ = keyword_profile(aug, original)
+            after, _ = keyword_profile(aug, swapped)
+            changed += [c for c in set(before) | set(after) if before.get(c, Counter()) != after.get(c, Counter())]
+        assert sorted(changed) == sorted(expected), (original, made)  # each category once
+        assert len(made) == len(expected) <= len(aug.config.categories)

@@ -1,13 +1,20 @@
 """TextSwap (DuET-MC): hard-negative captions made by swapping one genre/mood/instrument word.
 
 For every positive pair ``(audio_i, text_i)`` of a training batch, with probability ``p`` (the
-schedule below) the augmenter writes ``k`` swapped versions of ``text_i`` — each differs from
+schedule below) the augmenter writes swapped versions of ``text_i`` — each differs from
 ``text_i`` in exactly one keyword concept of one category (``"a calm piano piece"`` ->
 ``"a calm harp piece"``) — and each replaces, in audio ``i``'s audio->text row only, one of
-the batch's other captions, chosen at random without repetition. ``k = max(1,
-round(fraction * (B - 1)))`` (capped by ``max_per_pair`` when set). The swaps of one pair cycle
-through the categories found in ``text_i`` in a random order, so categories take turns; within
-a category the swapped keyword and its replacement are drawn uniformly.
+the batch's other captions, chosen at random without repetition. How many, ``swaps``:
+
+* ``"per-category"`` (the paper: TextSwap applied once per descriptor category): one swapped
+  caption for each category with a swappable keyword in ``text_i``, so at most
+  ``len(categories)`` (3) per pair. At DuET-MC's p = 0.15 that is about 0.3 extra captions per
+  pair for the text encoder (benchmarks/textswap_cost.py measures it).
+* ``"fraction"`` (not in the paper): ``k = max(1, round(fraction * (B - 1)))`` swaps per pair
+  (capped by ``max_per_pair``), cycling through the caption's categories in a random order —
+  at B = 1024 about a hundred extra text-encoder inputs per swapped pair.
+
+Within a category the swapped keyword and its replacement are drawn uniformly.
 
 The output is an :class:`mtrun.HardNegatives` in ``batch.hard_negatives`` (its docstring is the
 contract): ``anchor`` = ``i``, ``replaces`` = the ``j != i`` it replaces in row ``i`` (never
@@ -141,15 +148,20 @@ class TextSwap:
         p_max: float = attrs.field(default=0.15, validator=_unit_interval, metadata={"help": "swap probability per pair after the ramp (DuET-MC: 0.15)"})
         warmup_epochs: float = attrs.field(default=5.0, validator=non_negative, metadata={"help": "epochs at p_start before the ramp (DuET-MC: 5)"})
         ramp_epochs: float = attrs.field(default=20.0, validator=non_negative, metadata={"help": "epochs of the linear ramp p_start -> p_max (DuET-MC: 20)"})
+        swaps: str = attrs.field(
+            default="per-category",
+            validator=attrs.validators.in_(("per-category", "fraction")),
+            metadata={"help": "swapped captions per chosen pair: per-category (the paper: one per descriptor category in the caption) or fraction (fraction x (B-1), not in the paper)"},
+        )
         fraction: float = attrs.field(
             default=0.1,
             validator=_fraction,
-            metadata={"help": "share of a swapped pair's B-1 in-batch negatives replaced by swapped captions (at least one)"},
+            metadata={"help": "with swaps = 'fraction': share of a swapped pair's B-1 in-batch negatives replaced by swapped captions (at least one)"},
         )
         max_per_pair: int = attrs.field(
             default=0,
             validator=non_negative,
-            metadata={"help": "cap on swapped captions per pair (0 = no cap); each costs a text-encoder forward"},
+            metadata={"help": "with swaps = 'fraction': cap on swapped captions per pair (0 = no cap); each costs a text-encoder forward"},
         )
 
     stage: ClassVar[str] = "batch"
@@ -210,13 +222,16 @@ class TextSwap:
             text = head + word + text[m.end :]
         return text
 
-    def _swaps_for(self, text: str, tags: dict[str, list[str]] | None, k: int, generator: Any) -> list[str]:
+    def _swaps_for(self, text: str, tags: dict[str, list[str]] | None, k: int | None, generator: Any) -> list[str]:
+        """Up to ``k`` distinct swapped captions; ``k = None``: one per swappable category."""
         import torch
 
         options = self.swappable(text, tags)
         if not options:
             return []
         categories = list(options)
+        if k is None:
+            k = len(categories)
         categories = [categories[i] for i in torch.randperm(len(categories), generator=generator).tolist()]
         made: list[str] = []
         for t in range(k):
@@ -245,10 +260,12 @@ class TextSwap:
         generator = context.generator
         if generator is None:  # the trainer always passes one; a bare call stays reproducible
             generator = torch.Generator().manual_seed(int(context.step))
-        k = max(1, round(self.config.fraction * (n - 1)))
-        if self.config.max_per_pair:
-            k = min(k, self.config.max_per_pair)
-        k = min(k, n - 1)
+        k: int | None = None  # per-category: decided per caption by its categories
+        if self.config.swaps == "fraction":
+            k = max(1, round(self.config.fraction * (n - 1)))
+            if self.config.max_per_pair:
+                k = min(k, self.config.max_per_pair)
+            k = min(k, n - 1)
 
         anchors: list[int] = []
         replaces: list[int] = []
@@ -261,7 +278,7 @@ class TextSwap:
             for i in range(n):
                 if not chosen[i]:
                     continue
-                made = self._swaps_for(texts[i], tags[i], k, generator)
+                made = self._swaps_for(texts[i], tags[i], k, generator)[: n - 1]
                 if not made:
                     continue
                 swapped_pairs += 1
