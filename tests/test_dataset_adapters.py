@@ -241,7 +241,7 @@ def test_jamendo_reads_every_tag_column_by_category():
     assert ambient.tags == {"genre": ["ambient", "electronic"], "instrument": ["synthesizer"], "mood": ["relaxing", "meditative"]}
     assert ambient.captions == []  # tag-only: the loader or a tag-to-caption augmenter writes text
     assert relative(ambient) == "48/948.mp3"
-    assert ambient.extra == {"artist_id": "artist_000087", "album_id": "album_000149", "duration": 328.0}
+    assert ambient.extra == {"artist_id": "artist_000087", "album_id": "album_000149", "duration": 328.0, "track_key": "jamendo:948"}
     assert train["track_0000214"].tags == {"genre": ["punkrock"]}
     busy = by_id(source.load("val"))["track_0917543"]
     assert len(busy.tags["instrument"]) == 6

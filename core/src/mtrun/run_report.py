@@ -28,6 +28,7 @@ __all__ = [
     "configure",
     "curve_series",
     "headline_rows",
+    "leakage_line",
     "print_summary",
     "read_metrics",
     "run",
@@ -106,14 +107,28 @@ def _validation_order(key: str) -> tuple[int, str]:
 
 
 def headline_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """``(label, value, interval)`` of the headline metrics among ``metrics``, in a fixed order."""
+    """``(label, value, interval)`` of the headline metrics among ``metrics``, in a fixed order.
+
+    An evaluation set's metrics (``musiccaps/retrieval/t2a/R@10``) come after the training
+    source's, set by set, labelled with the set's name (``musiccaps: text→music R@10``).
+    """
+    by_prefix: dict[str, list[tuple[int, str, str, tuple[str, ...]]]] = {"": []}
+    for key in metrics:
+        if not isinstance(metrics[key], (int, float)):
+            continue
+        for order, (pattern, label) in enumerate(_HEADLINE):
+            prefix, match = "", pattern.match(key)
+            if not match and "/" in key:
+                prefix, rest = key.split("/", 1)
+                match = pattern.match(rest)
+            if match:
+                words = tuple(g.replace("_", " ") for g in match.groups())
+                by_prefix.setdefault(prefix, []).append((order, key, label, words))
+                break
     rows = []
-    for pattern, label in _HEADLINE:
-        for key in metrics:
-            match = pattern.match(key)
-            if not match or not isinstance(metrics[key], (int, float)):
-                continue
-            unit = " (%)" if re.search(r"R@\d+$|accuracy$|roc_auc$|pr_auc$|mAR$", key) and not key.startswith("modality-gap") else ""
+    for prefix, found in by_prefix.items():
+        for _, key, label, words in sorted(found, key=lambda f: f[0]):
+            unit = " (%)" if re.search(r"R@\d+$|accuracy$|roc_auc$|pr_auc$|mAR$", key) and "modality-gap/" not in key else ""
             low, high, std = metrics.get(f"{key}:ci_low"), metrics.get(f"{key}:ci_high"), metrics.get(f"{key}:std")
             if low is not None and high is not None:
                 interval = f"[{_fmt(low)}, {_fmt(high)}]"
@@ -121,9 +136,26 @@ def headline_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
                 interval = f"± {_fmt(std)} (sd over seeds)"
             else:
                 interval = ""
-            words = [g.replace("_", " ") for g in match.groups()]
-            rows.append((label.format(*words) + unit, _fmt(metrics[key]), interval))
+            text = label.format(*words) + unit
+            rows.append((f"{prefix}: {text}" if prefix else text, _fmt(metrics[key]), interval))
     return rows
+
+
+def leakage_line(result: Mapping[str, Any]) -> str | None:
+    """What the leakage filter left out of training, from an ``eval.json``'s ``leakage``."""
+    leakage = result.get("leakage")
+    if not isinstance(leakage, Mapping) or "splits" not in leakage:
+        return None
+    by_set: dict[str, int] = {}
+    for entry in leakage["splits"].values():
+        for name, n in (entry.get("by_set") or {}).items():
+            by_set[name] = by_set.get(name, 0) + int(n)
+    shared = ", ".join(f"{name} {n}" for name, n in by_set.items()) or "none"
+    splits = ", ".join(f"{entry.get('removed', 0)} of {entry.get('total', '?')} {split!r}" for split, entry in leakage["splits"].items())
+    return (
+        f"Leakage filter: {leakage.get('removed', 0)} training item(s) share a recording with an evaluation set "
+        f"and were left out of training ({splits}; by set: {shared})."
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -240,11 +272,20 @@ def write_run_report(run_dir: str | os.PathLike[str]) -> Path:
         lines += ["No evaluation has been written in this run folder yet (`mtrun eval RUN` writes one).", ""]
     else:
         folder, result = evaluation
+        what = []
+        if result.get("split") is not None:
+            what.append(f"Split `{result.get('split')}`, step {result.get('step')}: {result.get('n_items', '?')} recordings, {result.get('n_captions', '?')} captions")
+        for name, entry in (result.get("sets") or {}).items():
+            what.append(
+                f"evaluation set `{name}` ({entry.get('type')}, split `{entry.get('split')}`): "
+                f"{entry.get('n_items', '?')} recordings, {entry.get('n_captions', '?')} captions"
+            )
+        leaked = leakage_line(result)
         lines += [
-            f"Split `{result.get('split')}`, step {result.get('step')}: {result.get('n_items', '?')} recordings, "
-            f"{result.get('n_captions', '?')} captions. 95% bootstrap intervals over recordings. "
+            ("; ".join(what) if result.get("split") is not None else f"Step {result.get('step')}: " + "; ".join(what)) + ". 95% bootstrap intervals over recordings. "
             f"Every metric, with its interval: [{folder.name}/report.md]({folder.name}/report.md).",
             "",
+            *([leaked, ""] if leaked else []),
             "| metric | value | 95% CI |",
             "|---|---:|---|",
         ]
@@ -287,11 +328,16 @@ def print_summary(result: Mapping[str, Any], file: Any = None) -> None:
         except (OSError, ValueError):
             evaluation = None
     if evaluation is not None and headline_rows(evaluation.get("metrics") or {}):
+        title = f"{evaluation.get('split')} split, step {evaluation.get('step')}: {evaluation.get('n_items', '?')} recordings, {evaluation.get('n_captions', '?')} captions"
+        if evaluation.get("sets"):  # evaluation sets: each with its own counts
+            parts = [f"{evaluation.get('split')} split: {evaluation.get('n_items', '?')} recordings"] if evaluation.get("split") is not None else []
+            parts += [
+                f"{name}: {entry.get('n_items', '?')} recordings, {entry.get('n_captions', '?')} captions"
+                for name, entry in evaluation["sets"].items()
+            ]
+            title = f"step {evaluation.get('step')}; " + "; ".join(parts)
         table = Table(
-            title=escape(
-                f"{evaluation.get('split')} split, step {evaluation.get('step')}: {evaluation.get('n_items', '?')} recordings, "
-                f"{evaluation.get('n_captions', '?')} captions"
-            ),
+            title=escape(title),
             title_justify="left",
         )
         for column, justify in (("metric", "left"), ("value", "right"), ("95% CI", "left")):
@@ -299,6 +345,9 @@ def print_summary(result: Mapping[str, Any], file: Any = None) -> None:
         for label, value, ci in headline_rows(evaluation["metrics"]):
             table.add_row(escape(label), value, ci)
         console.print(table)
+        leaked = leakage_line(evaluation)
+        if leaked:
+            console.print(escape(leaked), highlight=False)
     else:
         shown = "  ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -176,6 +176,10 @@ class Slot:
             also be absent from the recipe altogether.
         extra_keys: Slot-level keys that belong to the slot, not to the component's ``Config``
             (an objective's ``weight`` and ``name``).
+        nested: Slot-level keys that hold a component table of their own, by kind: an
+            ``[[eval]]`` entry's ``[eval.data]`` is a data source (``{"data": "data"}``). They
+            are resolved like any slot and stand in for the slot of that name for this entry
+            (an evaluation task's ``data`` need is met by its own ``[eval.data]``).
         model: Built before the system and held by it (its modules are trained and saved).
         inputs: Extra constructor keywords taken from earlier components:
             ``{"in_features": "audio_encoder.output_dim"}``.
@@ -188,6 +192,7 @@ class Slot:
     required: bool = False
     default_type: str | None = None
     extra_keys: tuple[str, ...] = ()
+    nested: Mapping[str, str] = attrs.field(factory=dict)
     model: bool = False
     inputs: Mapping[str, str] = attrs.field(factory=dict)
     help: str = ""
@@ -239,7 +244,14 @@ SLOTS: tuple[Slot, ...] = (
         extra_keys=("weight", "name"),
         help="losses, summed by weight; `name` prefixes their metrics",
     ),
-    Slot("eval", "eval", many=True, extra_keys=("name",), help="evaluations run after training"),
+    Slot(
+        "eval",
+        "eval",
+        many=True,
+        extra_keys=("name", "data", "split"),
+        nested={"data": "data"},
+        help="evaluations run after training; with [eval.data], on that source's `split` as the evaluation set `name`",
+    ),
     Slot("trainer", "trainer", default_type="default", help="the training loop"),
 )
 """Every component slot, in build order."""
@@ -258,6 +270,8 @@ CAPABILITIES: Mapping[str, str] = {
     "when called with output_hidden_states=True",
     "hard_negatives": "an objective that uses batch.hard_negatives (mtrun.HardNegatives) "
     "written by a batch augmenter",
+    "captions": "a data source whose items carry captions (Sample.captions), which text-to-music "
+    "retrieval ranks; tag-only sources (MTG-Jamendo, MagnaTagATune) do not provide it",
 }
 """Core's capability names and what a component that provides one promises."""
 
@@ -299,11 +313,13 @@ def providers(registry: Any, kind_name: str, capability: str) -> list[str]:
     names = []
     for name in registry.names(kind_name):
         cls = registry.get(kind_name, name).cls
+        declared = getattr(cls, "provides", ())
         try:
-            if capability in declared_provides(cls, cls.Config()):
-                names.append(name)
+            offered = declared_provides(cls, cls.Config()) if callable(declared) else frozenset(declared or ())
         except Exception:  # noqa: BLE001 - a config without defaults: no hint from it
             continue
+        if capability in offered:
+            names.append(name)
     return names
 
 
@@ -324,18 +340,25 @@ def check_contracts(specs: Iterable[Any], registry: Any) -> list[tuple[Any, str]
         for need in declared_requires(spec.cls, spec.config):
             target = slot(need.slot)
             offered = by_slot.get(need.slot, [])
+            table = target.table() if target is not None else f"[{need.slot}]"
+            own = (getattr(spec, "extras", None) or {}).get(need.slot)
+            if own is not None:  # its own slot-level table ([eval.data]) stands in for the slot
+                offered, target = [own], None
+                table = f"[{spec.slot.split('[')[0]}.{need.slot}]"
             if any(need.capability in declared_provides(o.cls, o.config) for o in offered):
                 continue
             purpose = f" ({need.why})" if need.why else ""
-            table = target.table() if target is not None else f"[{need.slot}]"
-            if not offered:
+            if own is not None:
+                have = f"{table} type {own.name!r} does not"
+            elif not offered:
                 have = f"the recipe has no {table} table"
             elif len(offered) == 1 and not (target and target.many):
                 have = f"{table} type {offered[0].name!r} does not"
             else:
                 have = "none of " + ", ".join(f"{table}[{o.slot.split('[')[-1].rstrip(']')}] type {o.name!r}" for o in offered) + " does"
-            kind_name = target.kind if target is not None else need.slot
-            able = providers(registry, kind_name, need.capability) if target is not None else []
-            hint = f"; installed {kind_name}s that do with default settings: {', '.join(able)}" if able else f"; no installed {kind_name} provides it"
+            kind_name = target.kind if target is not None else (own.kind if own is not None else need.slot)
+            able = providers(registry, kind_name, need.capability) if target is not None or own is not None else []
+            noun = "data sources" if kind_name == "data" else f"{kind_name}s"
+            hint = f"; installed {noun} that do with default settings: {', '.join(able)}" if able else f"; no installed {kind_name} provides it"
             problems.append((spec, f"needs {table} to provide {need.capability!r}{purpose}; {have}{hint}"))
     return problems

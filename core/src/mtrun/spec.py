@@ -48,6 +48,8 @@ class ComponentSpec:
         weight: An objective's weight in the summed loss (1.0 for other kinds).
         label: Metric prefix: the slot-level ``name`` or, by default, the type name.
         source: The recipe file, named in build errors.
+        extras: The other slot-level keys the entry set (an ``[[eval]]`` entry's ``split``,
+            and its ``data``: the :class:`ComponentSpec` of its own ``[eval.data]`` table).
     """
 
     slot: str = attrs.field(eq=False)  # where it was declared is not what it is
@@ -58,6 +60,7 @@ class ComponentSpec:
     weight: float = 1.0
     label: str = ""
     source: str = attrs.field(default="<recipe>", eq=False)
+    extras: dict[str, Any] = attrs.field(factory=dict, hash=False)  # compared, not hashed (a dict)
 
     @classmethod
     def of(cls, kind: str, name: str, component: type, config: Any = None, *, slot: str = "") -> ComponentSpec:

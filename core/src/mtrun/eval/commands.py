@@ -9,8 +9,10 @@ The target is one of:
 * a recipe file: built as for training; the best (else latest) checkpoint of its run folder
   is loaded when there is one, else the *untrained* system is evaluated, with a warning.
 
-Tasks default to the recipe's ``[[eval]]`` tables, else retrieval. ``--tasks`` replaces them
-by the named tasks with default settings, which overrides can then adjust
+Tasks default to the recipe's ``[[eval]]`` tables, else retrieval: entries with their own
+``[eval.data]`` evaluate that evaluation set (reported as ``NAME/...``), the others the
+``--split`` of the training source. ``--tasks`` replaces them all by the named tasks with
+default settings on the training source, which overrides can then adjust
 (``eval.0.category="mood"``).
 """
 
@@ -269,15 +271,13 @@ def evaluate_target(
         "step": step,
         "warning": warning,
     }
-    return evaluate_run(system, built.data, _labelled_evals(resolved, built), split, out_dir, run=run, info=info)
+    bound = built.eval_sets
+    tasks = dict(bound.training_tasks)
+    if bound.sets:  # what training left out; informative only, so a missing training source is no error here
+        from mtrun.errors import MtrunError
 
-
-def _labelled_evals(resolved: Any, built: Any) -> dict[str, Any]:
-    """The built eval tasks under their recipe labels (``name`` or type), made unique."""
-    out: dict[str, Any] = {}
-    for spec, task in zip(resolved.evals, built.evals):
-        label, n = spec.label, 2
-        while label in out:
-            label, n = f"{spec.label}-{n}", n + 1
-        out[label] = task
-    return out
+        try:
+            info["leakage"] = bound.leakage()
+        except (MtrunError, OSError, KeyError) as exc:
+            info["leakage"] = {"error": f"not counted: {exc}"}
+    return evaluate_run(system, built.data, tasks, split, out_dir, run=run, info=info, sets=bound.sets)

@@ -203,6 +203,16 @@ def _write_files(out: Path, results: Mapping[str, Any], embeddings: Any, step: l
     for key in ("source", "checkpoint", "step", "split", "n_samples", "n_items", "n_captions"):
         if key in results and results[key] is not None:
             lines.append(f"- **{key}**: {results[key]}")
+    for name, entry in (results.get("sets") or {}).items():
+        lines.append(
+            f"- **evaluation set {name}**: {entry.get('type')}, split {entry.get('split')}, {entry.get('n_samples')} samples, "
+            f"{entry.get('n_items', '?')} recordings, {entry.get('n_captions', '?')} captions; metrics `{name}/...`"
+        )
+    from mtrun.run_report import leakage_line
+
+    leaked = leakage_line(results)
+    if leaked:
+        lines.append(f"- **leakage filter**: {leaked.removeprefix('Leakage filter: ')}")
     if results.get("warning"):
         lines.append(f"- **warning**: {results['warning']}")
     lines += [

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import attrs
 import numpy as np
 
 from mtrun.eval import metrics
 from mtrun.eval.embed import EmbeddingTask, EmbedSettings, EvalCache, Embeddings
+from mtrun.schema import Need
 
 __all__ = ["Retrieval", "retrieval_results"]
 
@@ -55,7 +56,13 @@ def retrieval_results(
 
 
 class Retrieval(EmbeddingTask):
-    """Text→audio and audio→text retrieval: R@1/5/10, median/mean rank, mAP@10, with CIs."""
+    """Text→audio and audio→text retrieval: R@1/5/10, median/mean rank, mAP@10, with CIs.
+
+    It ranks captions, so its source must provide them: ``mtrun validate`` refuses it on a
+    tag-only source ([data] or its own [eval.data]), rather than reporting item counts alone.
+    """
+
+    requires: ClassVar[tuple[Need, ...]] = (Need("data", "captions", "it ranks captions against recordings: evaluate it on a captioned source, its own [eval.data]"),)
 
     @attrs.frozen
     class Config(EmbedSettings):
@@ -73,6 +80,14 @@ class Retrieval(EmbeddingTask):
             metadata={"help": "bootstrap resamples for the 95% intervals (0 = no intervals)"},
         )
         seed: int = attrs.field(default=0, metadata={"help": "seed of the subsets and the bootstrap"})
+
+    @staticmethod
+    def reports(config: Any) -> tuple[str, ...]:
+        """The headline metric names it will report, for ``mtrun validate --print``."""
+        names = [f"retrieval/{d}/{m}" for d in ("t2a", "a2t") for m in ("R@1", "R@5", "R@10", "median_rank")]
+        if config.subset_size > 0 and config.subset_repeats > 0:
+            names += [f"retrieval/t2a/subset/{m}" for m in ("R@10", "median_rank")]
+        return tuple(names)
 
     def evaluate(self, system: Any, samples: Sequence[Any], *, cache: EvalCache | None = None) -> dict[str, float]:
         """Embed (or reuse) the split and rank every caption against every clip and back."""

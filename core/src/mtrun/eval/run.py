@@ -48,6 +48,49 @@ def _labelled(tasks: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]
     return out
 
 
+def _samples(source: Any, split: str, where: str, table: str | None = None) -> Sequence[Any]:
+    import contextlib
+
+    from mtrun.eval.sets import set_errors
+
+    with set_errors(table) if table else contextlib.nullcontext():
+        splits = list(source.splits())
+        if split not in splits:
+            raise EvalError(f"{where} has no split {split!r} to evaluate (it has: {', '.join(splits) or 'none'})")
+        samples = source.load(split)
+    if len(samples) == 0:
+        raise EvalError(f"split {split!r} of {where} is empty; nothing to evaluate")
+    return samples
+
+
+def _check_captions(labelled: Sequence[tuple[str, Any]], samples: Sequence[Any], split: str, where: str) -> None:
+    """Refuse a task that ranks captions on a split without any: it would report item counts
+    and no R@k (``mtrun validate`` catches the sources that declare it; this catches the rest,
+    such as a manifest without a caption column)."""
+    from mtrun.eval.sets import needs_captions
+
+    if any(getattr(s, "captions", None) for s in samples):
+        return
+    for label, task in labelled:
+        if needs_captions(task):
+            raise EvalError(
+                f"{label} on split {split!r} of {where}: its items have no captions, so there is nothing to rank. "
+                "Evaluate retrieval on a captioned set: an [[eval]] entry with its own [eval.data] table (docs/evaluation.md)"
+            )
+
+
+def _run_tasks(
+    system: Any, labelled: Sequence[tuple[str, Any]], samples: Sequence[Any], cache: Any, prefix: str = ""
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    metrics: dict[str, float] = {}
+    per_task: dict[str, dict[str, float]] = {}
+    for label, task in labelled:
+        found = {f"{prefix}{k}": float(v) for k, v in task.evaluate(system, samples, cache=cache).items()}
+        per_task[f"{prefix}{label}"] = found
+        metrics.update(found)
+    return metrics, per_task
+
+
 def evaluate_run(
     system: Any,
     data: Any,
@@ -57,87 +100,125 @@ def evaluate_run(
     *,
     run: Any = None,
     info: Mapping[str, Any] | None = None,
+    sets: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Evaluate ``system`` on ``data.load(split)`` with every task; write the report.
+    """Evaluate ``system`` on ``data.load(split)`` and on each evaluation set; write the report.
 
     Args:
         system: The assembled :class:`mtrun.system.System` (on its device; left in the
             train/eval mode it was in).
-        data: The data source.
-        tasks: Built eval tasks (``Assembly.evals``), or ``{label: task}``. Empty = retrieval
-            with default settings.
-        split: The split to evaluate.
+        data: The training data source.
+        tasks: Built eval tasks on ``data`` (``EvalSets.training_tasks``), or ``{label: task}``.
+            Empty, and no ``sets``: retrieval with default settings (when the split has captions).
+        split: The split of ``data`` to evaluate.
         out_dir: Where ``eval.json``, ``report.md`` and the PNGs go; ``None`` writes nothing.
         run: The :class:`mtrun.run.Run`, for the default task's inference window length.
         info: Extra JSON-able context stored in ``eval.json`` (checkpoint, step, source).
+        sets: Evaluation sets (:class:`mtrun.eval.sets.EvalSet`): each split evaluated with its
+            tasks, metrics prefixed with the set's name (``musiccaps/retrieval/t2a/R@10``).
 
     Returns:
         ``{"split", "n_samples", "metrics": {name: float}, "tasks": {label: {...}},
-        "skipped": [{"id", "reason"}], "out_dir"}`` plus ``info``.
+        "skipped": [{"id", "reason"}], "out_dir"}`` plus ``info``; with sets, ``"sets": {name:
+        {"type", "split", "n_samples", "n_items", "n_captions", "tasks"}}``. ``split`` and
+        ``n_samples`` describe the training source's part (absent when no task evaluates it).
 
     Raises:
-        EvalError: The data source has no such split, or it is empty.
+        EvalError: A source has no such split, it is empty, or a task that ranks captions
+            meets a split without any.
     """
     from mtrun.eval.embed import EvalCache
 
-    splits = list(data.splits())
-    if split not in splits:
-        raise EvalError(f"the data source has no split {split!r} to evaluate (it has: {', '.join(splits) or 'none'})")
-    samples = data.load(split)
-    if len(samples) == 0:
-        raise EvalError(f"split {split!r} of the data source is empty; nothing to evaluate")
     labelled = _labelled(tasks)
-    if not labelled:
-        from mtrun.eval.retrieval import Retrieval
-
-        labelled = [("retrieval", Retrieval(Retrieval.Config(), run=run))]
-
     cache = EvalCache()
     metrics: dict[str, float] = {}
     per_task: dict[str, dict[str, float]] = {}
-    for label, task in labelled:
-        found = {k: float(v) for k, v in task.evaluate(system, samples, cache=cache).items()}
-        per_task[label] = found
-        metrics.update(found)
-    embedded = cache.all()
     skipped: dict[str, str] = {}
-    for emb in embedded:
-        skipped.update(dict(emb.skipped))
-    result: dict[str, Any] = {
-        **dict(info or {}),
-        "split": split,
-        "n_samples": len(samples),
-        "metrics": metrics,
-        "tasks": per_task,
-        "skipped": [{"id": i, "reason": r} for i, r in skipped.items()],
-        "out_dir": str(out_dir) if out_dir is not None else None,
-    }
-    if embedded:
-        result["n_items"] = len(embedded[0].audio)
-        result["n_captions"] = len(embedded[0].texts)
+    result: dict[str, Any] = {**dict(info or {})}
+    first_embedded: Any = None
+    if labelled or not sets:
+        samples = _samples(data, split, "the data source")
+        if not labelled:
+            from mtrun.eval.retrieval import Retrieval
+
+            if any(s.captions for s in samples):
+                labelled = [("retrieval", Retrieval(Retrieval.Config(), run=run))]
+            else:
+                log.warning("split %r of the data source has no captions: no retrieval to evaluate", split)
+        _check_captions(labelled, samples, split, "the data source ([data])")
+        metrics, per_task = _run_tasks(system, labelled, samples, cache)
+        embedded = cache.all()
+        for emb in embedded:
+            skipped.update(dict(emb.skipped))
+        result.update({"split": split, "n_samples": len(samples)})
+        if embedded:
+            result["n_items"] = len(embedded[0].audio)
+            result["n_captions"] = len(embedded[0].texts)
+            first_embedded = embedded[0]
+    described: dict[str, Any] = {}
+    for s in sets:
+        samples = _samples(s.source, s.split, f"evaluation set {s.name!r} ({s.where}, type {s.type!r})", s.where)
+        _check_captions(s.tasks, samples, s.split, f"evaluation set {s.name!r} ({s.where})")
+        before = len(cache.all())
+        found, found_tasks = _run_tasks(system, s.tasks, samples, cache, prefix=f"{s.name}/")
+        metrics.update(found)
+        per_task.update(found_tasks)
+        entry: dict[str, Any] = {"type": s.type, "split": s.split, "n_samples": len(samples), "tasks": [label for label, _ in s.tasks]}
+        mine = cache.all()[before:]
+        for emb in mine:
+            skipped.update({f"{s.name}/{i}": r for i, r in emb.skipped})
+        if mine:
+            entry["n_items"] = len(mine[0].audio)
+            entry["n_captions"] = len(mine[0].texts)
+            if first_embedded is None or not len(first_embedded.texts):
+                first_embedded = mine[0]
+        described[s.name] = entry
+    result.update(
+        {
+            "metrics": metrics,
+            "tasks": per_task,
+            "skipped": [{"id": i, "reason": r} for i, r in skipped.items()],
+            "out_dir": str(out_dir) if out_dir is not None else None,
+        }
+    )
+    if described:
+        result["sets"] = described
     if out_dir is not None:
         from mtrun.eval.report import write_report
 
-        write_report(out_dir, result, embedded[0] if embedded else None)
+        write_report(out_dir, result, first_embedded)
     return result
 
 
 def evaluate_trained(assembly: Any, run: Any, *, split: str = "test", step: int | None = None) -> dict[str, Any] | None:
-    """After training: evaluate the assembled system on ``split`` into ``RUN/eval-SPLIT-STEP``.
+    """After training: evaluate the assembled system on ``split`` and on the evaluation sets,
+    into ``RUN/eval-SPLIT-STEP``.
 
-    Uses the recipe's ``[[eval]]`` tasks (retrieval when there are none). Returns ``None``, with
-    a log line, when the data source has no such split, so a source without a test split does
-    not fail a finished training run. Call it on rank 0 only.
+    Uses the recipe's ``[[eval]]`` tasks (retrieval when there are none). The training source's
+    part is left out, with a log line, when it has no such split, so a source without a test
+    split does not fail a finished training run (the evaluation sets are still evaluated).
+    Returns ``None`` when nothing is left to evaluate. Call it on rank 0 only.
     """
+    bound = getattr(assembly, "eval_sets", None)
+    tasks = dict(bound.training_tasks) if bound is not None else assembly.evals
+    sets = bound.sets if bound is not None else ()
     if split not in list(assembly.data.splits()):
-        log.warning("no %r split in the data source; skipping the evaluation after training", split)
-        return None
+        log.warning("no %r split in the data source; skipping its evaluation after training", split)
+        if not sets:
+            return None
+        tasks = {}
+    # With sets and no task on the training source, evaluate_run leaves its split alone.
+    info: dict[str, Any] = {"step": step, "source": run.recipe_path}
+    leakage = bound.leakage() if bound is not None else None
+    if leakage is not None:
+        info["leakage"] = leakage
     return evaluate_run(
         assembly.system,
         assembly.data,
-        assembly.evals,
+        tasks,
         split,
         default_out_dir(run.dir, split, step),
         run=run,
-        info={"step": step, "source": run.recipe_path},
+        info=info,
+        sets=sets,
     )

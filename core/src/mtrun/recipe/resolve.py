@@ -80,6 +80,10 @@ class ResolvedRecipe:
             for spec in self.specs(slot):
                 yield spec
                 yield from nested_specs(spec.config)
+                for value in spec.extras.values():  # slot-level tables: an [[eval]]'s [eval.data]
+                    if isinstance(value, ComponentSpec):
+                        yield value
+                        yield from nested_specs(value.config)
 
 
 def nested_specs(config: Any) -> Iterator[ComponentSpec]:
@@ -410,6 +414,35 @@ def _resolve_entry(
     label = slot_keys.get("name", type_name)
     if "name" in slot_keys and (not isinstance(label, str) or not label):
         problems.append(_Problem(path + ("name",), f"wrong type (got {label!r}; expected a non-empty string)"))
+    extras: dict[str, Any] = {}
+    for key, kind in slot.nested.items():  # slot-level component tables ([eval.data])
+        if key not in slot_keys:
+            continue
+        value = slot_keys[key]
+        if not isinstance(value, dict):
+            problems.append(_Problem(path + (key,), f'wrong type (got {value!r}; expected a table with type = "NAME" (a {kind}))'))
+            continue
+        nested, found = _resolve_entry(Slot(key, kind), value, path + (key,), registry, converter)
+        problems += found
+        if nested is not None:
+            extras[key] = nested
+    if "split" in slot_keys:
+        split = slot_keys["split"]
+        if not isinstance(split, str) or not split:
+            problems.append(_Problem(path + ("split",), f"wrong type (got {split!r}; expected a non-empty string)"))
+        elif "data" in slot.nested and "data" not in slot_keys:
+            problems.append(
+                _Problem(
+                    path + ("split",),
+                    f"split applies to the entry's own [{slot.name}.data] table; this entry evaluates the training "
+                    "source ([data]), whose split `mtrun eval --split` chooses (test after training)",
+                    value=split,
+                )
+            )
+        else:
+            extras["split"] = split
+    if "data" in extras:  # the evaluation set it reports under: its name, else the data type
+        extras["set"] = label if "name" in slot_keys and isinstance(label, str) and label else extras["data"].name
 
     if type_name is None:
         problems.append(
@@ -452,6 +485,7 @@ def _resolve_entry(
             weight=float(weight),
             label=label if isinstance(label, str) else type_name,
             source=_SOURCE.get(),
+            extras=extras,
         ),
         problems,
     )
@@ -577,7 +611,7 @@ def _resolve(
                 problems += found
                 if spec is not None:
                     lists[slot.name].append(spec)
-            problems += _duplicate_labels(slot, value)
+            problems += _set_problems(slot, value) if "data" in slot.nested else _duplicate_labels(slot, value)
         else:
             if not isinstance(value, dict):
                 problems.append(_Problem((slot.name,), f"wrong type (got {value!r}; expected a table [{slot.name}])"))
@@ -597,6 +631,65 @@ def _resolve(
         components=components,
         arrays={name: tuple(specs) for name, specs in lists.items()},
     )
+
+
+def _set_problems(slot: Slot, entries: list[dict[str, Any]]) -> list[_Problem]:
+    """Evaluation sets: an entry with its own ``[eval.data]`` reports under its ``name`` (default:
+    the data type), so one name must mean one source and split; entries sharing a set are its
+    tasks (one embedding pass), and the same task twice on one set would mix its numbers. Entries
+    on the training source keep the labels rule of :func:`_duplicate_labels`."""
+    import re
+
+    plain = [(i, e) for i, e in enumerate(entries) if not isinstance(e.get("data"), dict)]
+    problems = []
+    seen: dict[str, int] = {}
+    for i, entry in plain:
+        label = entry.get("name", entry.get("type"))
+        if isinstance(label, str):
+            if label in seen:
+                problems.append(
+                    _Problem((slot.name, i), f"{slot.kind} name {label!r} is used twice (also by [[{slot.name}]][{seen[label]}]); set name = \"...\" to tell them apart")
+                )
+            else:
+                seen[label] = i
+    sets: dict[str, tuple[int, Any]] = {}
+    tasks: dict[tuple[str, Any], int] = {}
+    for i, entry in enumerate(entries):
+        data = entry.get("data")
+        if not isinstance(data, dict):
+            continue
+        name = entry.get("name", data.get("type"))
+        if not isinstance(name, str) or not name:
+            continue  # reported as a wrong type (name) or a missing type ([eval.data])
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            problems.append(
+                _Problem((slot.name, i, "name"), "an evaluation set's name prefixes its metrics (NAME/retrieval/...): use letters, digits, '_', '-' or '.'", value=name)
+            )
+            continue
+        source = (data, entry.get("split", "test"))
+        if name in sets and sets[name][1] != source:
+            problems.append(
+                _Problem(
+                    (slot.name, i, "name"),
+                    f"evaluation set {name!r} is also [[{slot.name}]][{sets[name][0]}]'s, with another [{slot.name}.data] "
+                    "table or split; one name is one set (give this one another name, or the same table)",
+                    value=name,
+                )
+            )
+            continue
+        sets.setdefault(name, (i, source))
+        key = (name, entry.get("type"))
+        if key in tasks:
+            problems.append(
+                _Problem((slot.name, i), f"{slot.kind} {entry.get('type')!r} on evaluation set {name!r} twice (also [[{slot.name}]][{tasks[key]}]); their numbers would mix")
+            )
+        else:
+            tasks[key] = i
+        if name in seen:
+            problems.append(
+                _Problem((slot.name, i, "name"), f"{name!r} also labels [[{slot.name}]][{seen[name]}], a task on the training source", value=name)
+            )
+    return problems
 
 
 def _duplicate_labels(slot: Slot, entries: list[dict[str, Any]]) -> list[_Problem]:

@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import attrs
 
@@ -91,6 +91,8 @@ class LLMEnriched(SplitSource):
         config: The recipe settings; ``config.base`` is the ``[data.base]`` source.
         run: The run, passed on to the base source when it is built (the assembler injects it).
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"captions"})  # text-to-music retrieval needs them
 
     @attrs.frozen
     class Config:

@@ -20,6 +20,8 @@ SAMPLE_RATE = 8000
 class ToyTones:
     """Sine tones in ``n_classes`` pitch classes; each caption names the class."""
 
+    provides: ClassVar[frozenset[str]] = frozenset({"captions"})  # text-to-music retrieval needs them
+
     @attrs.frozen
     class Config:
         n_items: int = attrs.field(default=64, metadata={"help": "items per split"})

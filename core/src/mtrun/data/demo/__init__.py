@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
@@ -73,6 +73,8 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 class DemoCorpus(SplitSource):
     """The built-in demo corpus (music21 scores rendered with GM timbres), built on first use."""
+
+    provides: ClassVar[frozenset[str]] = frozenset({"captions"})  # text-to-music retrieval needs them
 
     @attrs.frozen
     class Config:

@@ -9,6 +9,7 @@ retrieval metrics count as one item.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import attrs
 
@@ -35,6 +36,8 @@ class AudioCaps(SplitSource):
     may use ``{youtube_id}``, ``{start_time}``, ``{audiocap_id}`` (of the first row),
     ``{split}`` (train/val/test) and ``{subset}`` (the file's stem).
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"captions"})  # text-to-music retrieval needs them
 
     @attrs.frozen
     class Config:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import attrs
 
@@ -39,6 +40,8 @@ class Clotho(SplitSource):
     ``{file_name}``, ``{subset}`` (the part of the file name after ``clotho_captions_``, e.g.
     ``development``) and ``{split}``.
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"captions"})  # text-to-music retrieval needs them
 
     @attrs.frozen
     class Config:

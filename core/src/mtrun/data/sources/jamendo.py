@@ -10,6 +10,7 @@ first tag, so the rows are split by hand.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import attrs
 
@@ -18,7 +19,7 @@ from mtrun.data.sources.published import audio_location, parse_number, require_d
 from mtrun.errors import MtrunError
 from mtrun.interfaces import Sample
 
-__all__ = ["MTGJamendo", "read_autotagging_tsv"]
+__all__ = ["MTGJamendo", "jamendo_track_key", "read_autotagging_tsv"]
 
 _HEADER = ("TRACK_ID", "ARTIST_ID", "ALBUM_ID", "PATH", "DURATION")
 CATEGORIES = {"genre": "genre", "instrument": "instrument", "mood/theme": "mood"}
@@ -34,6 +35,21 @@ SUBSETS = {
 """``subset`` values → the published file prefix."""
 
 _SPLITS = {"train": "train", "val": "validation", "test": "test"}
+
+
+def jamendo_track_key(track_id: str) -> str:
+    """``jamendo:1051148`` for ``track_1051148``, ``track_0001051148``, ``1051148`` or ``1051148.0``.
+
+    MTG-Jamendo writes ``track_0000214``; Song Describer (whose tracks are Jamendo's) writes
+    ``214``. Both adapters put this key in ``Sample.extra["track_key"]`` so the leakage filter
+    (``mtrun.eval.sets``) can tell that they are one recording.
+    """
+    text = track_id.strip().removeprefix("track_")
+    try:
+        text = str(int(float(text)))
+    except ValueError:
+        pass
+    return f"jamendo:{text}"
 
 
 def read_autotagging_tsv(path: str | Path, *, source: str, key: str) -> list[dict]:
@@ -77,8 +93,11 @@ class MTGJamendo(SplitSource):
 
     Each sample: id and group = ``TRACK_ID``; no captions (the loader joins the tags, or a
     tag-to-caption augmenter writes some); ``tags`` by category ``genre``, ``instrument``,
-    ``mood``; ``extra`` holds ``artist_id``, ``album_id`` and ``duration``.
+    ``mood``; ``extra`` holds ``artist_id``, ``album_id``, ``duration`` and ``track_key``
+    (``jamendo:214``, shared with Song Describer's copy of the track).
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset()  # tags only: no "captions" for retrieval
 
     @attrs.frozen
     class Config:
@@ -122,6 +141,7 @@ class MTGJamendo(SplitSource):
                             "artist_id": row["ARTIST_ID"],
                             "album_id": row["ALBUM_ID"],
                             "duration": parse_number(row["DURATION"], source="mtg-jamendo", where=str(file), column="DURATION"),
+                            "track_key": jamendo_track_key(row["TRACK_ID"]),
                         },
                     )
                 )

@@ -13,7 +13,7 @@ The same records exported as JSON or JSON lines read the same way.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
@@ -64,6 +64,8 @@ class LPMusicCaps(SplitSource):
     ``is_crawled``, ``start_s``/``end_s``. Rows with neither a caption nor a tag (some 4k MTT
     rows) are dropped.
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"captions"})  # text-to-music retrieval needs them
 
     @attrs.frozen
     class Config:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import ClassVar
 
 import attrs
 
@@ -71,6 +72,8 @@ class MagnaTagATune(SplitSource):
     no captions; ``tags`` by category (genre, instrument, vocal, tempo, mood, tag; see
     :data:`TAG_CATEGORIES`).
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset()  # tags only: no "captions" for retrieval
 
     @attrs.frozen
     class Config:

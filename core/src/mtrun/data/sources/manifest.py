@@ -32,7 +32,7 @@ import logging
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import attrs
 
@@ -415,6 +415,8 @@ class ManifestSource(SplitSource):
     each such row (``file:line``). The loader cannot do this check, since samples without
     text are legitimate for audio-only objectives.
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"captions"})  # text-to-music retrieval needs them
 
     @attrs.frozen
     class Config:

@@ -7,6 +7,7 @@ user's downloader wrote: ``audio_pattern`` fills it from the row.
 """
 
 from __future__ import annotations
+from typing import ClassVar
 
 import attrs
 
@@ -32,8 +33,11 @@ class MusicCaps(SplitSource):
     Each sample: id and group = ``ytid``; ``captions`` = the one caption; ``tags`` =
     ``{"aspect": aspect_list}`` (MusicCaps' aspects are not categorised); ``extra`` holds
     ``start_s``/``end_s`` (so a loader reading uncut YouTube audio can crop the segment),
-    ``author_id``, ``audioset_labels`` (the AudioSet ``/m/...`` ids) and ``is_balanced_subset``.
+    ``author_id``, ``audioset_labels`` (the AudioSet ``/m/...`` ids), ``is_balanced_subset`` and
+    ``track_key`` (``youtube:ytid``, for the leakage filter of evaluation sets).
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"captions"})  # text-to-music retrieval needs them
 
     @attrs.frozen
     class Config:
@@ -83,6 +87,7 @@ class MusicCaps(SplitSource):
                         "audioset_labels": parse_list(row.get("audioset_positive_labels")),
                         "is_balanced_subset": parse_bool(row.get("is_balanced_subset", "")),
                         "is_audioset_eval": is_eval,
+                        "track_key": f"youtube:{ytid}",  # the leakage filter's id of the recording
                     },
                 )
             )

@@ -26,7 +26,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import attrs
 
@@ -160,6 +160,8 @@ class WebDatasetSource:
     shards of each split; without an index, ``SPLIT-*.tar`` files are grouped by split), or
     ``splits`` maps each split to a brace/glob pattern of shard files.
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"captions"})  # text-to-music retrieval needs them
 
     @attrs.frozen
     class Config:

@@ -7,11 +7,12 @@ retrieval metrics expect.
 """
 
 from __future__ import annotations
+from typing import ClassVar
 
 import attrs
 
 from mtrun.data.sources.base import SplitSource
-from mtrun.data.sources.jamendo import read_autotagging_tsv
+from mtrun.data.sources.jamendo import jamendo_track_key, read_autotagging_tsv
 from mtrun.data.sources.published import audio_location, parse_bool, parse_list, parse_number, read_delimited
 from mtrun.interfaces import Sample
 
@@ -22,21 +23,13 @@ _COLUMNS = ("caption_id", "track_id", "caption", "is_valid_subset", "path")
 _TAG_COLUMNS = {"genre": "genre", "instrument": "instrument", "mood/theme": "mood"}
 
 
-def _track_key(track_id: str) -> str:
-    """``1051148``, ``1051148.0`` and ``track_1051148`` all name the same Jamendo track."""
-    text = track_id.strip().removeprefix("track_")
-    try:
-        return str(int(float(text)))
-    except ValueError:
-        return text
-
-
 class SongDescriber(SplitSource):
     """Song Describer: ~1.1k captions of 706 two-minute MTG-Jamendo tracks, for evaluation.
 
     One sample per ``track_id``: ``captions`` = every caption of that track (in file order),
     group = ``track_id``; ``extra`` holds ``caption_ids``, ``familiarity``, ``artist_id``,
-    ``album_id`` and ``duration``. The dataset publishes a single split, intended for
+    ``album_id``, ``duration`` and ``track_key`` (``jamendo:1051148``: the tracks are
+    MTG-Jamendo's, and the leakage filter keeps them out of training on MTG-Jamendo). The dataset publishes a single split, intended for
     evaluation only, so every track goes to ``split`` (``test`` by default).
     ``valid_only`` keeps only captions with ``is_valid_subset = True`` (the paper's cleaned
     subset, 746 captions of 546 tracks); tracks left with no caption are dropped.
@@ -44,6 +37,8 @@ class SongDescriber(SplitSource):
     Tags: from ``genre``/``instrument``/``mood/theme`` columns when the CSV has them, or from
     ``tags_tsv`` (the published ``song_describer.mtg-jamendo.tsv`` in MTG-Jamendo's format).
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"captions"})  # text-to-music retrieval needs them
 
     @attrs.frozen
     class Config:
@@ -67,7 +62,7 @@ class SongDescriber(SplitSource):
         jamendo_tags: dict[str, dict[str, list[str]]] = {}
         if cfg.tags_tsv:
             for track in read_autotagging_tsv(cfg.tags_tsv, source="song-describer", key="tags_tsv"):
-                jamendo_tags[_track_key(track["TRACK_ID"])] = track["tags"]
+                jamendo_tags[jamendo_track_key(track["TRACK_ID"])] = track["tags"]
 
         tracks: dict[str, Sample] = {}
         for row in rows:
@@ -81,7 +76,7 @@ class SongDescriber(SplitSource):
                     name: values
                     for column, name in _TAG_COLUMNS.items()
                     if (values := parse_list(row.get(column)))
-                } or jamendo_tags.get(_track_key(track_id), {})
+                } or jamendo_tags.get(jamendo_track_key(track_id), {})
                 sample = tracks[track_id] = Sample(
                     id=track_id,
                     audio=audio_location(cfg.audio_root, cfg.audio_pattern, row, source="song-describer"),
@@ -93,6 +88,7 @@ class SongDescriber(SplitSource):
                         "artist_id": (row.get("artist_id") or "").strip(),
                         "album_id": (row.get("album_id") or "").strip(),
                         "duration": parse_number(row.get("duration"), source="song-describer", where=str(cfg.csv), column="duration"),
+                        "track_key": jamendo_track_key(track_id),
                     },
                 )
             sample.captions.append(caption)
