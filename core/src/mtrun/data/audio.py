@@ -20,6 +20,10 @@ into the windows :func:`sliding_windows` would cut from the whole file. Memory i
 the block and window sizes, not the file: inference on a ten-minute track needs as much as on a
 ten-second one.
 
+A training crop needs only its span of the file: :func:`open_span` reads spans through
+libsndfile's seeking (the samples a whole-file decode has there), checking at open what the
+header can tell and leaving damage inside the file to the read that reaches it.
+
 Besides paths, :func:`decode` accepts any *audio reference*: an object with an ``open()``
 method returning a binary file object, and optionally ``name`` and ``suffix`` attributes
 (:class:`mtrun.data.sources.shards.TarMember` is one: a byte range inside a tar shard).
@@ -47,12 +51,15 @@ __all__ = [
     "PAD_POLICIES",
     "SILENCE_THRESHOLD",
     "AudioDecodeError",
+    "AudioSpans",
     "StreamResampler",
     "check_waveform",
+    "crop_offset",
     "crop_or_pad",
     "decode",
     "describe_audio",
     "load_waveform",
+    "open_span",
     "open_stream",
     "resample",
     "sliding_windows",
@@ -85,19 +92,23 @@ class AudioDecodeError(MtrunError):
             ``truncated``, ``not-audio``, ``corrupt``, ``silent``, ``non-finite``, ``empty``
             or ``bad-shape``.
         path: The file concerned, when there is one.
+        scope: ``file`` when every read of the file reaches this verdict (it can be
+            remembered), ``part`` when it was found in a span of the file and a read of
+            another span may not see it (see :func:`open_span`).
     """
 
-    def __init__(self, message: str, *, kind: str = "corrupt", path: str | None = None):
+    def __init__(self, message: str, *, kind: str = "corrupt", path: str | None = None, scope: str = "file"):
         super().__init__(message)
         self.kind = kind
         self.path = path
+        self.scope = scope
 
-    def __reduce__(self):  # keep kind and path when raised inside a DataLoader worker
-        return (_rebuild_decode_error, (str(self), self.kind, self.path))
+    def __reduce__(self):  # keep kind, path and scope when raised inside a DataLoader worker
+        return (_rebuild_decode_error, (str(self), self.kind, self.path, self.scope))
 
 
-def _rebuild_decode_error(message: str, kind: str, path: str | None) -> AudioDecodeError:
-    return AudioDecodeError(message, kind=kind, path=path)
+def _rebuild_decode_error(message: str, kind: str, path: str | None, scope: str = "file") -> AudioDecodeError:
+    return AudioDecodeError(message, kind=kind, path=path, scope=scope)
 
 
 def describe_audio(audio: Any) -> str:
@@ -129,8 +140,17 @@ def decode(path: Any) -> tuple[torch.Tensor, int]:
     import torch
 
     name = describe_audio(path)
-    is_path = isinstance(path, (str, os.PathLike))
-    if is_path:
+    _precheck(path, name)
+    data, rate = _soundfile_or_pyav(name, lambda: _decode_soundfile(path), lambda: _decode_pyav(path))
+    wave = torch.from_numpy(data.T.copy())
+    if wave.shape[-1] == 0:
+        raise AudioDecodeError(f"audio file {name!r}: holds no audio frames", kind="empty", path=name)
+    return wave, int(rate)
+
+
+def _precheck(path: Any, name: str) -> None:
+    """Refuse what no decoder can read: a missing, empty or unreadable path, or a non-reference."""
+    if isinstance(path, (str, os.PathLike)):
         file = Path(path)
         if not file.exists():
             raise AudioDecodeError(f"audio file {name!r}: missing (no such file)", kind="missing", path=name)
@@ -141,12 +161,6 @@ def decode(path: Any) -> tuple[torch.Tensor, int]:
         _check_readable(file, name)
     elif not callable(getattr(path, "open", None)):
         raise AudioDecodeError(f"cannot decode {path!r}: expected a path or an object with open()", kind="bad-shape")
-
-    data, rate = _soundfile_or_pyav(name, lambda: _decode_soundfile(path), lambda: _decode_pyav(path))
-    wave = torch.from_numpy(data.T.copy())
-    if wave.shape[-1] == 0:
-        raise AudioDecodeError(f"audio file {name!r}: holds no audio frames", kind="empty", path=name)
-    return wave, int(rate)
 
 
 def _check_readable(file: Path, name: str) -> None:
@@ -288,14 +302,162 @@ def _decode_pyav(path: Any):
     return np.ascontiguousarray(data.T), int(rate)
 
 
+# ------------------------------------------------------------------------------------ spans
+
+
+class AudioSpans:
+    """An open audio file that reads spans of frames without decoding the rest.
+
+    Made by :func:`open_span`. ``frames`` is what the header declares; ``whole`` holds the
+    decoded file (``[C, T]``) when it had to be decoded entirely (formats only FFmpeg reads, or
+    a header with no frame count), and then ``read`` slices it. Use as a context manager.
+
+    Each read after the first reopens the file: libsndfile's Ogg Vorbis reader lands up to a
+    block away from the frame asked for when it seeks after a read (measured: 128 frames off),
+    while a seek on a fresh handle is exact.
+    """
+
+    def __init__(self, name: str, rate: int, frames: int, *, handle: Any = None, stack: Any = None, whole: Any = None,
+                 reopen: Callable[[], tuple[Any, Any]] | None = None):
+        self.name, self.rate, self.frames = name, int(rate), int(frames)
+        self.whole = whole
+        self._handle, self._stack, self._reopen = handle, stack, reopen
+        self._used = False
+
+    def read(self, start: int, count: int) -> torch.Tensor:
+        """Frames ``[start, start + count)`` as float32 ``[channels, n]``.
+
+        Raises:
+            AudioDecodeError: The span cannot be decoded, or the file ends well before the end
+                its header promised; ``scope`` is ``part`` (other spans may read fine).
+        """
+        import soundfile
+        import torch
+
+        if self.whole is not None:
+            return self.whole[:, start : start + count]
+        try:
+            if self._used and self._reopen is not None:
+                self.close()
+                self._handle, self._stack = self._reopen()
+            self._used = True
+            self._handle.seek(start)
+            data = self._handle.read(frames=count, dtype="float32", always_2d=True)
+        except soundfile.LibsndfileError as exc:
+            error = _sf_error(self.name, exc)
+            raise AudioDecodeError(str(error), kind=error.kind, path=self.name, scope="part") from None
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise AudioDecodeError(f"audio file {self.name!r}: corrupt ({exc})", kind="corrupt", path=self.name, scope="part") from None
+        # MP3 frame counts are estimates: a span at the very end may come up a little short.
+        if len(data) < count and start + count <= self.frames * (1 - _TRUNCATION_TOLERANCE):
+            raise AudioDecodeError(
+                f"audio file {self.name!r}: truncated (its header declares {self.frames} frames, "
+                f"frames {start}..{start + count} do not all decode)",
+                kind="truncated",
+                path=self.name,
+                scope="part",
+            )
+        return torch.from_numpy(data.T.copy())
+
+    def close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = self._handle = None
+
+    def __enter__(self) -> AudioSpans:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_span(path: Any) -> AudioSpans:
+    """Open an audio file to read spans of it (a crop) without decoding the whole file.
+
+    libsndfile seeks to the span (WAV, FLAC, OGG and MP3); formats only FFmpeg reads are
+    decoded whole through PyAV, as :func:`decode` does. What can be checked without reading the
+    samples is checked here and raises with ``scope="file"``: missing, unreadable, empty, not
+    audio, and a WAV whose header promises more data than the file holds. Damage inside the
+    file is found only by a read that reaches it (:meth:`AudioSpans.read`, ``scope="part"``).
+
+    Raises:
+        AudioDecodeError: As :func:`decode`, for what the header shows.
+    """
+    name = describe_audio(path)
+    _precheck(path, name)
+
+    def whole() -> AudioSpans:
+        data, rate = _decode_pyav(path)
+        return _whole_spans(name, data, rate)
+
+    return _soundfile_or_pyav(name, lambda: _open_span_soundfile(path), whole)
+
+
+def _whole_spans(name: str, data: Any, rate: int) -> AudioSpans:
+    import torch
+
+    wave = torch.from_numpy(data.T.copy())
+    if wave.shape[-1] == 0:
+        raise AudioDecodeError(f"audio file {name!r}: holds no audio frames", kind="empty", path=name)
+    return AudioSpans(name, rate, wave.shape[-1], whole=wave)
+
+
+def _open_soundfile(path: Any) -> tuple[Any, contextlib.ExitStack]:
+    import soundfile
+
+    stack = contextlib.ExitStack()
+    try:
+        source = str(path) if isinstance(path, (str, os.PathLike)) else stack.enter_context(path.open())
+        return stack.enter_context(soundfile.SoundFile(source)), stack
+    except BaseException:
+        stack.close()
+        raise
+
+
+def _open_span_soundfile(path: Any) -> AudioSpans:
+    import soundfile
+
+    name = describe_audio(path)
+    try:
+        handle, stack = _open_soundfile(path)
+    except soundfile.LibsndfileError as exc:
+        if getattr(exc, "code", None) == _SF_UNRECOGNISED_FORMAT or not _has_audio_magic(path):
+            raise _Unrecognised(exc.error_string) from None
+        raise _sf_error(name, exc) from None
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise AudioDecodeError(f"audio file {name!r}: corrupt ({exc})", kind="corrupt", path=name) from None
+    match = _SHOULD_BE.search(handle.extra_info or "")
+    if match and int(match.group(2)) < int(match.group(1)):
+        stack.close()
+        raise AudioDecodeError(
+            f"audio file {name!r}: truncated (its header declares {match.group(1)} bytes of audio, "
+            f"only {match.group(2)} are present)",
+            kind="truncated",
+            path=name,
+        )
+    frames = int(handle.frames)
+    if frames <= 0 or not handle.seekable():
+        # No frame count (or no seeking): read it all, as decode() would.
+        try:
+            data = handle.read(dtype="float32", always_2d=True)
+        except soundfile.LibsndfileError as exc:
+            raise _sf_error(name, exc) from None
+        finally:
+            stack.close()
+        return _whole_spans(name, data, int(handle.samplerate))
+    return AudioSpans(name, int(handle.samplerate), frames, handle=handle, stack=stack, reopen=lambda: _open_soundfile(path))
+
+
 # ------------------------------------------------------------------------------- validation
 
 
 def check_waveform(wave: torch.Tensor, where: str, *, silence_threshold: float = SILENCE_THRESHOLD) -> None:
     """Refuse audio that would train nothing or poison the loss.
 
-    Checked on the whole file (before cropping), so the verdict is a property of the file and
-    not of the crop drawn: a loader that skips on it stays deterministic.
+    The loader checks the whole file (before cropping, or once in the waveform cache's build),
+    so the verdict is a property of the file and not of the crop drawn: a loader that skips on
+    it stays deterministic. With span reads it checks the crop instead, and a problem found
+    there is treated as the crop's (see :class:`mtrun.data.loader.BatchLoader`).
 
     Args:
         wave: Waveform of any shape.
@@ -429,12 +591,7 @@ def crop_or_pad(
         raise ValueError(f"length must be positive (got {length})")
     total = wave.shape[-1]
     if total > length:
-        if policy == "random":
-            offset = int(torch.randint(0, total - length + 1, (), generator=generator))
-        elif policy == "center":
-            offset = (total - length) // 2
-        else:
-            offset = 0
+        offset = crop_offset(total, length, policy, generator)
         return wave[..., offset : offset + length].contiguous()
     if total < length:
         if pad == "zero" or total == 0:
@@ -442,6 +599,26 @@ def crop_or_pad(
         repeats = -(-length // total)
         return wave.repeat(*([1] * (wave.dim() - 1)), repeats)[..., :length].contiguous()
     return wave.contiguous()
+
+
+def crop_offset(total: int, length: int, policy: str = "random", generator: torch.Generator | None = None) -> int:
+    """Where :func:`crop_or_pad` starts a ``length``-sample crop of ``total`` samples.
+
+    The same draw from ``generator`` whether the crop is then cut from a decoded waveform, read
+    as a span of a file or sliced from the waveform cache, so all three give the same offset.
+    ``total <= length`` gives 0 without drawing.
+    """
+    import torch
+
+    if total <= length:
+        return 0
+    if policy == "random":
+        return int(torch.randint(0, total - length + 1, (), generator=generator))
+    if policy == "center":
+        return (total - length) // 2
+    if policy == "start":
+        return 0
+    raise ValueError(f"unknown crop policy {policy!r}; expected one of {', '.join(CROP_POLICIES)}")
 
 
 def sliding_windows(wave: torch.Tensor, length: int, hop: int | None = None) -> torch.Tensor:
@@ -494,17 +671,7 @@ def open_stream(path: Any, block_frames: int = DEFAULT_BLOCK_FRAMES) -> tuple[in
         tensors that closes the file when exhausted.
     """
     name = describe_audio(path)
-    if isinstance(path, (str, os.PathLike)):
-        file = Path(path)
-        if not file.exists():
-            raise AudioDecodeError(f"audio file {name!r}: missing (no such file)", kind="missing", path=name)
-        if file.is_dir():
-            raise AudioDecodeError(f"audio file {name!r}: is a folder, not a file", kind="not-audio", path=name)
-        if file.stat().st_size == 0:
-            raise AudioDecodeError(f"audio file {name!r}: zero-length (the file is empty)", kind="zero-length", path=name)
-        _check_readable(file, name)
-    elif not callable(getattr(path, "open", None)):
-        raise AudioDecodeError(f"cannot decode {path!r}: expected a path or an object with open()", kind="bad-shape")
+    _precheck(path, name)
     return _soundfile_or_pyav(name, lambda: _stream_soundfile(path, block_frames), lambda: _stream_pyav(path, block_frames))
 
 
