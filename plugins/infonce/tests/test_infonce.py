@@ -108,6 +108,21 @@ def test_infonce_matches_independent_log_softmax(temperature):
     assert float(result.metrics["temperature"]) == pytest.approx(temperature, rel=1e-6)
 
 
+def test_float64_embeddings_are_computed_in_float64():
+    """Exactness checks (the gradient cache's) run in float64; half precision is upcast."""
+    audio, text = (x.double() for x in embeddings())
+    result = InfoNCE(InfoNCE.Config(temperature=0.07))(step_outputs(audio, text))
+    assert result.loss.dtype == torch.float64
+    assert float(result.loss) == pytest.approx(reference_loss(audio, text, 1 / 0.07), rel=1e-12)
+    half = InfoNCE(InfoNCE.Config())(step_outputs(*(x.bfloat16() for x in embeddings())))
+    assert half.loss.dtype == torch.float32
+
+
+def test_declares_embedding_only_for_the_gradient_cache():
+    """Its loss reads the embeddings and batch.groups only ([trainer] gradient_cache)."""
+    assert InfoNCE.embedding_only is True
+
+
 def test_metrics_report_directional_accuracies_and_losses():
     audio = torch.eye(4)
     text = torch.eye(4)[[0, 1, 3, 2]]  # items 2 and 3 have each other's captions

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import attrs
 import torch
@@ -101,6 +101,11 @@ def contrastive_logits(
     return a2t, t2a
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half precision upcast; float64, as in exactness tests, kept)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class InfoNCE(nn.Module):
     """Symmetric InfoNCE on L2-normalised embeddings, negatives from the whole global batch.
 
@@ -148,6 +153,11 @@ class InfoNCE(nn.Module):
                     f"initial logit scale 1/temperature = {1 / self.temperature:.4g} exceeds max_logit_scale = {self.max_logit_scale}"
                 )
 
+    embedding_only: ClassVar[bool] = True
+    """The loss reads the embeddings and ``batch.groups`` only, so ``[trainer] gradient_cache``
+    can give it a whole batch's embeddings. (Hard-negative captions are embedded here, in a
+    pass the gradient cache does not replay; the trainer refuses that pairing.)"""
+
     @staticmethod
     def provides(config: Config) -> frozenset[str]:
         """The capabilities an InfoNCE with ``config`` provides: ``hard_negatives`` exactly when
@@ -170,8 +180,8 @@ class InfoNCE(nn.Module):
     def scale(self) -> torch.Tensor:
         """The logit scale 1/temperature in use (clamped to ``[1, max_logit_scale]`` when learnable)."""
         if self.logit_scale is None:
-            return torch.tensor(1.0 / self.config.temperature)
-        return self.logit_scale.float().clamp(0.0, self._max_log_scale).exp()
+            return torch.tensor(1.0 / self.config.temperature, dtype=torch.float64)
+        return _wide(self.logit_scale).clamp(0.0, self._max_log_scale).exp()
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
@@ -235,8 +245,8 @@ class InfoNCE(nn.Module):
             groups_local = group_ids(batch["groups"], n_local).to(audio.device)
 
         with torch.autocast(device_type=audio.device.type, enabled=False):
-            a = mtrun.all_gather_with_grad(F.normalize(audio.float(), dim=-1))
-            t = mtrun.all_gather_with_grad(F.normalize(text.float(), dim=-1))
+            a = mtrun.all_gather_with_grad(F.normalize(_wide(audio), dim=-1))
+            t = mtrun.all_gather_with_grad(F.normalize(_wide(text), dim=-1))
             groups = mtrun.all_gather_with_grad(groups_local) if groups_local is not None else None
 
             hard_text = hard_anchor = hard_replaces = None
@@ -252,7 +262,7 @@ class InfoNCE(nn.Module):
                         offset = int(counts[: mtrun.rank(), 0].sum())
                         n_hard = int(counts[:, 1].sum())
                 if n_hard:
-                    emb = F.normalize(emb.float(), dim=-1)
+                    emb = F.normalize(_wide(emb), dim=-1)
                     if torch.is_grad_enabled() and not emb.requires_grad:
                         # Ranks must agree on whether the gather's backward (an all-reduce)
                         # runs: make an empty or frozen local part a graph leaf too.
@@ -262,7 +272,7 @@ class InfoNCE(nn.Module):
                     meta = mtrun.all_gather_with_grad(meta)
                     hard_anchor, hard_replaces = meta[:, 0], meta[:, 1]
 
-            scale = self.scale().to(a.device)
+            scale = self.scale().to(a.device, a.dtype)
             a2t, t2a = contrastive_logits(
                 a, t, scale, groups=groups, hard_text=hard_text, hard_anchor=hard_anchor, hard_replaces=hard_replaces
             )
