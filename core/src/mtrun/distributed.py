@@ -14,8 +14,10 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 __all__ = [
+    "GatheredBatchNorm",
     "all_gather_with_grad",
     "all_reduce_mean",
     "barrier",
@@ -27,6 +29,7 @@ __all__ = [
     "local_only",
     "local_rank",
     "rank",
+    "sync_batch_norm",
     "world_size",
 ]
 
@@ -120,6 +123,14 @@ def _gathering() -> bool:
     return is_distributed() and not getattr(_state, "local", False)
 
 
+def _gather_sizes(x: torch.Tensor) -> list[int]:
+    """Every rank's ``x.shape[0]``, in rank order."""
+    sizes_t = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    all_sizes = [torch.zeros_like(sizes_t) for _ in range(world_size())]
+    dist.all_gather(all_sizes, sizes_t)
+    return [int(s.item()) for s in all_sizes]
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Concatenate every rank's rows; backward sums the gradient over ranks, keeps our rows.
 
@@ -133,10 +144,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         n = world_size()
-        sizes_t = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-        all_sizes = [torch.zeros_like(sizes_t) for _ in range(n)]
-        dist.all_gather(all_sizes, sizes_t)
-        sizes = [int(s.item()) for s in all_sizes]
+        sizes = _gather_sizes(x)
         largest = max(sizes)
         padded = x.contiguous()
         if x.shape[0] < largest:
@@ -185,3 +193,70 @@ def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor:
         t = t.double()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return (t / world_size()).to(device)
+
+
+class GatheredBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the whole micro-batch over all ranks.
+
+    What :class:`torch.nn.SyncBatchNorm` does on GPUs, for any device (PyTorch's refuses CPU
+    tensors): in training under torchrun the input rows of every rank are gathered with
+    gradient (:func:`all_gather_with_grad`), normalised together, and this rank keeps its own
+    rows. Each rank then computes what a single process computes for the whole micro-batch,
+    running statistics included, and the gradients reaching the gathered rows are summed over
+    ranks, so DDP's average equals the single-process gradient. Outside training, without a
+    process group or inside :func:`local_only` it is a plain BatchNorm. Parameters and buffers
+    are those of the layer it replaces, so checkpoints load either way.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (got {input.dim()}-D)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _gathering()):
+            return super().forward(input)
+        sizes = _gather_sizes(input)
+        start = sum(sizes[: rank()])
+        # Gather in the input's own memory order and view the result in the same layout, so
+        # the statistics are reduced in the order one process reduces them (a transposed input,
+        # as HTS-AT's [B, mel, T, 1], would otherwise be normalised from a contiguous copy and
+        # differ in the last bits, which BatchNorm over a few items can magnify).
+        perm = [0] + sorted(range(1, input.dim()), key=lambda d: -input.stride(d))
+        inverse = [perm.index(d) for d in range(input.dim())]
+        full = all_gather_with_grad(input.permute(perm)).permute(inverse)
+        out = super().forward(full)
+        return out[start : start + input.shape[0]]
+
+
+def sync_batch_norm(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Make every BatchNorm in ``module`` normalise over the whole micro-batch of all ranks.
+
+    Under DDP each rank otherwise normalises its own share, so a recipe with BatchNorm (SLAP's
+    projectors) would train differently on N ranks than in one process at the same global
+    batch. CUDA modules get :class:`torch.nn.SyncBatchNorm`; others :class:`GatheredBatchNorm`.
+    Layers are replaced in place (the same parameters and buffers), so references to the
+    modules that hold them stay valid. Without a process group nothing changes.
+
+    Returns:
+        ``module`` (a new module only when ``module`` itself is a BatchNorm).
+    """
+    if not is_distributed():
+        return module
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _gathered(module)
+
+
+def _gathered(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (GatheredBatchNorm, nn.SyncBatchNorm)):
+        new = GatheredBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        new.running_mean, new.running_var, new.num_batches_tracked = module.running_mean, module.running_var, module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        replaced = _gathered(child)
+        if replaced is not child:
+            setattr(module, name, replaced)
+    return module

@@ -233,3 +233,31 @@ def test_mam_mask_keeps_the_gradient_to_the_unmasked_features():
     batch = MamMask(MamMask.Config())(batch, toys.context())
     batch.audio_encoded.tokens.sum().backward()
     assert torch.equal(tokens.grad[..., 0], (~batch.mam_mask).float())
+
+
+def test_masks_of_an_item_do_not_depend_on_its_batch_padding_or_rank(text_encoder):
+    """Under torchrun each rank holds (and pads) a share of the batch: with the trainer's
+    per-item seeds, every item's MLM and MAM masks are those it gets in the whole batch."""
+    from mtrun import AugmentContext
+
+    seeds = [101, 102, 103, 104, 105, 106]
+
+    def ctx(part):
+        return AugmentContext(step=1, epoch=0, steps_per_epoch=10, total_steps=100, training=True,
+                              generator=torch.Generator().manual_seed(len(part)), item_seeds=part, batch_seed=3)
+
+    def real_tokens(batch, name):
+        values, real = getattr(batch, name) if name != "ids" else batch.text_inputs["input_ids"], batch.text_inputs["attention_mask"].bool()
+        return [row[keep].tolist() for row, keep in zip(values, real)]
+
+    mlm = MlmMask(MlmMask.Config(), text_encoder=text_encoder)
+    whole = mlm(toys.text_batch(text_encoder, toys.CAPTIONS), ctx(seeds))
+    shares = [mlm(toys.text_batch(text_encoder, toys.CAPTIONS[a:b]), ctx(seeds[a:b])) for a, b in ((0, 3), (3, 6))]
+    for name in ("ids", "mlm_labels"):
+        assert real_tokens(whole, name) == real_tokens(shares[0], name) + real_tokens(shares[1], name)
+
+    mam = MamMask(MamMask.Config(ratio=0.3))
+    full = mam(encoded_batch(b=6), ctx(seeds)).mam_mask
+    halves = [mam(Batch(audio_encoded=EncoderOutput(tokens=e.tokens[a:b], pooled=e.pooled[a:b], mask=e.mask[a:b])), ctx(seeds[a:b])).mam_mask
+              for e in [encoded_batch(b=6).audio_encoded] for a, b in ((0, 3), (3, 6))]
+    assert torch.equal(full, torch.cat(halves))

@@ -62,14 +62,27 @@ def encode(encoders, texts=toys.CAPTIONS, seed=0):
 
 
 def test_every_objective_honours_the_contract(registry, encoders, fusion):
+    """Each objective, with and without the fusion, on the step it trains on (its augmenter's
+    labels in the batch), so the contract check runs it and follows its gradient."""
     audio_encoder, text_encoder = encoders
-    projector = toys.PooledLinear(toys.PooledLinear.Config(dim=8), in_features=12)
-    check_component(registry, "objective", "atm", fusion=fusion)
-    check_component(registry, "objective", "atm", audio_projector=projector)
-    check_component(registry, "objective", "mlm", text_encoder=text_encoder, fusion=fusion)
-    check_component(registry, "objective", "mlm", text_encoder=text_encoder)
-    check_component(registry, "objective", "mam", audio_encoder=audio_encoder, fusion=fusion)
-    check_component(registry, "objective", "mam", audio_encoder=audio_encoder)
+    batch, audio, text = encode(encoders)
+    fused = fusion(audio, text)
+    audio_projector = toys.PooledLinear(toys.PooledLinear.Config(dim=8), in_features=audio.tokens.shape[-1])
+    text_projector = toys.PooledLinear(toys.PooledLinear.Config(dim=8), in_features=text.tokens.shape[-1])
+    two_tower = toys.step_outputs(batch, audio, text, audio_embedding=audio_projector(audio), text_embedding=text_projector(text))
+    check_component(registry, "objective", "atm", fusion=fusion, inputs=toys.step_outputs(batch, audio, text, fused=fused))
+    check_component(registry, "objective", "atm", audio_projector=audio_projector, inputs=two_tower)
+
+    masked = MlmMask(MlmMask.Config(), text_encoder=text_encoder)(toys.text_batch(text_encoder, toys.CAPTIONS), toys.context(5))
+    masked_text = text_encoder(masked.text_inputs["input_ids"], masked.text_inputs["attention_mask"])
+    check_component(registry, "objective", "mlm", text_encoder=text_encoder, fusion=fusion, inputs=toys.step_outputs(masked, audio, masked_text, fused=fusion(audio, masked_text)))
+    check_component(registry, "objective", "mlm", text_encoder=text_encoder, inputs=toys.step_outputs(masked, audio, masked_text))
+
+    batch.audio_encoded = audio
+    batch = MamMask(MamMask.Config(ratio=0.4))(batch, toys.context(3))
+    mam_fused = fusion(batch.audio_encoded, text)
+    check_component(registry, "objective", "mam", audio_encoder=audio_encoder, fusion=fusion, inputs=toys.step_outputs(batch, batch.audio_encoded, text, fused=mam_fused))
+    check_component(registry, "objective", "mam", audio_encoder=audio_encoder, inputs=toys.step_outputs(batch, batch.audio_encoded, text))
 
 
 # ----------------------------------------------------------------------------------- MAM

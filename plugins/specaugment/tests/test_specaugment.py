@@ -49,7 +49,7 @@ def test_masked_cells_are_zero_or_item_mean_and_the_rest_untouched():
     features = torch.randn(4, 1, 1024, 128) + 3.0
     aug = SpecAugment(SpecAugment.Config())
     out = aug(features, _context())
-    covered = aug.masks(4, 1024, 128, _context().generator)[:, None]
+    covered = aug.masks(1024, 128, _context(), 4)[:, None]
     assert torch.all(out[covered] == 0) and torch.equal(out[~covered], features[~covered])
     mean = SpecAugment(SpecAugment.Config(fill="mean"))(features, _context())
     item_means = features.mean(dim=(1, 2, 3))
@@ -75,6 +75,23 @@ def test_deterministic_per_generator_different_per_item_and_eval_is_identity():
     zeros = [(x == 0).flatten().tolist() for x in a]
     assert len({tuple(z) for z in zeros}) == 6
     assert aug(features, _context(training=False)) is features
+
+
+def test_an_items_masks_do_not_depend_on_its_batch_or_the_rank_holding_it():
+    """Under torchrun each rank holds a share of the batch; with the trainer's per-item seeds an
+    item's masks are those it gets in the whole batch in one process."""
+    features = torch.randn(6, 1, 256, 64)
+    aug = SpecAugment(SpecAugment.Config(time_mask_width=100, freq_mask_width=30, time_masks=2, freq_masks=2))
+    seeds = [11, 22, 33, 44, 55, 66]
+
+    def ctx(part, rank):
+        return AugmentContext(step=3, epoch=0, steps_per_epoch=10, total_steps=100, training=True,
+                              generator=torch.Generator().manual_seed(rank), item_seeds=part, batch_seed=7)
+
+    whole = aug(features, ctx(seeds, 0))
+    halves = torch.cat([aug(features[:3], ctx(seeds[:3], 0)), aug(features[3:], ctx(seeds[3:], 1))])
+    assert torch.equal(whole, halves)
+    assert not torch.equal(aug(features, ctx([s + 1 for s in seeds], 0)), whole)
 
 
 def test_widths_are_capped_by_short_inputs():

@@ -60,6 +60,23 @@ def test_masks_are_deterministic_per_generator_and_differ_per_item():
         assert len({tuple(r.tolist()) for r in a}) == len(a)
 
 
+def test_an_items_mask_does_not_depend_on_its_batch_or_the_rank_holding_it():
+    """Under torchrun each rank holds a share of a micro-batch: with the trainer's per-item and
+    per-micro-batch seeds, the shares' masks are the whole batch's masks in one process."""
+    seeds = [5, 6, 7, 8]
+    for config in (dict(mode="1d"), dict(mode="2d", rounding="random")):
+        aug = TokenMask(TokenMask.Config(**config))
+
+        def keep(part, rank):
+            ctx = AugmentContext(step=2, epoch=0, steps_per_epoch=10, total_steps=100, training=True,
+                                 generator=torch.Generator().manual_seed(rank), item_seeds=part, batch_seed=9)
+            return aug(Batch(features=torch.zeros(len(part), 1, 1024, 128), token_grid=GRID), ctx).audio_keep_index
+
+        whole = keep(seeds, 0)
+        assert torch.equal(whole, torch.cat([keep(seeds[:2], 0), keep(seeds[2:], 1)]))
+        assert len({tuple(r.tolist()) for r in whole}) == 4
+
+
 def test_eval_context_leaves_the_batch_alone_and_a_gridless_encoder_is_an_error():
     aug = TokenMask(TokenMask.Config())
     batch = Batch(features=torch.zeros(2, 1, 1024, 128), token_grid=GRID)

@@ -9,7 +9,7 @@ import mtrun
 import torch
 from mtrun import AugmentContext, Batch
 
-from mtrun_mulap.sampling import choose_positions
+from mtrun_mulap.sampling import choose_positions, token_noise
 from mtrun_mulap.vocabulary import MlmVocabulary
 
 __all__ = ["IGNORE_INDEX", "MamMask", "MlmMask"]
@@ -97,10 +97,12 @@ class MlmMask:
         ids = batch.text_inputs["input_ids"]
         real = batch.text_inputs["attention_mask"].bool()
         candidates = real & ~torch.isin(ids, self._special.to(ids.device))
-        chosen = choose_positions(candidates, cfg.ratio, context.generator)
-        # Fixed-size draws (see sampling.py): which replacement, and which random id.
-        u = torch.rand(ids.shape, generator=context.generator).to(ids.device)
-        pick = torch.randint(len(self._ordinary), ids.shape, generator=context.generator)
+        # Each item's own draws per real token (sampling.token_noise): which tokens, which
+        # replacement, which random id.
+        noise = token_noise(context, "mlm-mask", real, 3)
+        chosen = choose_positions(candidates, cfg.ratio, None, scores=noise[0])
+        u = noise[1].to(ids.device)
+        pick = (noise[2] * len(self._ordinary)).long().clamp(max=len(self._ordinary) - 1)
         random_ids = self._ordinary[pick].to(ids.device)
         to_mask = chosen & (u < cfg.mask_prob)
         to_random = chosen & (u >= cfg.mask_prob) & (u < cfg.mask_prob + cfg.random_prob)
@@ -176,9 +178,10 @@ class MamMask:
             if encoded.mask is None
             else encoded.mask.bool()
         )
+        noise = token_noise(context, "mam-mask", real, 1)[0]  # each item's own draws
         if self.config.skip_first:
             real = real & (torch.arange(n, device=real.device) > 0)
-        chosen = choose_positions(real, self.config.ratio, context.generator)
+        chosen = choose_positions(real, self.config.ratio, None, scores=noise)
         batch.mam_mask = chosen
         batch.mam_target = tokens.detach()
         batch.audio_encoded = attrs.evolve(

@@ -1,7 +1,9 @@
 """Random choices shared by MuLaP's augmenters and objectives.
 
 Every function draws a fixed amount of noise from the generator it is given, whatever the batch
-holds, so a run resumed at a step draws exactly what the uninterrupted run drew.
+holds, so a run resumed at a step draws exactly what the uninterrupted run drew. Per-token noise
+comes from each item's own random stream (:func:`token_noise`), so an item is masked the same way
+whichever torchrun rank holds it and however its batch is padded.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["caption_keys", "choose_positions", "draw_partners"]
+__all__ = ["caption_keys", "choose_positions", "draw_partners", "token_noise"]
 
 
 def caption_keys(batch: Any, n: int) -> list[Hashable]:
@@ -62,22 +64,47 @@ def draw_partners(
     return torch.where(swapped, partner, torch.arange(n)), swapped
 
 
+def token_noise(context: Any, name: str, real: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[rows, B, L]`` uniforms, ``rows`` per real position of each item, 2.0 elsewhere.
+
+    Item ``i``'s ``r``-th real token gets the numbers ``r * rows .. r * rows + rows - 1`` of
+    its own counter-based stream (``context.item_rand``), so the noise at a token depends on the
+    item alone: not on the other items, the rank holding it, or how far its row is padded (each
+    torchrun rank pads its share to its own longest caption), on either side.
+
+    Args:
+        context: The step's :class:`mtrun.AugmentContext`.
+        name: The augmenter's stream name.
+        real: BoolTensor ``[B, L]``, True at real (non-padding) positions.
+        rows: Independent uniforms per position.
+    """
+    mask = real.detach().cpu().bool()
+    b, length = mask.shape
+    u = context.item_rand(name, b, length, rows)  # [B, L, rows]: flat index r * rows + k
+    order = (mask.long().cumsum(1) - 1).clamp(min=0)  # each real position's rank among the real ones
+    picked = u.gather(1, order[:, :, None].expand(b, length, rows))
+    return picked.masked_fill(~mask[:, :, None], 2.0).permute(2, 0, 1)
+
+
 def choose_positions(
-    candidates: torch.Tensor, ratio: float, generator: torch.Generator | None
+    candidates: torch.Tensor, ratio: float, generator: torch.Generator | None, scores: torch.Tensor | None = None
 ) -> torch.Tensor:
     """BERT's count rule: ``max(1, round(ratio * n))`` of each row's ``n`` candidate positions.
 
     Args:
         candidates: BoolTensor ``[B, L]``, True where a position may be chosen.
         ratio: Fraction of each row's candidates to choose.
-        generator: CPU generator (``B * L`` uniforms).
+        generator: CPU generator (``B * L`` uniforms), unless ``scores`` are given.
+        scores: ``[B, L]`` uniforms to rank the candidates by instead (:func:`token_noise`).
 
     Returns:
         BoolTensor ``[B, L]`` on the device of ``candidates``: a uniform random subset of each
         row's candidates of that size (none for a row without candidates).
     """
     cand = candidates.detach().cpu().bool()
-    scores = torch.rand(cand.shape, generator=generator).masked_fill(~cand, 2.0)  # candidates first
+    if scores is None:
+        scores = torch.rand(cand.shape, generator=generator)
+    scores = scores.cpu().masked_fill(~cand, 2.0)  # candidates first
     rank = scores.argsort(dim=1).argsort(dim=1)
     available = cand.sum(dim=1, keepdim=True)
     count = torch.floor(available * ratio + 0.5).clamp(min=1).minimum(available)

@@ -9,22 +9,29 @@ import torch
 
 from mtrun import AugmentContext
 
-__all__ = ["SpecAugment", "band_masks"]
+__all__ = ["SpecAugment", "band_masks", "bands"]
 
 
 def band_masks(batch: int, size: int, count: int, max_width: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``[batch, size]`` bool, True inside ``count`` random bands per row.
+    """``[batch, size]`` bool, True inside ``count`` random bands per row, drawn from one
+    generator (see :func:`bands` for the draws)."""
+    u = torch.rand(batch, count, generator=generator)
+    v = torch.rand(batch, count, generator=generator)
+    return bands(u, v, size, max_width)
 
-    Each band draws its width ``floor(u * max_width)`` (so ``0 <= width < max_width``) and its
+
+def bands(u: torch.Tensor, v: torch.Tensor, size: int, max_width: int) -> torch.Tensor:
+    """``[B, size]`` bool, True inside the bands that uniforms ``u``, ``v`` ``[B, count]`` place.
+
+    Each band's width is ``floor(u * max_width)`` (so ``0 <= width < max_width``) and its
     start ``floor(v * (size - width))``, the draws ``torchaudio``'s ``mask_along_axis`` makes,
     with ``max_width`` capped at ``size``.
     """
+    batch, count = u.shape
     positions = torch.arange(size)
     if count == 0 or max_width == 0:
         return torch.zeros(batch, size, dtype=torch.bool)
     cap = min(max_width, size)
-    u = torch.rand(batch, count, generator=generator)
-    v = torch.rand(batch, count, generator=generator)
     width = (u * cap).floor()
     start = (v * (size - width)).floor()
     inside = (positions >= start[..., None]) & (positions < (start + width)[..., None])  # [B, count, size]
@@ -36,7 +43,8 @@ class SpecAugment:
 
     Works on ``[B, 1, T, F]`` (mavil's layout: ``[B, 1, frames, 128 mel bins]``, time before
     frequency) or ``[B, T, F]``: frames are the second-to-last axis, bins the last. Every item
-    draws its own masks from ``context.generator``. Masked cells become 0 (``fill="zero"``:
+    draws its own masks from its own random stream (``context.item_rand``), so an item's masks do
+    not depend on the rest of its batch nor on the rank that holds it under torchrun. Masked cells become 0 (``fill="zero"``:
     with mavil's AudioSet normalisation 0 is the data set's mean level) or the item's own mean
     (``fill="mean"``). Training only.
     """
@@ -55,11 +63,14 @@ class SpecAugment:
     def __init__(self, config: Config):
         self.config = config
 
-    def masks(self, batch: int, frames: int, bins: int, generator: torch.Generator | None) -> torch.Tensor:
-        """``[B, T, F]`` bool, True where a time or a frequency mask covers the cell."""
+    def masks(self, frames: int, bins: int, context: AugmentContext, batch: int) -> torch.Tensor:
+        """``[batch, T, F]`` bool, True where a time or a frequency mask covers the cell; item
+        ``i``'s masks come from its own uniforms (``context.item_rand``)."""
         c = self.config
-        time = band_masks(batch, frames, c.time_masks, c.time_mask_width, generator)
-        freq = band_masks(batch, bins, c.freq_masks, c.freq_mask_width, generator)
+        t, f = c.time_masks, c.freq_masks
+        u = context.item_rand("specaugment", batch, 2 * (t + f))
+        time = bands(u[:, :t], u[:, t : 2 * t], frames, c.time_mask_width)
+        freq = bands(u[:, 2 * t : 2 * t + f], u[:, 2 * t + f :], bins, c.freq_mask_width)
         return time[:, :, None] | freq[:, None, :]
 
     def __call__(self, features: torch.Tensor, context: AugmentContext) -> torch.Tensor:
@@ -68,7 +79,7 @@ class SpecAugment:
         if features.ndim not in (3, 4):
             raise ValueError(f"specaugment expects features [B, T, F] or [B, C, T, F] (got {tuple(features.shape)})")
         b, frames, bins = features.shape[0], features.shape[-2], features.shape[-1]
-        covered = self.masks(b, frames, bins, context.generator).to(features.device)
+        covered = self.masks(frames, bins, context, b).to(features.device)
         if features.ndim == 4:
             covered = covered[:, None]
         if self.config.fill == "mean":

@@ -43,9 +43,11 @@ def expected_kept(total: int, drop_ratio: float, rounding: str = "floor") -> flo
     return float(low) if rounding == "floor" else max(float(low), total * (1.0 - drop_ratio))
 
 
-def _random_subsets(batch: int, total: int, keep: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``[batch, keep]`` sorted indices: a uniform random ``keep``-subset of ``range(total)`` per row."""
-    noise = torch.rand(batch, total, generator=generator)
+def _random_subsets(batch: int, total: int, keep: int, generator: torch.Generator | None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """``[batch, keep]`` sorted indices: a uniform random ``keep``-subset of ``range(total)`` per
+    row, ranked by ``noise`` ``[batch, total]`` (drawn from ``generator`` when not given)."""
+    if noise is None:
+        noise = torch.rand(batch, total, generator=generator)
     return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
 
@@ -59,6 +61,7 @@ def sample_keep_index(
     position_ratio: float = 0.2,
     rounding: str = "floor",
     generator: torch.Generator | None = None,
+    item_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices of the kept tokens of a time-major ``(M, K)`` grid, ``[batch, N']`` ascending.
 
@@ -75,17 +78,27 @@ def sample_keep_index(
             independently, so the expected kept fraction is ``(1 - group_ratio) * (1 -
             position_ratio)`` (0.64 at 0.2/0.2, where floor keeps 306/512 = 59.8 %).
         generator: CPU generator the noise is drawn from (the indices are made on the CPU).
+        item_noise: Per-item uniforms ``[batch, M*K]`` (1-D) or ``[batch, M+K]`` (2-D: groups,
+            then positions) that pick the subsets instead of ``generator``, which then only
+            draws the kept counts. Row ``i`` alone decides item ``i``'s subset, so an item's
+            mask does not depend on the rest of its batch (:class:`TokenMask` passes each
+            item's own draws, identical on any torchrun rank).
     """
     if rounding not in ("floor", "random"):
         raise ValueError(f"rounding must be 'floor' or 'random' (got {rounding!r})")
     m, k = grid
+    width = {"1d": m * k, "2d": m + k}.get(mode)
+    if item_noise is not None and width is not None and tuple(item_noise.shape) != (batch, width):
+        raise ValueError(f"item_noise must be [batch, {width}] for mode {mode!r} (got {tuple(item_noise.shape)})")
     if mode == "1d":
-        return _random_subsets(batch, m * k, _rounded_count(m * k, ratio, rounding, generator), generator)
+        return _random_subsets(batch, m * k, _rounded_count(m * k, ratio, rounding, generator), generator, item_noise)
     if mode == "2d":
         m_kept = _rounded_count(m, group_ratio, rounding, generator)
         k_kept = _rounded_count(k, position_ratio, rounding, generator)
-        groups = _random_subsets(batch, m, m_kept, generator)  # [B, M']
-        positions = _random_subsets(batch, k, k_kept, generator)  # [B, K']
+        group_noise = item_noise[:, :m] if item_noise is not None else None
+        position_noise = item_noise[:, m:] if item_noise is not None else None
+        groups = _random_subsets(batch, m, m_kept, generator, group_noise)  # [B, M']
+        positions = _random_subsets(batch, k, k_kept, generator, position_noise)  # [B, K']
         # Ascending t and ascending f give ascending t*K + f when flattened row by row.
         return (groups[:, :, None] * k + positions[:, None, :]).flatten(1)
     raise ValueError(f"mode must be '1d' or '2d' (got {mode!r})")
@@ -97,9 +110,13 @@ class TokenMask:
     Reads the encoder's ``batch.token_grid`` ``(M, K)`` and writes ``batch.audio_keep_index``
     ``[B, N']`` (``torch.long``, ascending, on the features' device); the encoder gathers those
     tokens after adding positions and returns the index in ``EncoderOutput.keep_index`` so a
-    reconstruction objective can put them back in place. Every item gets its own draw from
-    ``context.generator``; all items keep the same number of tokens, so the batch stays a
-    dense tensor.
+    reconstruction objective can put them back in place. Every item draws its subset from its
+    own random stream (``context.item_rand``), so its mask is the same whichever torchrun rank
+    holds it; all items keep the same number of tokens, so the batch stays a dense tensor, and
+    with ``rounding = "random"`` that number is drawn once per micro-batch from
+    ``context.batch_generator``, the same on every rank (so every rank's share of a
+    micro-batch drops as many patches, and a per-rank mean over dropped patches averages to
+    the global one).
     """
 
     stage: ClassVar[str] = "audio_tokens"
@@ -127,15 +144,18 @@ class TokenMask:
                 "token_grid, e.g. mavil); this encoder has token_grid = None. Remove the token-mask augmenter"
             )
         features = batch.get("features")
+        n = len(features) if features is not None else len(batch["ids"])
+        m, k = (int(v) for v in grid)
         keep = sample_keep_index(
-            len(features) if features is not None else len(batch["ids"]),
-            tuple(grid),
+            n,
+            (m, k),
             mode=self.config.mode,
             ratio=self.config.ratio,
             group_ratio=self.config.group_ratio,
             position_ratio=self.config.position_ratio,
             rounding=self.config.rounding,
-            generator=context.generator,
+            generator=context.batch_generator("token-mask"),
+            item_noise=context.item_rand("token-mask", n, m * k if self.config.mode == "1d" else m + k),
         )
         if features is not None:
             keep = keep.to(features.device)
