@@ -32,12 +32,18 @@ __all__ = ["Assembly", "BuildError", "assemble", "assemble_model", "construct"]
 
 @attrs.frozen
 class Assembly:
-    """What :func:`assemble` built."""
+    """What :func:`assemble` built.
+
+    ``data`` is the training source as the trainer sees it (without the evaluation sets'
+    recordings); ``evals`` the tasks on it; ``eval_sets`` (:class:`mtrun.eval.sets.EvalSets`)
+    every task with its labels, and the evaluation sets.
+    """
 
     system: Any
     trainer: Any
     data: Any
     evals: tuple[Any, ...]
+    eval_sets: Any = None
 
 
 def _inputs(slot: Slot, available: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +55,7 @@ def _inputs(slot: Slot, available: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _system(resolved: ResolvedRecipe, available: dict[str, Any]) -> Any:
+def _system(resolved: ResolvedRecipe, available: dict[str, Any], encoder_cache: Any = None) -> Any:
     """The System over every built model slot, each under its ``inject_as`` name."""
     from mtrun.system import System, WeightedObjective
 
@@ -59,26 +65,41 @@ def _system(resolved: ResolvedRecipe, available: dict[str, Any]) -> Any:
         WeightedObjective(spec.label, spec.weight, built)
         for spec, built in zip(resolved.objectives, modules.get("objectives", ()))
     ]
-    return System(**modules)
+    return System(**modules, encoder_cache=encoder_cache)
 
 
-def assemble(resolved: ResolvedRecipe, run: Run) -> Assembly:
-    """Build every slot in order, the system after the last model slot, and the trainer last."""
+def assemble(resolved: ResolvedRecipe, run: Run, *, encoder_cache: Any = None) -> Assembly:
+    """Build every slot in order, the system after the last model slot, and the trainer last.
+
+    ``encoder_cache``: an :class:`mtrun.encoder_cache.EncoderCache` for the System's frozen
+    encoder parts (``None``: none).
+    """
     src = resolved.source
     available: dict[str, Any] = {"run": run}
     last_model = max(i for i, s in enumerate(schema.SLOTS) if s.model)
     for i, slot in enumerate(schema.SLOTS):
         if i == last_model + 1:
-            available["system"] = _system(resolved, available)
+            available["system"] = _system(resolved, available, encoder_cache)
         built = [construct(spec, {**available, **_inputs(slot, available)}, src) for spec in resolved.specs(slot)]
         if slot.many:
             available[slot.inject_as] = tuple(built)
         elif built:
             available[slot.inject_as] = built[0]
-    return Assembly(system=available["system"], trainer=available["trainer"], data=available["data"], evals=available.get("evals", ()))
+        if slot.name == "eval":  # evaluation sets ([eval.data]); training leaves their recordings out
+            from mtrun.eval.sets import bind_eval_sets
+
+            sets = available["eval_sets"] = bind_eval_sets(resolved, available)
+            available["data"], available["evals"] = sets.training_data, tuple(t for _, t in sets.training_tasks)
+    return Assembly(
+        system=available["system"],
+        trainer=available["trainer"],
+        data=available["data"],
+        evals=available.get("evals", ()),
+        eval_sets=available.get("eval_sets"),
+    )
 
 
-def assemble_model(resolved: ResolvedRecipe, run: Run) -> Any:
+def assemble_model(resolved: ResolvedRecipe, run: Run, *, encoder_cache: Any = None) -> Any:
     """Build only the model slots ``resolved`` holds, in schema order, and the System over them.
 
     For inference (:func:`mtrun.load`): nothing else is built (no data source, evaluations or
@@ -95,4 +116,4 @@ def assemble_model(resolved: ResolvedRecipe, run: Run) -> Any:
             available[slot.inject_as] = tuple(built)
         elif built:
             available[slot.inject_as] = built[0]
-    return _system(resolved, available)
+    return _system(resolved, available, encoder_cache)

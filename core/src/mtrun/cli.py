@@ -2,7 +2,8 @@
 
 ``mtrun RECIPE [--profile NAME] [--resume] [KEY=VALUE | ~KEY ...]`` trains; subcommands
 ``validate``, ``plugins`` and ``components`` inspect recipes and what is installed; ``eval``,
-``report``, ``export``, ``embed`` and ``search`` evaluate and use trained models. Errors that
+``report``, ``export``, ``embed`` and ``search`` evaluate and use trained models; ``ablate``
+runs ablations and ``new-plugin`` starts a plugin distribution. Errors that
 are the user's to fix (:class:`~mtrun.errors.MtrunError`) print as a message without a
 traceback and exit with the error's status; ``MTRUN_DEBUG=1`` shows the traceback instead.
 
@@ -32,6 +33,8 @@ MODULE_COMMANDS = {
     "search": "mtrun.inference.search",
     "export": "mtrun.inference.export",
     "report": "mtrun.run_report",
+    "ablate": "mtrun.ablation.command",
+    "new-plugin": "mtrun.scaffold",
 }
 
 SUBCOMMANDS = ("train", "validate", "plugins", "components", *MODULE_COMMANDS)
@@ -50,6 +53,8 @@ usage:
   mtrun export RUN -o DIR                                          a self-contained model folder
   mtrun embed MODEL INPUT... -o OUT.parquet                        embed audio files, folders, manifests
   mtrun search INDEX "a mellow piano piece" | --like FILE          text -> music, music -> music
+  mtrun ablate RECIPE --grid KEY=V1,V2 --seeds 3                   variants x seeds -> ablation table
+  mtrun new-plugin NAME --kind objective                           a new plugin distribution to fill in
 
 Overrides are TOML values: trainer.optimizer.lr=3e-4  run.name="tiny"  objective.0.weight=2  ~augmenter
 """
@@ -150,15 +155,22 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         slot = schema.slot(spec.slot.split("[")[0])
         if "." not in spec.slot and slot is not None and "weight" in slot.extra_keys:
             desc += f" (weight {spec.weight:g}" + (f", name {spec.label}" if spec.label != spec.name else "") + ")"
+        if "set" in spec.extras:
+            desc += f" on evaluation set {spec.extras['set']!r} (split {spec.extras.get('split', 'test')!r})"
         rows.append((spec.slot, desc))
     if args.print_recipe:
+        from mtrun.eval.sets import plan_lines
+
         # The recipe as resolved, then the component tree (nested tables included, defaults
-        # filled in) as comments, so the output still loads as a recipe.
+        # filled in) and the evaluation plan as comments, so the output still loads as a recipe.
         print(dump_recipe(resolved.data), end="")
         print("\n# Components, as resolved (defaults included):")
         for slot, desc in rows:
             depth = slot.count(".")
             print(f"# {'  ' * depth}{slot}: {desc}")
+        print("#")
+        for line in plan_lines(resolved):
+            print(f"# {line}")
         return 0
     print(f"{args.recipe}: recipe OK" + (f" (profile {args.profile})" if args.profile else ""))
     width = max(len(slot) for slot, _ in rows) if rows else 0
@@ -310,7 +322,7 @@ def _run(argv: list[str]) -> int:
     # `mtrun recipes/flap.toml ...` is the short form of `mtrun train recipes/flap.toml ...`.
     command, rest = (argv[0], argv[1:]) if argv[0] in SUBCOMMANDS else ("train", argv)
     parser = _command_parser(command)
-    if command in ("train", "validate"):
+    if command in ("train", "validate", "ablate"):
         # Options may come after the overrides: `mtrun r.toml trainer.optimizer.lr=1e-3 --profile tiny`.
         args = parser.parse_intermixed_args(rest)
     else:

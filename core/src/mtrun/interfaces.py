@@ -205,6 +205,11 @@ class AudioEncoder(Protocol):
         output_dim: Width ``D`` of ``tokens`` and ``pooled``.
         token_grid: ``(time, freq)`` shape of the token grid for encoders that accept
             ``keep_index`` (patch-based ViTs); ``None`` for encoders that cannot drop tokens.
+
+    Optional: a class attribute ``preprocess_in_loader = True`` says ``preprocess`` is a fixed
+    function of the waveform (no learned parameters, no randomness), so the trainer may run it
+    in the data loader's workers, beside the training step, when no ``waveform`` augmenter has
+    to act first; the batch then arrives with ``clean_features`` filled.
     """
 
     sample_rate: int
@@ -333,6 +338,14 @@ class Objective(Protocol):
         ``"text"`` that retrieval and evaluation put on top of the projections, as SLAP
         retrieves with BYOL's online predictors. At most one objective may offer a head per
         modality.
+        ``embedding_only: bool`` (a class attribute): True when the loss depends on the step
+        only through ``outputs.audio_embedding``, ``outputs.text_embedding`` and the batch's
+        per-item lists (``groups``, ``ids``, ``texts``, ``tags``): no token sequences, fused
+        streams, input tensors or passes of its own through the encoders. Only such objectives
+        may train with ``[trainer] gradient_cache = true``, which hands them the whole step's
+        embeddings as leaf tensors, a batch holding just those lists, and ``None`` for
+        ``audio``, ``text`` and the fused streams (:mod:`mtrun.train.gradient_cache`). Absent
+        means False.
 
     Objectives may ask for earlier model slots in their constructor (``audio_encoder``,
     ``text_projector``, ...). Hold them by reference without registering them (a tuple
@@ -366,19 +379,150 @@ AUGMENT_STAGES = ("sample", "waveform", "features", "audio_tokens", "text_tokens
 
 @attrs.frozen
 class AugmentContext:
-    """Where training is, so augmenters can follow a schedule and draw reproducible noise."""
+    """Where training is, so augmenters can follow a schedule and draw reproducible noise.
+
+    **Randomness.** Draw per-item noise with :meth:`item_generators` or :meth:`item_rand`, and a
+    decision shared by the whole micro-batch (one kept-token count for a dense tensor) with
+    :meth:`batch_generator`. The trainer derives them from where the draw happens, never from
+    the rank: item ``i``'s noise comes from ``item_seeds[i]``, a hash of (run seed, step, the
+    item's id), and the micro-batch's from ``batch_seed``, a hash of (run seed, step,
+    micro-batch). An item therefore gets the same masks whether it sits on rank 1 of 2 under
+    torchrun, in a single process at the same global batch, or in a re-run of the step (resume,
+    a gradient cache's second pass); that is what makes DDP training equal the single-process
+    run (docs/performance.md, "Distributed training with torchrun").
+
+    ``generator`` is seeded per (step, micro-batch, rank) in training and per (epoch, item) in
+    DataLoader workers (the ``sample`` stage, which sees one item and needs nothing else).
+    Drawing a batch's per-item noise from it in the other stages is reproducible but not
+    rank-invariant: under DDP each rank's share would get different noise than the single
+    process gives the same items.
+
+    Attributes:
+        step: 0-based index of the optimizer step being computed.
+        epoch: Epoch of that step.
+        steps_per_epoch, total_steps: For schedules.
+        training: False in evaluation (augmenters with ``applies_in_eval``).
+        generator: A ``torch.Generator``; see above.
+        item_seeds: One 63-bit seed per item of the batch, in batch order, or ``None`` (a bare
+            call, the ``sample`` stage): the helpers then derive per-item seeds from
+            ``generator``.
+        batch_seed: The micro-batch's seed, the same on every rank; ``None`` as above.
+    """
 
     step: int
     epoch: int
     steps_per_epoch: int
     total_steps: int
     training: bool
-    generator: Any = None  # torch.Generator seeded from (seed, step) or, in workers, (seed, epoch, item)
+    generator: Any = None
+    item_seeds: Sequence[int] | None = None
+    batch_seed: int | None = None
 
     @property
     def epoch_float(self) -> float:
         """Fractional epoch, for schedules written in epochs."""
         return self.step / max(self.steps_per_epoch, 1)
+
+    def item_generators(self, name: str, n: int) -> list[torch.Generator]:
+        """One CPU ``torch.Generator`` per item, seeded by (item seed, ``name``).
+
+        Args:
+            name: Sets this augmenter's stream apart from other augmenters' (its registered
+                name, say), so SpecAugment and token masking do not draw the same numbers.
+            n: Items in the batch; must equal ``len(item_seeds)`` when the trainer gave them.
+
+        Raises:
+            ValueError: ``n`` differs from the number of item seeds (an earlier stage changed
+                the batch size).
+        """
+        import torch
+
+        return [torch.Generator().manual_seed(seed) for seed in self._seeds(name, n)]
+
+    def item_rand(self, name: str, n: int, *shape: int) -> torch.Tensor:
+        """``[n, *shape]`` float32 uniforms in ``[0, 1)`` on the CPU, one row per item.
+
+        Counter-based: the number at flat position ``j`` of row ``i`` is a hash (SplitMix64) of
+        item ``i``'s seed, ``name`` and ``j`` alone, so a row does not depend on the other
+        items of the batch, on which rank holds the item, nor on ``shape`` beyond ``j`` (a
+        longer row starts with the numbers of a shorter one). Vectorised: a batch of 1024
+        costs well under a millisecond, where a generator per item costs ~20 µs each.
+
+        Raises:
+            ValueError: As :meth:`item_generators`.
+        """
+        import numpy as np
+        import torch
+
+        count = 1
+        for size in shape:
+            count *= int(size)
+        seeds = np.array(self._raw_seeds(n), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            base = _splitmix64(seeds ^ np.uint64(_mix(name)))
+            counter = np.arange(1, count + 1, dtype=np.uint64) * np.uint64(_GOLDEN)
+            bits = _splitmix64(base[:, None] + counter[None, :])
+        # The top 24 bits: every float32 value k / 2**24 exactly, never 1.0.
+        uniform = (bits >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+        return torch.from_numpy(uniform).reshape(n, *shape)
+
+    def batch_generator(self, name: str) -> torch.Generator:
+        """A CPU ``torch.Generator`` for draws shared by every item of the micro-batch, the
+        same on every rank (seeded by ``batch_seed`` and ``name``)."""
+        import torch
+
+        if self.batch_seed is None:
+            base = self._fallback_base()
+            return torch.Generator().manual_seed(_mix(base, "batch", name))
+        return torch.Generator().manual_seed(_mix(self.batch_seed, name))
+
+    def _seeds(self, name: str, n: int) -> list[int]:
+        return [_mix(seed, name) for seed in self._raw_seeds(n)]
+
+    def _raw_seeds(self, n: int) -> list[int]:
+        """``item_seeds``, or without them seeds derived from ``generator`` (a bare call)."""
+        if self.item_seeds is None:
+            base = self._fallback_base()
+            return [_mix(base, "item", i) for i in range(n)]
+        if len(self.item_seeds) != n:
+            raise ValueError(
+                f"an augmenter draws for {n} items but the context holds {len(self.item_seeds)} "
+                "item seeds (an earlier stage changed the batch size?)"
+            )
+        return [int(seed) for seed in self.item_seeds]
+
+    def _fallback_base(self) -> int:
+        """Without the trainer's seeds: one number from ``generator`` (or the step), so a bare
+        call is still reproducible."""
+        if self.generator is None:
+            return _mix(self.step, "bare")
+        import torch
+
+        # A clone: asking for per-item seeds does not advance the caller's generator.
+        generator = torch.Generator().set_state(self.generator.get_state())
+        return int(torch.randint(0, 2**62, (), generator=generator))
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _splitmix64(z: Any) -> Any:
+    """SplitMix64's output function on a NumPy ``uint64`` array (arithmetic modulo 2**64)."""
+    import numpy as np
+
+    z = z + np.uint64(_GOLDEN)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _mix(*parts: Any) -> int:
+    """A 63-bit seed from ints and strings (blake2b of their ``repr``, as
+    :func:`mtrun.train.rng.derive_seed`), stable across processes."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @runtime_checkable

@@ -25,8 +25,16 @@ class RunConfig:
     threads: int = attrs.field(
         default=0,
         validator=attrs.validators.ge(0),
-        metadata={"help": "CPU threads for PyTorch's operators (torch.set_num_threads); 0 = PyTorch's default, one per core. "
-                  "1 is faster for tiny models on a small machine other jobs share"},
+        metadata={"help": "CPU threads for PyTorch's operators (torch.set_num_threads); 0 = auto: the cores this process "
+                  "may use (affinity, cgroup quota) shared among the local ranks, minus [loader].num_workers, at least 1 "
+                  "(docs/performance.md); OMP_NUM_THREADS, when set, wins over auto"},
+    )
+    encoder_cache: str = attrs.field(
+        default="off",
+        validator=attrs.validators.in_(("off", "memory", "disk")),
+        metadata={"help": "reuse what frozen encoders (or their frozen backbones) compute: each input's output is computed "
+                  "once, then served from memory or (disk) $MTRUN_CACHE/encoders; losses are unchanged. Pays only when "
+                  "inputs repeat: [loader].crop = 'start' or 'center', not 'random' (docs/performance.md)"},
     )
 
 
@@ -57,6 +65,20 @@ class LoaderConfig:
         validator=attrs.validators.ge(0),
         metadata={"help": "items decoded at start (a seeded random subset) to catch a mostly broken dataset "
                   "early, e.g. a wrong audio_root; 0 turns the probe off"},
+    )
+    cache: str = attrs.field(
+        default="off",
+        validator=attrs.validators.in_(("waveforms", "off")),
+        metadata={"help": "waveforms: decode, check, mix to mono and resample every file once, before the first "
+                  "step, into one .npy per file under $MTRUN_CACHE/waveforms (reused by later runs; each crop "
+                  "reads only its own samples); off: decode on every use (see read)"},
+    )
+    read: str = attrs.field(
+        default="whole",
+        validator=attrs.validators.in_(("whole", "span")),
+        metadata={"help": "how audio that is not cached is read on each use: whole (decode and check the whole "
+                  "file, then crop) or span (decode only the crop; damage outside it goes unseen, and a silent "
+                  "crop is checked against the whole file)"},
     )
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from mtrun.errors import MtrunError
 
-__all__ = ["prepare", "train"]
+__all__ = ["apply_threads", "choose_threads", "prepare", "train", "usable_cores"]
 
 RECIPE_FILE = "recipe.toml"
+
+_log = logging.getLogger("mtrun.run")
 
 
 def _has_checkpoints(run_dir: Path) -> bool:
@@ -81,13 +84,15 @@ def train(
     if int(os.environ.get("RANK", "0")) == 0:
         run.dir.mkdir(parents=True, exist_ok=True)
         _write_recipe(run.dir, dump_recipe(resolved.data))
-    if run.config.threads:
-        # Tiny models on a 2-core machine shared with other jobs: with 2 OpenMP threads each
-        # small operator waits at a barrier for a core someone else holds (measured 3x slower
-        # training than 1 thread under load); the default stays PyTorch's.
-        torch.set_num_threads(run.config.threads)
+    threads, why = apply_threads(run)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"threads: {threads} ({why}); loader workers: {run.loader.num_workers}", flush=True)
     torch.manual_seed(run.config.seed)  # parameter initialisation is part of the trajectory
-    built = assemble(resolved, run)
+    built = assemble(resolved, run, encoder_cache=make_encoder_cache(run))
+    if int(os.environ.get("RANK", "0")) == 0 and built.system.cached_modules:
+        print(f"encoder cache ({run.config.encoder_cache}): {', '.join(built.system.cached_modules)}", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0 and built.eval_sets is not None and built.eval_sets.sets:
+        print(built.eval_sets.describe_leakage(), flush=True)  # reads the training split's metadata: the trainer reuses it
     metrics = built.trainer.fit()
     if int(os.environ.get("RANK", "0")) == 0:
         report, checkpoint = _evaluate_best(built, run, int(metrics.get("step", 0)))
@@ -99,6 +104,98 @@ def train(
         if run_report is not None:
             metrics["run_report"] = str(run_report)
     return metrics
+
+
+def make_encoder_cache(run: Any) -> Any:
+    """The ``[run].encoder_cache`` the recipe asks for (``None`` when off)."""
+    choice = run.config.encoder_cache
+    if choice == "off":
+        return None
+    from mtrun.encoder_cache import EncoderCache
+
+    if run.loader.crop == "random":
+        _log.warning(
+            "[run].encoder_cache = %r with [loader].crop = 'random': crops rarely repeat, so the cache will "
+            "hardly ever hit (and the disk copy grows every epoch); use crop = 'start' or 'center'", choice
+        )
+    return EncoderCache(disk=choice == "disk")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask (``taskset``, Slurm, ``docker
+    --cpuset-cpus``), capped by a cgroup CPU quota (``docker --cpus``, Kubernetes limits)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def _cgroup_quota(root: str | os.PathLike[str] = "/sys/fs/cgroup") -> int | None:
+    """Whole cores allowed by the cgroup's CPU quota (rounded up), or ``None`` without one."""
+    import math
+
+    root = Path(root)
+    try:  # cgroup v2: "QUOTA PERIOD", or "max PERIOD" for none
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:  # cgroup v1: the quota (-1 for none) and its period in two files
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        q, t = int(quota), int(period)
+    except ValueError:  # "max"
+        return None
+    return max(1, math.ceil(q / t)) if q > 0 and t > 0 else None
+
+
+def choose_threads(
+    requested: int,
+    workers: int,
+    *,
+    cores: int,
+    local_ranks: int = 1,
+    omp_num_threads: str | None = None,
+) -> tuple[int, str]:
+    """PyTorch's thread count for a training process, and why (for the start-up line).
+
+    ``requested`` (``[run].threads``) > 0 is taken as it is. Otherwise OMP_NUM_THREADS, when
+    set to a positive integer, is the user's choice and wins. Otherwise (auto) the process's
+    share of the usable ``cores`` (divided among the ``local_ranks`` torchrun starts on this
+    machine) less one core per DataLoader worker, at least 1: each worker decodes on a core
+    of its own (a worker runs one thread), and an OpenMP thread that has to share a core
+    makes every operator wait for it at the barrier that ends it (docs/performance.md,
+    "Threads and workers": 2 model threads beside 1 worker on 2 cores trained slower than 1).
+    """
+    if requested > 0:
+        return requested, "[run].threads"
+    if omp_num_threads is not None and omp_num_threads.strip().isdigit() and int(omp_num_threads) > 0:
+        return int(omp_num_threads), "OMP_NUM_THREADS"
+    share = max(1, cores // max(1, local_ranks))
+    threads = max(1, share - max(0, workers))
+    ranks = f" / {local_ranks} local ranks" if local_ranks > 1 else ""
+    workers = max(0, workers)
+    return threads, f"auto: {cores} usable cores{ranks} - {workers} loader worker{'' if workers == 1 else 's'}"
+
+
+def apply_threads(run: Any) -> tuple[int, str]:
+    """Set PyTorch's intra-op threads as :func:`choose_threads` decides for ``run`` (a
+    :class:`mtrun.run.Run`) on this machine; returns the number and the reason."""
+    import torch
+
+    threads, why = choose_threads(
+        run.config.threads,
+        run.loader.num_workers,
+        cores=usable_cores(),
+        local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+    )
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads, why
 
 
 def _evaluate_best(built: Any, run: Any, final_step: int) -> tuple[dict[str, Any] | None, Path | None]:

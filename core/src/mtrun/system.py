@@ -15,7 +15,7 @@ are the projections, unless an objective supplies a head to put on top of them
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from mtrun.interfaces import (
 )
 from mtrun.spec import label
 from mtrun.train.collapse import embedding_std
+
+if TYPE_CHECKING:
+    from mtrun.encoder_cache import EncoderCache
 
 __all__ = ["System", "WeightedObjective"]
 
@@ -58,6 +61,9 @@ class System(nn.Module):
             loader (:attr:`sample_augmenters`), the rest run in :meth:`encode`.
         **modules: Components of further model slots declared in :mod:`mtrun.schema`, held
             (and trained and saved) under their slot name: ``system.fusion``.
+        encoder_cache: An :class:`mtrun.encoder_cache.EncoderCache` to attach to both encoders:
+            what is frozen in them is computed once per input item and reused (training and
+            evaluation alike); nothing else changes. ``None``: every call computes.
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class System(nn.Module):
         text_projector: Projector,
         objectives: Sequence[WeightedObjective] = (),
         augmenters: Sequence[Augmenter] = (),
+        encoder_cache: EncoderCache | None = None,
         **modules: Any,
     ):
         super().__init__()
@@ -84,6 +91,14 @@ class System(nn.Module):
         # Augmenters may own modules (or not); keep them out of the state dict either way.
         self._augmenters = list(augmenters)
         self._heads = _embedding_heads(self.objectives)
+        self.encoder_cache = encoder_cache
+        #: Modules whose outputs ``encoder_cache`` serves (``[audio_encoder].backbone``).
+        self.cached_modules: list[str] = []
+        if encoder_cache is not None:
+            self.cached_modules = [
+                *encoder_cache.attach(audio_encoder, "[audio_encoder]"),
+                *encoder_cache.attach(text_encoder, "[text_encoder]"),
+            ]
 
     @property
     def augmenters(self) -> list[Augmenter]:
@@ -96,21 +111,31 @@ class System(nn.Module):
 
     # ------------------------------------------------------------------ stages
 
+    def _active(self, context: AugmentContext) -> list[Augmenter]:
+        """The augmenters that act in this context (training, or marked ``applies_in_eval``)."""
+        return [a for a in self._augmenters if context.training or getattr(a, "applies_in_eval", False)]
+
     def _augment(self, stage: str, value: Any, context: AugmentContext | None) -> Any:
         if context is None:
             return value
-        for aug in self._augmenters:
-            if aug.stage == stage and (context.training or getattr(aug, "applies_in_eval", False)):
+        for aug in self._active(context):
+            if aug.stage == stage:
                 value = aug(value, context)
         return value
 
     def encode(self, batch: Batch, context: AugmentContext | None = None) -> StepOutputs:
         """Run augmenters, encoders and projectors on a collated batch (already on device)."""
         batch = self._augment("batch", batch, context)
-        batch.waveforms = self._augment("waveform", batch.waveforms, context)
-        # Kept before the ``features`` augmenters so an objective can use the un-augmented
-        # features as its target (mae-recon must not learn to rebuild SpecAugment's zeroed bands).
-        batch.clean_features = self.audio_encoder.preprocess(batch.waveforms)
+        if batch.get("clean_features") is None:
+            batch.waveforms = self._augment("waveform", batch.waveforms, context)
+            # Kept before the ``features`` augmenters so an objective can use the un-augmented
+            # features as its target (mae-recon must not learn to rebuild SpecAugment's zeroed bands).
+            batch.clean_features = self.audio_encoder.preprocess(batch.waveforms)
+        elif context is not None and any(a.stage == "waveform" for a in self._active(context)):
+            raise RuntimeError(
+                "the batch arrived with its features computed by the loader, but a waveform augmenter must act "
+                "before them; the loader may run preprocess only for systems without waveform augmenters"
+            )
         batch.features = self._augment("features", batch.clean_features, context)
         batch.token_grid = getattr(self.audio_encoder, "token_grid", None)
         batch = self._augment("audio_tokens", batch, context)

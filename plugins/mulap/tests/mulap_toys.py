@@ -51,6 +51,8 @@ class WordTokenizer:
 class ToyBert(nn.Module):
     """Embedding + one linear layer; pooled = the [CLS] token."""
 
+    provides = frozenset({"masked_lm_vocabulary"})  # it has a [MASK] id (see tokenizer below)
+
     @attrs.frozen
     class Config:
         vocab_size: int = attrs.field(default=97, metadata={"help": "token ids"})

@@ -1,14 +1,18 @@
 """The default trainer: one readable loop for single-process and torchrun DDP training.
 
-Features switch on by config, not by subclass: gradient accumulation, bf16 autocast, gradient
-clipping, the optimizer and learning-rate schedule of ``[trainer.optimizer]`` and
-``[trainer.schedule]``, periodic evaluation with best-checkpoint tracking, step-level atomic
-checkpoints and exact resume.
+Features switch on by config, not by subclass: gradient accumulation (or, with
+``gradient_cache``, an exact large batch in the memory of a micro-batch:
+:mod:`mtrun.train.gradient_cache`), bf16 autocast, gradient clipping, the optimizer and
+learning-rate schedule of ``[trainer.optimizer]`` and ``[trainer.schedule]``, periodic
+evaluation with best-checkpoint tracking, step-level atomic checkpoints and exact resume.
 
 Exact resume rests on one rule: no random draw depends on what ran before. Data order, crops,
-captions and sample augmentation are seeded per (epoch, item) by the loader; the step's
-augmentation generator per (step, micro-batch, rank); and the global Python/NumPy/torch RNGs
-(dropout) are re-seeded at the start of every step from (seed, step, rank). A run killed at
+captions and sample augmentation are seeded per (epoch, item) by the loader; batch-level
+augmenters draw per item from seeds of (step, item id) (``AugmentContext.item_rand``), so an
+item gets the same masks on any rank of a torchrun job, with the step's generator per (step,
+micro-batch, rank) kept for draws that need no such guarantee; and the global
+Python/NumPy/torch RNGs (dropout) are re-seeded at the start of every step from (seed, step,
+rank). A run killed at
 any step and resumed from its last checkpoint therefore continues bit-for-bit on the path of
 an uninterrupted run on the same hardware.
 
@@ -53,6 +57,12 @@ from mtrun.train.checkpoint import (
     step_dir_name,
 )
 from mtrun.train.collapse import CollapseMonitor
+from mtrun.train.gradient_cache import (
+    KEY as GRADIENT_CACHE,
+    all_reduce_gradients,
+    gradient_cache_problems,
+    gradient_cache_step,
+)
 from mtrun.train.interrupts import StopRequests
 from mtrun.train.metrics import MetricsLogger, console_view
 from mtrun.train.optim import AdamW
@@ -85,6 +95,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def loader_preprocess(system: System) -> Any:
+    """The audio encoder's ``preprocess`` for the data loader to run, or ``None``.
+
+    Only when the encoder declares ``preprocess_in_loader`` (its features are a fixed function
+    of the waveform: no parameters it learns, no randomness) and no ``waveform`` augmenter has to
+    act before it. The loader's workers then compute the features beside the training step.
+    """
+    encoder = system.audio_encoder
+    if not getattr(encoder, "preprocess_in_loader", False):
+        return None
+    if any(a.stage == "waveform" for a in system.augmenters):
+        return None
+    return encoder.preprocess
 
 
 def pick_device(name: str) -> torch.device:
@@ -129,6 +154,11 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
     return value
+
+
+def _scalar(value: Any, device: torch.device) -> torch.Tensor:
+    """A logged number as a detached float32 0-d tensor on ``device`` (packed for one all-reduce)."""
+    return torch.as_tensor(value, dtype=torch.float32, device=device).detach()
 
 
 def _float(value: Any) -> float:
@@ -267,6 +297,15 @@ class DefaultTrainer:
         grad_accum: int = attrs.field(
             default=1, validator=positive,
             metadata={"help": "micro-batches per optimizer step (gradient accumulation)"},
+        )
+        gradient_cache: bool = attrs.field(
+            default=False,
+            metadata={
+                "help": "exact large-batch contrastive steps in a micro-batch's memory: embed the grad_accum "
+                "micro-batches without a graph, compute the loss over the whole batch, then re-run each "
+                "micro-batch with its embeddings' gradients (one extra forward per step); needs objectives "
+                "that declare embedding_only (infonce) and no batch normalisation"
+            },
         )
         epochs: int = attrs.field(
             default=1, validator=non_negative,
@@ -711,6 +750,15 @@ class DefaultTrainer:
         cfg = self.config
         system = self.system.to(device)
         system.train()
+        if cfg.gradient_cache:  # after train(): a batch norm kept in eval mode is harmless
+            problems = gradient_cache_problems(system)
+            if problems:
+                raise TrainingError(
+                    f"{GRADIENT_CACHE} cannot give this system exact full-batch gradients:\n"
+                    + "\n".join(f"  - {p}" for p in problems)
+                    + "\nSet gradient_cache = false: grad_accum then computes the loss of each "
+                    "micro-batch on its own."
+                )
         self._precision = resolve_precision(cfg.precision, device)
         if cfg.precision == "bf16" and device.type == "cpu" and main and not cpu_has_fast_bf16():
             warnings.warn(
@@ -737,7 +785,13 @@ class DefaultTrainer:
                 f"[trainer].batch_size = {cfg.batch_size} must be divisible by grad_accum × ranks = "
                 f"{cfg.grad_accum} × {world}, so every rank gets an equal share of every micro-batch"
             )
-        common = dict(config=run.loader, sample_rate=system.audio_encoder.sample_rate, tokenize=system.text_encoder.tokenize, seed=run.config.seed)
+        common = dict(
+            config=run.loader,
+            sample_rate=system.audio_encoder.sample_rate,
+            tokenize=system.text_encoder.tokenize,
+            seed=run.config.seed,
+            preprocess=loader_preprocess(system),
+        )
         loader = BatchLoader(
             train_samples,
             batch_size=cfg.batch_size,
@@ -810,7 +864,11 @@ class DefaultTrainer:
 
     def _wrap(self, system: System, device: torch.device, world: int) -> nn.Module:
         """The system in DistributedDataParallel on several ranks (when it has trainable
-        parameters); the system itself otherwise."""
+        parameters); the system itself otherwise. On several ranks BatchNorm layers first
+        become synchronised ones, so they normalise over the whole micro-batch as one process
+        does (:func:`mtrun.distributed.sync_batch_norm`)."""
+        if world > 1:
+            distributed.sync_batch_norm(system, device)
         if world == 1 or not any(p.requires_grad for p in system.parameters()):
             return system
         return nn.parallel.DistributedDataParallel(
@@ -839,46 +897,72 @@ class DefaultTrainer:
         self, fit: _Fit, micros: list[Batch], *, step: int, epoch: int
     ) -> tuple[float, dict[str, float], float | None]:
         """Forward/backward over the micro-batches of one step; returns the step's loss and
-        metrics averaged over micro-batches and ranks, and the gradient norm when clipping."""
-        cfg, device, model = self.config, fit.device, fit.model
+        metrics averaged over ranks (and over micro-batches, unless the gradient cache computed
+        one loss for all of them), and the gradient norm when clipping."""
+        cfg, device = self.config, fit.device
         seed = self.run.config.seed
-        model.train()
+        fit.model.train()
         for p in self.system.parameters():
             p.grad = None
-        n = len(micros)
-        loss_sum = torch.zeros((), device=device)
-        metric_sums: dict[str, torch.Tensor] = {}
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        for m, micro in enumerate(micros):
-            batch = _to_device(micro, device)
-            context = AugmentContext(
+
+        def context(m: int) -> AugmentContext:
+            # A fresh, equally seeded generator per call: the gradient cache's re-run replays it.
+            return AugmentContext(
                 step=step,
                 epoch=epoch,
                 steps_per_epoch=fit.steps_per_epoch,
                 total_steps=fit.total,
                 training=True,
                 generator=torch.Generator().manual_seed(derive_seed(seed, "augment-step", step, m, fit.rank)),
+                # Rank-free seeds: an item's noise is the same on any rank (DDP == one process).
+                item_seeds=[derive_seed(seed, "augment-item", step, i) for i in micros[m]["ids"]],
+                batch_seed=derive_seed(seed, "augment-batch", step, m),
             )
-            sync = model.no_sync() if ddp and m < n - 1 else contextlib.nullcontext()
-            with sync:
-                with self._autocast(device):
-                    loss, metrics = model(batch, context)
-                if loss.requires_grad:
-                    (loss.float() / n).backward()
-            loss_sum = loss_sum + loss.detach().float()
-            for key, value in metrics.items():
-                value = torch.as_tensor(value, dtype=torch.float32, device=device).detach()
-                metric_sums[key] = metric_sums.get(key, torch.zeros((), device=device)) + value
-        keys = sorted(metric_sums)
-        packed = torch.stack([loss_sum] + [metric_sums[k] for k in keys]) / n
-        packed = distributed.all_reduce_mean(packed)
-        values = packed.tolist()
+
+        if cfg.gradient_cache and len(micros) > 1:
+            loss, metrics = gradient_cache_step(
+                fit.system,
+                micros,
+                prepare=lambda micro: _to_device(micro, device),
+                context=context,
+                autocast=lambda: self._autocast(device),
+            )
+            # DDP's own hooks stayed idle (its forward was not called): average once here.
+            all_reduce_gradients(self.system.parameters())
+        else:
+            loss, metrics = self._accumulate(fit, micros, context)
+        keys = sorted(metrics)
+        packed = torch.stack([_scalar(loss, device)] + [_scalar(metrics[k], device) for k in keys])
+        values = distributed.all_reduce_mean(packed).tolist()
         grad_norm = None
         if cfg.grad_clip > 0:
             params = [p for p in self.system.parameters() if p.grad is not None]
             if params:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         return values[0], dict(zip(keys, values[1:])), grad_norm
+
+    def _accumulate(
+        self, fit: _Fit, micros: list[Batch], context: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Gradient accumulation: each micro-batch's loss on its own, backwarded at ``1/n`` of
+        its weight; DDP synchronises gradients on the last. Returns the micro-batch means."""
+        device, model = fit.device, fit.model
+        n = len(micros)
+        loss_sum = torch.zeros((), device=device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        for m, micro in enumerate(micros):
+            batch = _to_device(micro, device)
+            sync = model.no_sync() if ddp and m < n - 1 else contextlib.nullcontext()
+            with sync:
+                with self._autocast(device):
+                    loss, metrics = model(batch, context(m))
+                if loss.requires_grad:
+                    (loss.float() / n).backward()
+            loss_sum = loss_sum + loss.detach().float()
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + _scalar(value, device)
+        return loss_sum / n, {k: v / n for k, v in metric_sums.items()}
 
     def _update_best(self, val: dict[str, float]) -> bool:
         value = val.get(self.config.best_metric)

@@ -55,6 +55,9 @@ class MavilEncoder(nn.Module):
     """
 
     provides: ClassVar[frozenset[str]] = frozenset({"keep_index", "hidden_states"})
+    preprocess_in_loader: ClassVar[bool] = True
+    """The fbank is a fixed function of the waveform (constant mel banks and window), so the
+    data loader's workers may compute it beside the training step."""
 
     @attrs.frozen
     class Config:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import attrs
 import mtrun
 import torch
-from mtrun import AugmentContext, Batch
+from mtrun import AugmentContext, Batch, Need
 
 from mtrun_mulap.sampling import choose_positions, token_noise
 from mtrun_mulap.vocabulary import MlmVocabulary
@@ -47,6 +47,9 @@ class MlmMask:
 
     stage: ClassVar[str] = "text_tokens"
     provides: ClassVar[frozenset[str]] = frozenset({"mlm_labels"})
+    requires: ClassVar[tuple[Need, ...]] = (
+        Need("text_encoder", "masked_lm_vocabulary", why="mlm-mask replaces caption tokens by the tokenizer's mask token"),
+    )
 
     @attrs.frozen
     class Config:
