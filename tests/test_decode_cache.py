@@ -6,8 +6,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import multiprocessing
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,24 +160,30 @@ def test_audio_held_in_memory_is_not_cached(tmp_path, cache_dir):
     assert not list(cache_dir.rglob("*.npy"))
 
 
-def _build_in_child(folder, paths, queue):
-    report = WaveformCache(RATE, folder=folder).build(paths)
-    queue.put((report.built, report.present, report.failed))
+_BUILD_IN_CHILD = """
+import json, sys
+from mtrun.data.waveform_cache import WaveformCache
+folder, rate, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+report = WaveformCache(rate, folder=folder).build(paths)
+print(json.dumps([report.built, report.present, report.failed]))
+"""
 
 
 def test_concurrent_builders_end_with_complete_identical_entries(tmp_path):
     samples = write_chords(tmp_path / "audio", n=9, seconds=2.0)
-    paths = [s.audio for s in samples]
+    paths = [str(s.audio) for s in samples]
     folder = tmp_path / "shared"
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    children = [context.Process(target=_build_in_child, args=(folder, paths, queue)) for _ in range(3)]
+    # Separate interpreters, as separate runs are: a fork of this process could inherit
+    # torch's thread pool mid-use and hang.
+    children = [
+        subprocess.Popen([sys.executable, "-c", _BUILD_IN_CHILD, str(folder), str(RATE), *paths], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    results = []
     for child in children:
-        child.start()
-    for child in children:
-        child.join(60)
-        assert child.exitcode == 0
-    results = [queue.get(timeout=5) for _ in children]
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
     assert all(failed is None for _, _, failed in results)
     assert all(built + present == len(paths) for built, present, _ in results)  # each saw every entry
     assert not list(folder.rglob(".*.tmp-*"))  # no temporary file left behind

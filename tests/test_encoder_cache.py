@@ -370,6 +370,17 @@ CONCURRENT = textwrap.dedent(
 
 
 def test_concurrent_writers_leave_only_complete_entries(tmp_path):
+    # The writers compute on one thread; so must the comparison here, for bitwise equality
+    # (another test may have left this process with more threads).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_concurrent_writers(tmp_path)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_concurrent_writers(tmp_path):
     script = CONCURRENT.format(tests=str(Path(__file__).parent), folder=str(tmp_path))
     runs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(2)]
     assert all(r.wait(timeout=300) == 0 for r in runs)

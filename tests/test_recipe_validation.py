@@ -266,5 +266,5 @@ def test_problems_in_the_file_are_not_blamed_on_overrides(tmp_path, registry):
 def test_run_and_loader_tables_are_checked_like_components(tmp_path, registry):
     text = VALID.replace("seed = 3", "sed = 3")
     assert problems_of(tmp_path, registry, text) == [
-        "[run].sed: unknown key (did you mean 'seed'?); known keys: device, name, output_dir, resume, seed, threads"
+        "[run].sed: unknown key (did you mean 'seed'?); known keys: device, encoder_cache, name, output_dir, resume, seed, threads"
     ]

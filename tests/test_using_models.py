@@ -94,8 +94,8 @@ def trained(tmp_path_factory, plugin_set):
     built = []
     assemble = mtrun.assemble.assemble
 
-    def keep(resolved, run):
-        built.append(assemble(resolved, run))
+    def keep(resolved, run, **options):
+        built.append(assemble(resolved, run, **options))
         return built[-1]
 
     out = io.StringIO()

@@ -158,7 +158,11 @@ class System(nn.Module):
 
     def forward(self, batch: Batch, context: AugmentContext | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """Weighted sum of the objectives' losses, and the metrics to log (detached)."""
-        outputs = self.encode(batch, context)
+        return self.loss(self.encode(batch, context))
+
+    def loss(self, outputs: StepOutputs) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The objectives on ``outputs`` (from :meth:`encode`, or assembled from embeddings
+        computed elsewhere, as the gradient cache does): their weighted sum and the metrics."""
         total: torch.Tensor | None = None
         metrics: dict[str, Any] = {}
         for entry in self.objectives:

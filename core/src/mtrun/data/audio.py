@@ -210,6 +210,19 @@ def _soundfile_or_pyav(name: str, with_soundfile: Callable[[], Any], with_pyav: 
             ) from None
 
 
+
+def _check_data_chunk(extra: str | None, name: str) -> None:
+    """WAV: libsndfile silently shortens a data chunk that runs past the end of the file and
+    notes "data : N (should be M)" in its log; that is a file cut short."""
+    match = _SHOULD_BE.search(extra or "")
+    if match and int(match.group(2)) < int(match.group(1)):
+        raise AudioDecodeError(
+            f"audio file {name!r}: truncated (its header declares {match.group(1)} bytes of audio, "
+            f"only {match.group(2)} are present)",
+            kind="truncated",
+            path=name,
+        )
+
 def _decode_soundfile(path: Any):
     import numpy as np
     import soundfile
@@ -237,16 +250,7 @@ def _decode_soundfile(path: Any):
         ) from None
     except (RuntimeError, ValueError, TypeError) as exc:
         raise AudioDecodeError(f"audio file {name!r}: corrupt ({exc})", kind="corrupt", path=name) from None
-    # WAV: libsndfile silently shortens a data chunk that runs past the end of the file and
-    # notes "data : N (should be M)" in its log; that is a file cut short.
-    match = _SHOULD_BE.search(extra or "")
-    if match and int(match.group(2)) < int(match.group(1)):
-        raise AudioDecodeError(
-            f"audio file {name!r}: truncated (its header declares {match.group(1)} bytes of audio, "
-            f"only {match.group(2)} are present)",
-            kind="truncated",
-            path=name,
-        )
+    _check_data_chunk(extra, name)
     if declared > 0 and len(data) < declared * (1 - _TRUNCATION_TOLERANCE):
         raise AudioDecodeError(
             f"audio file {name!r}: truncated (its header declares {declared} frames, only {len(data)} decode)",
@@ -426,15 +430,11 @@ def _open_span_soundfile(path: Any) -> AudioSpans:
         raise _sf_error(name, exc) from None
     except (RuntimeError, ValueError, TypeError) as exc:
         raise AudioDecodeError(f"audio file {name!r}: corrupt ({exc})", kind="corrupt", path=name) from None
-    match = _SHOULD_BE.search(handle.extra_info or "")
-    if match and int(match.group(2)) < int(match.group(1)):
+    try:
+        _check_data_chunk(handle.extra_info, name)
+    except AudioDecodeError:
         stack.close()
-        raise AudioDecodeError(
-            f"audio file {name!r}: truncated (its header declares {match.group(1)} bytes of audio, "
-            f"only {match.group(2)} are present)",
-            kind="truncated",
-            path=name,
-        )
+        raise
     frames = int(handle.frames)
     if frames <= 0 or not handle.seekable():
         # No frame count (or no seeking): read it all, as decode() would.
@@ -699,15 +699,11 @@ def _stream_soundfile(path: Any, block_frames: int) -> tuple[int, Iterator[torch
     except (RuntimeError, ValueError, TypeError) as exc:
         stack.close()
         raise AudioDecodeError(f"audio file {name!r}: corrupt ({exc})", kind="corrupt", path=name) from None
-    match = _SHOULD_BE.search(handle.extra_info or "")
-    if match and int(match.group(2)) < int(match.group(1)):
+    try:
+        _check_data_chunk(handle.extra_info, name)
+    except AudioDecodeError:
         stack.close()
-        raise AudioDecodeError(
-            f"audio file {name!r}: truncated (its header declares {match.group(1)} bytes of audio, "
-            f"only {match.group(2)} are present)",
-            kind="truncated",
-            path=name,
-        )
+        raise
     return int(handle.samplerate), _soundfile_blocks(handle, stack, name, block_frames)
 
 

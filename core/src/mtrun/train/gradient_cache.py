@@ -32,10 +32,9 @@ import torch
 from torch import nn
 
 from mtrun import distributed
-from mtrun.errors import ComponentOutputError, TrainingError
+from mtrun.errors import TrainingError
 from mtrun.interfaces import AugmentContext, Batch, StepOutputs
 from mtrun.spec import label
-from mtrun.train.collapse import embedding_std
 from mtrun.train.rng import capture_rng, restore_rng
 
 __all__ = ["all_reduce_gradients", "gradient_cache_problems", "gradient_cache_step"]
@@ -124,7 +123,7 @@ def gradient_cache_step(
     batch = Batch({k: [v for d in lists for v in d[k]] for k in sorted(keys)})
     outputs = StepOutputs(batch=batch, audio=None, text=None, audio_embedding=audio, text_embedding=text)
     with autocast():
-        loss, metrics = _objectives(system, outputs)
+        loss, metrics = system.loss(outputs)
     if loss.requires_grad:
         loss.float().backward()
     after = capture_rng()
@@ -220,28 +219,3 @@ def _refuse_hard_negatives(batch: Batch) -> None:
         )
 
 
-def _objectives(system: Any, outputs: StepOutputs) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The weighted sum of the objectives and the metrics, as ``System.forward`` computes them
-    after its ``encode``; a copy of that method's tail, which takes no outputs computed elsewhere."""
-    total: torch.Tensor | None = None
-    metrics: dict[str, Any] = {}
-    for entry in system.objectives:
-        result = entry.objective(outputs)
-        loss = getattr(result, "loss", None)
-        if not (torch.is_tensor(loss) and loss.numel() == 1):
-            who = label(entry.objective, f"objective {entry.name!r}")
-            raise ComponentOutputError(
-                f"{who} returned {type(result).__name__} without a scalar loss; an objective returns "
-                "mtrun.ObjectiveOutput with a scalar loss tensor"
-            )
-        weighted = entry.weight * loss
-        total = weighted if total is None else total + weighted
-        metrics[f"{entry.name}/loss"] = loss.detach()
-        for key, value in result.metrics.items():
-            metrics[f"{entry.name}/{key}"] = value.detach() if torch.is_tensor(value) else value
-    if outputs.audio_embedding.shape[0] > 1:
-        metrics["embedding_std/audio"] = embedding_std(outputs.audio_embedding)
-        metrics["embedding_std/text"] = embedding_std(outputs.text_embedding)
-    if total is None:
-        raise RuntimeError("the system has no objectives; add an [[objective]] table to the recipe")
-    return total, metrics
