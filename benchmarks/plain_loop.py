@@ -27,7 +27,6 @@ main-thread CPU columns are the figures a busy machine does not distort.
     python benchmarks/plain_loop.py --plain-threads 1      # 60 steps each, 2 rounds, fp32
     python benchmarks/plain_loop.py --precision bf16 --steps 100
     python benchmarks/plain_loop.py --threads 1 --workers 0
-    python benchmarks/plain_loop.py --fbank-in-worker       # the fbank in mtrun's loader worker
     python benchmarks/plain_loop.py --keep-logmels /tmp/logmels.pt   # reuse the precompute
 """
 
@@ -186,26 +185,9 @@ def run_mtrun(out: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
     stages.wrap(trainer_module, "seed_everything", "seed_everything")
     data_loaders = trainer._data_loaders
 
-    encoder = system.audio_encoder
-    fbank = encoder.preprocess
-    if args.fbank_in_worker:
-        # Proposal 1(b) of docs/performance.md, tried from outside: the loader's worker turns
-        # the crops into log-mels, and the system's preprocess passes features through.
-        encoder.preprocess = lambda x: x if x.ndim == 4 else fbank(x)
-
     def loaders(*a, **k):
         loader, val_loader, val_samples = data_loaders(*a, **k)
         batches = loader.global_batches
-        if args.fbank_in_worker:
-            make_batch = loader.make_batch
-
-            def make_features(*a, **k):
-                batch = make_batch(*a, **k)
-                with torch.no_grad():
-                    batch["waveforms"] = fbank(batch["waveforms"])
-                return batch
-
-            loader.make_batch = make_features
 
         def timed_batches(epoch, start=0):
             iterator = batches(epoch, start)
@@ -261,7 +243,7 @@ def run_mtrun(out: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
         torch.Tensor.backward = backward
     timed = len(exits) - args.warmup
     span = exits[-1] - exits[args.warmup - 1]
-    decode = decode_costs(trainer, system, args.batch_probe, fbank if args.fbank_in_worker else None) if args.batch_probe else {}
+    decode = decode_costs(trainer, system, args.batch_probe) if args.batch_probe else {}
     return {
         "samples_per_s": timed * trainer.config.batch_size / span,
         "step_s": span / timed,
@@ -276,17 +258,19 @@ def run_mtrun(out: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def decode_costs(trainer, system, batches: int, fbank: Callable | None = None) -> dict[str, float]:
+def decode_costs(trainer, system, batches: int) -> dict[str, float]:
     """Main-thread CPU time per batch, in this process: decode + crop (``BatchLoader._prepare``), tokenize, and the
-    whole ``make_batch`` (what the DataLoader worker does for every batch)."""
-    import torch
+    whole ``make_batch`` (what the DataLoader worker does for every batch, the fbank included when the
+    trainer hands it the encoder's preprocess)."""
     from mtrun.data.loader import BatchLoader
+    from mtrun.train.trainer import loader_preprocess
 
     cfg, run = trainer.config, trainer.run
     samples = trainer.data.load(cfg.train_split)
     loader = BatchLoader(
         samples, config=run.loader, sample_rate=system.audio_encoder.sample_rate, tokenize=system.text_encoder.tokenize,
         batch_size=cfg.batch_size, training=True, augmenters=system.sample_augmenters, seed=run.config.seed,
+        preprocess=loader_preprocess(system),
     )
     loader.config = type(run.loader)(**{**{f: getattr(run.loader, f) for f in ("clip_seconds", "crop", "pad")}, "probe_items": 0})
     loader.steps_per_epoch = loader.num_batches
@@ -312,10 +296,7 @@ def decode_costs(trainer, system, batches: int, fbank: Callable | None = None) -
     for b in range(batches):
         indices = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         start = time.thread_time()
-        batch = loader.make_batch(indices, epoch=7, batch_index=b)
-        if fbank is not None:  # --fbank-in-worker: the worker's fbank too
-            with torch.no_grad():
-                fbank(batch["waveforms"])
+        loader.make_batch(indices, epoch=7, batch_index=b)  # with the fbank, when the worker makes it
         seconds["make_batch (all)"] += time.thread_time() - start
     return {k: v / batches for k, v in seconds.items()}
 
@@ -518,48 +499,6 @@ def model_probe(resolved, run, reference, args: argparse.Namespace) -> dict[str,
     return times
 
 
-def cheaper_fbank(waveforms, banks, window, sample_rate: int = 16000):
-    """mtrun-mavil's ``kaldi_fbank`` as docs/performance.md proposes it: the power spectrum as
-    ``real² + imag²`` (complex ``abs`` is the slow part), ``rfft(n=512)`` instead of padding the
-    frames, pre-emphasis in place. Same numbers within float rounding."""
-    import torch
-    from mtrun_mavil import fbank as fb
-
-    size, shift, padded = fb._window_sizes(sample_rate)
-    frames = waveforms.float().unfold(-1, size, shift)
-    frames = frames - frames.mean(dim=-1, keepdim=True)
-    emphasised = frames.clone()
-    emphasised[..., 1:] -= fb.FBANK["preemphasis"] * frames[..., :-1]
-    emphasised[..., 0] -= fb.FBANK["preemphasis"] * frames[..., 0]
-    spectrum = torch.fft.rfft(emphasised * window, n=padded)
-    power = spectrum.real.square() + spectrum.imag.square()
-    return torch.matmul(power, banks.T).clamp_min(fb._EPSILON).log()
-
-
-def fbank_variants(reference, run, repeats: int) -> tuple[float, float, float]:
-    """Main-thread CPU time of the current fbank and of :func:`cheaper_fbank` on one batch of
-    crops (interleaved, medians), and the largest difference between their outputs."""
-    import torch
-    from mtrun_mavil.fbank import kaldi_fbank
-
-    encoder = reference.system.audio_encoder
-    clip = round(run.loader.clip_seconds * encoder.sample_rate)
-    generator = torch.Generator().manual_seed(0)
-    waves = 0.1 * torch.randn(reference.trainer.config.batch_size, clip, generator=generator)
-    waves = waves - waves.mean(-1, keepdim=True)
-    current = lambda: kaldi_fbank(waves, encoder.mel_banks, encoder.window, encoder.sample_rate)  # noqa: E731
-    cheaper = lambda: cheaper_fbank(waves, encoder.mel_banks, encoder.window, encoder.sample_rate)  # noqa: E731
-    difference = float((current() - cheaper()).abs().max())
-    times: dict[str, list[float]] = {"current": [], "cheaper": []}
-    with torch.no_grad():
-        for _ in range(repeats):
-            for name, fn in (("current", current), ("cheaper", cheaper)):
-                start = time.thread_time()
-                fn()
-                times[name].append(time.thread_time() - start)
-    return statistics.median(times["current"]), statistics.median(times["cheaper"]), difference
-
-
 # ---------------------------------------------------------------------- main
 
 
@@ -574,7 +513,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None, help="loader.num_workers for mtrun (default: the recipe's)")
     parser.add_argument("--keep-logmels", type=Path, default=None, help="save the plain loop's log-mels here and reuse them on reruns")
     parser.add_argument("--probe-repeats", type=int, default=10, help="interleaved one-batch forward+backward repeats (0 = skip)")
-    parser.add_argument("--fbank-in-worker", action="store_true", help="mtrun: compute the fbank in the loader's worker (needs --workers >= 1), as proposed")
     parser.add_argument("--batch-probe", type=int, default=4, help="batches built in this process to time decoding and tokenizing")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
@@ -593,7 +531,6 @@ def main(argv: list[str] | None = None) -> None:
         args.precision = resolve_precision("auto", torch.device("cpu"))
     print(cpu_report())
     print(f"threads: mtrun {chosen} ({why}), plain loop {plain_threads}; precision: {args.precision}; steps per run {args.steps} (first {args.warmup} untimed); "
-          f"{'fbank in the loader worker; ' if args.fbank_in_worker else ''}"
           f"batch 32; rounds {args.rounds}, alternating mtrun / plain", flush=True)
     reference = build(resolved, run)
     samples = reference.data.load("train")
@@ -694,9 +631,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\none fixed batch, forward + backward, interleaved {args.probe_repeats}x (median main-thread CPU time; no data loading, no optimizer):")
         for k, v in med.items():
             print(f"  {k:<52} {v * 1e3:8.1f} ms  ({v / med['plain step']:.2f} x plain step)")
-        current, cheaper, difference = fbank_variants(reference, run, args.probe_repeats)
-        print(f"  fbank as proposed (cheaper_fbank), same run: {cheaper * 1e3:.1f} ms against the current "
-              f"{current * 1e3:.1f} ms, {cheaper / current:.2f}x; largest difference {difference:.1e}")
         rest = med["mtrun System step"] - med["plain step"] - med["fbank"]
         print(f"  {'mtrun − plain − fbank (system glue, InfoNCE plugin, metrics)':<52} {rest * 1e3:8.1f} ms  ({rest / med['plain step']:.2f} x plain step)")
     decode = {k: statistics.mean(m["decode"][k] for m in results["mtrun"]) for k in results["mtrun"][0]["decode"]}
