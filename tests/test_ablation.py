@@ -140,7 +140,8 @@ def test_mtrun_ablate_runs_the_quickstart_then_finds_it_done(tmp_path):
 
     args = [
         sys.executable, "-m", "mtrun.cli", "ablate", str(QUICKSTART), "--variant", "baseline=", "--seeds", "1",
-        "--output-dir", str(tmp_path / "runs"), "trainer.max_steps=3", "trainer.log_every=1", *data_overrides(tmp_path),
+        "--output-dir", str(tmp_path / "runs"), "trainer.max_steps=3", "trainer.batch_size=8", "trainer.log_every=1",
+        *data_overrides(tmp_path),  # the synthetic stand-in has 16 training items
     ]
     first = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

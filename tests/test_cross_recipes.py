@@ -38,7 +38,7 @@ def test_cross_recipe_tiny_profile_trains(recipe, tmp_path):
     run_dir = tmp_path / "run"
     args = [
         sys.executable, "-m", "mtrun.cli", str(ROOT / "recipes" / recipe), "--profile", "tiny",
-        "trainer.max_steps=3", "trainer.log_every=1", f"run.output_dir={tmp_path}", "run.name=run",
+        "trainer.max_steps=3", "trainer.batch_size=8", "trainer.log_every=1", f"run.output_dir={tmp_path}", "run.name=run",
         *data_overrides(tmp_path),
     ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
