@@ -145,7 +145,8 @@ class Batch(dict):
     clean_features: torch.Tensor
     """The same ``preprocess`` output before any ``features`` augmenter (SpecAugment), for an
     objective whose target must not carry the augmentation (mae-recon reconstructs these).
-    ``features`` augmenters return a new tensor and never write into this one."""
+    ``features`` augmenters return a new tensor and never write into this one. The loader's
+    workers fill it already when the encoder declares ``preprocess_in_loader``."""
     token_grid: tuple[int, int] | None
     """The audio encoder's token grid (``audio_tokens`` augmenters read it)."""
     # Filled by augmenters:
