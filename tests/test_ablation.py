@@ -130,24 +130,38 @@ def test_a_sweep_resumes_after_a_failed_run_and_the_table_matches_an_independent
 
 
 @pytest.mark.slow
-def test_mtrun_ablate_runs_the_quickstart_then_finds_it_done(tmp_path):
-    """The real thing, once: a 3-step quickstart through `mtrun ablate`, its table, and a rerun
-    that starts nothing."""
+def test_mtrun_ablate_runs_a_tiny_profile_then_finds_it_done(tmp_path):
+    """The real thing, once: 3 steps of FLAP's tiny profile through `mtrun ablate`, its table,
+    and a rerun that starts nothing."""
     import subprocess
     import sys
 
     from demodata import data_overrides
 
-    args = [
-        sys.executable, "-m", "mtrun.cli", "ablate", str(QUICKSTART), "--variant", "baseline=", "--seeds", "1",
+    args = [  # flap.toml has no [ablation] table of its own: only the variant given here runs
+        sys.executable, "-m", "mtrun.cli", "ablate", str(ROOT / "recipes" / "flap.toml"), "--profile", "tiny", "--variant", "baseline=", "--seeds", "1",
         "--output-dir", str(tmp_path / "runs"), "trainer.max_steps=3", "trainer.batch_size=8", "trainer.log_every=1",
         *data_overrides(tmp_path),  # the synthetic stand-in has 16 training items
     ]
     first = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    sweep_dir = tmp_path / "runs" / "quickstart-ablation"
+    sweep_dir = tmp_path / "runs" / "flap-ablation"
     assert "| baseline | " in first.stdout and f"table: {sweep_dir / 'table.md'}" in first.stdout
     state = json.loads((sweep_dir / "ablation.json").read_text())
     assert "retrieval/t2a/R@10" in state["runs"]["baseline-s0"]["metrics"]
     again = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and "baseline, seed 0: done already" in again.stdout, again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("recipe, profile, rows", [("quickstart.toml", None, 2), ("duet_mc.toml", "tiny", 4)])
+def test_the_ablation_tables_shipped_in_recipes_validate_every_variant(recipe, profile, rows):
+    """The quickstart's masking table and DuET-MC's augmentation ladder (the paper's Table 4)."""
+    from mtrun import plugins
+    from mtrun.recipe import load_recipe
+
+    path = ROOT / "recipes" / recipe
+    table = load_recipe(path, profile=profile).ablation
+    plan = plan_ablation(path, table=table, profile=profile)
+    assert len(plan.variants) == rows and plan.baseline == plan.variants[0].name
+    validate_plan(plan, plugins.get_plugins().registry)
+
