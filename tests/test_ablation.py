@@ -165,3 +165,14 @@ def test_the_ablation_tables_shipped_in_recipes_validate_every_variant(recipe, p
     assert len(plan.variants) == rows and plan.baseline == plan.variants[0].name
     validate_plan(plan, plugins.get_plugins().registry)
 
+
+
+def test_an_output_folder_that_cannot_be_written_is_a_message_not_a_traceback(tmp_path, capsys):
+    from mtrun.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    status = main(["ablate", str(QUICKSTART), "--table", "--output-dir", str(blocker)])
+    err = capsys.readouterr().err
+    assert status != 0 and "Traceback" not in err
+    assert f"mtrun ablate: cannot write in {blocker / 'quickstart-ablation'}" in err and "--output-dir" in err

@@ -56,10 +56,7 @@ def _seeds(text: str | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mtrun import plugins
     from mtrun.ablation.plan import plan_ablation
-    from mtrun.ablation.sweep import command, read_state, sweep, validate_plan
-    from mtrun.ablation.table import write_tables
     from mtrun.recipe import load_recipe
 
     table = load_recipe(args.recipe, profile=args.profile).ablation
@@ -78,6 +75,24 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or f"{Path(args.recipe).stem}-ablation"
     output_dir = Path(args.output_dir)
     sweep_dir = output_dir / name
+    try:
+        return _run(args, plan, name, output_dir, sweep_dir)
+    except BrokenPipeError:
+        raise  # `--emit | head`: the command line's own quiet exit
+    except OSError as exc:
+        from mtrun.errors import MtrunError
+
+        raise MtrunError(
+            f"mtrun ablate: cannot write in {sweep_dir} ({exc.strerror or exc}: {exc.filename or ''}); "
+            "finished runs and ablation.json are kept: free space or choose --output-dir, then run the same command again"
+        ) from None
+
+
+def _run(args: argparse.Namespace, plan, name: str, output_dir: Path, sweep_dir: Path) -> int:
+    from mtrun import plugins
+    from mtrun.ablation.sweep import command, read_state, sweep, validate_plan
+    from mtrun.ablation.table import write_tables
+
     if args.table:
         state = read_state(sweep_dir)
     else:

@@ -84,7 +84,7 @@ def read_state(sweep_dir: Path) -> dict[str, Any]:
     path = sweep_dir / STATE_FILE
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing run yet (or no such folder)
         return {"runs": {}}
     except (OSError, ValueError) as exc:
         raise MtrunError(f"{path} is unreadable ({exc}); delete it to rebuild it from the run folders") from None

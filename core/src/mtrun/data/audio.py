@@ -211,11 +211,14 @@ def _soundfile_or_pyav(name: str, with_soundfile: Callable[[], Any], with_pyav: 
 
 
 
-def _check_data_chunk(extra: str | None, name: str) -> None:
+def _check_data_chunk(extra: str | None, name: str, stack: Any = None) -> None:
     """WAV: libsndfile silently shortens a data chunk that runs past the end of the file and
-    notes "data : N (should be M)" in its log; that is a file cut short."""
+    notes "data : N (should be M)" in its log; that is a file cut short. ``stack`` (the open
+    file's exit stack) is closed before raising."""
     match = _SHOULD_BE.search(extra or "")
     if match and int(match.group(2)) < int(match.group(1)):
+        if stack is not None:
+            stack.close()
         raise AudioDecodeError(
             f"audio file {name!r}: truncated (its header declares {match.group(1)} bytes of audio, "
             f"only {match.group(2)} are present)",
@@ -430,11 +433,7 @@ def _open_span_soundfile(path: Any) -> AudioSpans:
         raise _sf_error(name, exc) from None
     except (RuntimeError, ValueError, TypeError) as exc:
         raise AudioDecodeError(f"audio file {name!r}: corrupt ({exc})", kind="corrupt", path=name) from None
-    try:
-        _check_data_chunk(handle.extra_info, name)
-    except AudioDecodeError:
-        stack.close()
-        raise
+    _check_data_chunk(handle.extra_info, name, stack)
     frames = int(handle.frames)
     if frames <= 0 or not handle.seekable():
         # No frame count (or no seeking): read it all, as decode() would.
@@ -699,11 +698,7 @@ def _stream_soundfile(path: Any, block_frames: int) -> tuple[int, Iterator[torch
     except (RuntimeError, ValueError, TypeError) as exc:
         stack.close()
         raise AudioDecodeError(f"audio file {name!r}: corrupt ({exc})", kind="corrupt", path=name) from None
-    try:
-        _check_data_chunk(handle.extra_info, name)
-    except AudioDecodeError:
-        stack.close()
-        raise
+    _check_data_chunk(handle.extra_info, name, stack)
     return int(handle.samplerate), _soundfile_blocks(handle, stack, name, block_frames)
 
 

@@ -67,8 +67,11 @@ def write_plugin(name: str, kind: str, parent: str | Path) -> Path:
     for relative, source in files.items():
         text = string.Template(source.read_text(encoding="utf-8")).substitute(names, usage=string.Template(readme_usage).substitute(names))
         path = target / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise MtrunError(f"new-plugin: cannot write {path} ({exc.strerror or exc}); choose another folder with --dir") from None
     return target
 
 
