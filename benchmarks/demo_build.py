@@ -9,8 +9,8 @@ at an empty folder (``TMPDIR``) so a build that would read it is measured as on 
     python benchmarks/demo_build.py --scale 0.1       # ~130 pieces
     python benchmarks/demo_build.py --workers 1
 
-To compare with another version of ``mtrun.data.demo``, run this script with ``PYTHONPATH``
-pointing at that version's ``core/src`` in the same conditions.
+To compare with another version of ``mtrun_demo``, run this script with ``PYTHONPATH``
+pointing at that version's ``plugins/demo/src`` in the same conditions.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
         os.environ["TMPDIR"] = str(Path(scratch) / "tmp")  # music21's pickle cache, empty
         (Path(scratch) / "tmp").mkdir()
         tempfile.tempdir = None
-        from mtrun.data.demo import DemoSettings, build_corpus
+        from mtrun_demo import DemoSettings, build_corpus
 
         root = Path(args.keep) if args.keep else Path(scratch) / "cache"
         settings = DemoSettings(scale=args.scale, clip_seconds=args.clip_seconds)

@@ -33,7 +33,7 @@ from faults_kills import cpu_name  # noqa: E402 - one definition for both script
 CLASSES: dict[str, list[str]] = {
     "disk": ["tests/reliability/test_disk_and_corruption.py", "-k", "disk or write or full or space or read_only or vanish"],
     "caches": [
-        "tests/test_demo_corpus.py", "plugins/tag-to-caption/tests/test_tag_to_caption.py",
+        "plugins/demo/tests/test_demo_corpus.py", "plugins/tag-to-caption/tests/test_tag_to_caption.py",
         "tests/test_decode_cache.py", "tests/test_encoder_cache.py",
         "-k", "full_disk or cannot_be_written or disk or unwritable or corrupt or stale or concurrent",
     ],

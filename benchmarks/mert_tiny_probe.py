@@ -24,7 +24,7 @@ import torchaudio
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from mtrun.data.demo import DemoCorpus
+from mtrun_demo import DemoCorpus
 from mtrun_mert.encoder import PRESETS, SAMPLE_RATE
 from mtrun_mert.loading import hubert_config_from_dict
 

@@ -43,7 +43,7 @@ def encode_seconds(encoder, texts: list[str], chunk: int = 256) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     from mtrun import AugmentContext, Batch
-    from mtrun.data.demo import DemoCorpus
+    from mtrun_demo import DemoCorpus
     from mtrun_clip_text import ClipTextEncoder
     from mtrun_textswap.augmenter import TextSwap
 

@@ -41,9 +41,10 @@ for dir in plugins/*/; do
 done
 echo "install.sh: installing ${targets[*]}"
 "$VPY" -m pip install "${targets[@]}"
-# Demo corpus renderer (SF2 synthesis). --no-deps: its declared pyaudio dependency (live
-# playback only, no wheel, needs PortAudio headers) is not used; without it, the corpus falls
-# back to a NumPy synthesizer and says so in its manifest.
+# The demo corpus' renderer (SF2 synthesis) for the mtrun-demo plugin, which cannot declare it:
+# --no-deps because its declared pyaudio dependency (live playback only, no wheel, needs
+# PortAudio headers) is not used; without it, the corpus falls back to a NumPy synthesizer and
+# says so in its manifest.
 "$VPY" -m pip install --no-deps "tinysoundfont>=0.3.7,<0.4"
 # musicnn's published weights (TensorFlow checkpoints inside the wheel) for the mtrun-musicnn
 # plugin, which reads them without TensorFlow. --no-deps: its declared tensorflow, librosa and

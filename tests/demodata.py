@@ -29,11 +29,45 @@ def _synthetic_manifest(folder: Path, n: int = 24) -> Path:
     return path
 
 
+def cached_demo_corpus() -> Path | None:
+    """The folder of the demo corpus (default settings) when mtrun-demo is installed and the
+    corpus is cached; else None."""
+    try:
+        from mtrun_demo import DemoSettings, corpus_dir
+    except ImportError:  # core without the mtrun-demo plugin
+        return None
+    folder = corpus_dir(DemoSettings())
+    return folder if (folder / "manifest.jsonl").is_file() else None
+
+
+def demo_subset_manifest(folder: Path, n_items: int) -> Path | None:
+    """A manifest of ``n_items`` items of the cached demo corpus, each split keeping its share
+    (chosen by a hash of the id, like the ``demo`` source's ``n_items``), its audio paths
+    pointing into the cache; None when the corpus is not cached. Read with ``type = "manifest"``,
+    it needs no plugin."""
+    corpus = cached_demo_corpus()
+    if corpus is None:
+        return None
+    import hashlib
+
+    rows = [json.loads(line) for line in (corpus / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    by_split: dict[str, list[dict]] = {}
+    for row in rows:
+        by_split.setdefault(row.get("split", "train"), []).append(row)
+    kept = []
+    for items in by_split.values():
+        keep = max(1, round(n_items * len(items) / len(rows)))
+        chosen = {r["id"] for r in sorted(items, key=lambda r: hashlib.sha256(r["id"].encode()).digest())[:keep]}
+        kept += [{**r, "audio": str(corpus / r["audio"])} for r in items if r["id"] in chosen]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return path
+
+
 def data_overrides(tmp_path: Path) -> list[str]:
     """The demo corpus when it is cached (a 60-item subset); else a synthetic manifest, so this
     test never triggers the first corpus build (minutes)."""
-    from mtrun.data.demo import DemoSettings, corpus_dir
-
-    if (corpus_dir(DemoSettings()) / "manifest.jsonl").is_file():
+    if cached_demo_corpus() is not None:
         return ["data.n_items=60"]
     return ["~data", "data.type=manifest", f"data.path={_synthetic_manifest(tmp_path / 'data')}"]

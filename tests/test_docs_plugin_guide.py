@@ -236,7 +236,7 @@ def test_the_guides_nested_table_fragment_resolves(example):
 
 def test_the_validation_message_the_guide_shows_is_the_real_one(example):
     """The guide prints what ``mtrun validate`` says when ``span-mask`` meets ``mert``; same words."""
-    needed = ("mtrun_mavil", "mtrun_mert", "mtrun_hf_text", "mtrun_projectors", "mtrun_infonce")
+    needed = ("mtrun_mavil", "mtrun_mert", "mtrun_hf_text", "mtrun_projectors", "mtrun_infonce", "mtrun_demo")
     for name in needed:
         pytest.importorskip(name)
     shown = _guide_block("", "recipe.toml: recipe is invalid").strip().splitlines()[1:]
@@ -317,7 +317,7 @@ def test_ramped_passes_on_what_its_inner_objective_provides(example):
 
 def test_the_guides_own_tests_pass(example_dist):
     """The example's tests/ run as a plugin author runs them (they need the real plugins they name)."""
-    for needed in ("mtrun_mavil", "mtrun_mert", "mtrun_hf_text", "mtrun_projectors", "mtrun_infonce"):
+    for needed in ("mtrun_mavil", "mtrun_mert", "mtrun_hf_text", "mtrun_projectors", "mtrun_infonce", "mtrun_demo"):
         pytest.importorskip(needed)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(example_dist / "src"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(

@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 
-from mtrun.data.sources.jamendo import MTGJamendo, jamendo_track_key
-from mtrun.data.sources.songdescriber import SongDescriber
 from mtrun.errors import RecipeError
 from mtrun.eval.sets import EvalSet, LeakageFilter, track_key
 from mtrun.interfaces import Sample
+
+pytest.importorskip("mtrun_datasets")  # the MTG-Jamendo and Song Describer adapters
+from mtrun_datasets.jamendo import MTGJamendo, jamendo_track_key  # noqa: E402
+from mtrun_datasets.songdescriber import SongDescriber  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "duet_mc.toml"

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLIC_MODULES = {"mtrun", "mtrun.testing"}
 
 
-def mtrun_imports(path: Path) -> list[tuple[int, str]]:
-    """``(line, module)`` of every import of an ``mtrun`` module in a Python file."""
+def imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every absolute import in a Python file, both forms, at any depth."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -28,8 +28,13 @@ def mtrun_imports(path: Path) -> list[tuple[int, str]]:
             names = [alias.name for alias in node.names]
         else:
             continue
-        found += [(node.lineno, n) for n in names if n == "mtrun" or n.startswith("mtrun.")]
+        found += [(node.lineno, n) for n in names]
     return found
+
+
+def mtrun_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import of an ``mtrun`` module in a Python file."""
+    return [(line, n) for line, n in imports(path) if n == "mtrun" or n.startswith("mtrun.")]
 
 
 def test_every_public_name_resolves_and_is_listed_in_all():
@@ -51,6 +56,20 @@ def test_plugins_import_only_the_public_api():
         if module not in PUBLIC_MODULES
     ]
     assert not private, "plugins reach into private mtrun modules:\n" + "\n".join(private)
+
+
+def test_core_never_imports_a_plugin():
+    """Core's modules import no ``mtrun_*`` package: not the plugins in ``plugins/`` (the demo
+    corpus and the dataset adapters included), nor any other. Both import forms, at any depth
+    (a function-level import counts too)."""
+    files = sorted((ROOT / "core" / "src" / "mtrun").rglob("*.py"))
+    assert len(files) > 20
+    plugin_packages = {p.name for p in ROOT.glob("plugins/*/src/mtrun_*")}
+    assert {"mtrun_demo", "mtrun_datasets"} <= plugin_packages
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: imports {n}" for path in files for line, n in imports(path) if n.split(".")[0].startswith("mtrun_")
+    ]
+    assert not found, "core imports plugins:\n" + "\n".join(found)
 
 
 def test_the_scan_sees_private_imports(tmp_path):

@@ -67,11 +67,11 @@ def _env(**extra: str) -> dict[str, str]:
 def _data_tables(tmp_path: Path) -> str:
     """300 items of the demo corpus (30 in its test split) when it is cached, else the
     synthetic manifest of tests/demodata.py (no test here triggers the corpus build)."""
-    from demodata import _synthetic_manifest
-    from mtrun.data.demo import DemoSettings, corpus_dir
+    from demodata import _synthetic_manifest, demo_subset_manifest
 
-    if (corpus_dir(DemoSettings()) / "manifest.jsonl").is_file():
-        return '\n[data]\ntype = "demo"\nn_items = 300\n'
+    subset = demo_subset_manifest(tmp_path / "demo", 300)  # absolute audio paths, into the cache
+    if subset is not None:
+        return f'\n[data]\ntype = "manifest"\npath = "{subset}"\nallow_outside_root = true\n'
     return f'\n[data]\ntype = "manifest"\npath = "{_synthetic_manifest(tmp_path / "data")}"\n'
 
 

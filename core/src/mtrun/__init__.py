@@ -65,6 +65,10 @@ _PUBLIC: dict[str, str] = {
     "unit_interval": "mtrun.config",
     # building blocks
     "SplitSource": "mtrun.data.sources.base",
+    # data sources built on core's own: a manifest table read as one (the demo corpus does),
+    # and the table reader behind it (the public-dataset adapters read metadata files with it)
+    "ManifestSource": "mtrun.data.sources.manifest",
+    "read_table": "mtrun.data.sources.manifest",
     "System": "mtrun.system",
     "WeightedObjective": "mtrun.system",
     "Run": "mtrun.run",
@@ -86,6 +90,8 @@ _PUBLIC: dict[str, str] = {
     "read_json": "mtrun.weights",
     "read_state_dict": "mtrun.weights",
     "strip_prefixes": "mtrun.weights",
+    # console output that wraps only on a terminal (progress of long data builds)
+    "make_console": "mtrun.console",
     # distributed training helpers
     "all_gather_with_grad": "mtrun.distributed",
     "cleanup": "mtrun.distributed",

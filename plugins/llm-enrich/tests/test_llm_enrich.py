@@ -63,7 +63,8 @@ def tiny_lm(tmp_path_factory) -> Path:
     return folder
 
 
-REGISTRY = isolated_registry(mtrun_llm_enrich)  # core's built-ins ("manifest", "demo") and this plugin
+# core's built-ins ("manifest"), the demo corpus ("demo", the default base; plugin mtrun-demo) and this plugin
+REGISTRY = isolated_registry(mtrun_llm_enrich, "mtrun_demo")
 
 
 def structure(table: dict) -> LLMEnriched.Config:

@@ -43,7 +43,7 @@ RECIPE = {
 
 @pytest.fixture(scope="module")
 def registry():
-    return isolated_registry(mtrun_mulap, toys)
+    return isolated_registry(mtrun_mulap, toys, "mtrun_demo")  # [data] type = "demo"
 
 
 def problems(recipe, registry) -> str:

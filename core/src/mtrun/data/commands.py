@@ -7,7 +7,9 @@ manifest lists, excludes (and reports) the broken ones, and writes WebDataset ta
 unless ``--force`` replaces them.
 
 ``mtrun data demo OUT/ [--force]`` builds the demo corpus (manifest + audio) and prints the
-manifest's path.
+manifest's path. The corpus is a plugin (``mtrun-demo``), so core does not import it: the
+command looks up the ``demo`` data source in the registry and calls its class's
+``write(out_dir, *, force)`` classmethod, which returns the manifest's path.
 
 Heavy imports happen inside the handlers, so ``mtrun data -h`` stays fast.
 """
@@ -51,12 +53,30 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "shard":
         return _shard(args)
     if args.data_command == "demo":
-        from mtrun.data.demo import write_demo
-
-        manifest = write_demo(Path(args.out), force=args.force)
-        print(manifest)
+        print(_write_corpus("demo", Path(args.out), force=args.force))
         return 0
     raise AssertionError(args.data_command)  # pragma: no cover - argparse enforces the choice
+
+
+def _write_corpus(name: str, out: Path, *, force: bool) -> Path:
+    """Have the registered data source ``name`` write its corpus into ``out``."""
+    from mtrun.errors import MtrunError
+    from mtrun.plugins import get_plugins
+
+    registry = get_plugins().registry
+    if ("data", name) not in registry:
+        raise MtrunError(
+            f"mtrun data {name}: no data source {name!r} is installed; it comes with the "
+            f"mtrun-{name} plugin (./scripts/install.sh installs it). See `mtrun plugins`."
+        )
+    component = registry.get("data", name)
+    write = getattr(component.cls, "write", None)
+    if not callable(write):
+        raise MtrunError(
+            f"mtrun data {name}: the data source {name!r} of {component.plugin.describe()} "
+            "cannot write its corpus to a folder (its class has no write(out_dir, *, force) method)"
+        )
+    return Path(write(out, force=force))
 
 
 def _shard(args: argparse.Namespace) -> int:

@@ -14,12 +14,13 @@ import pytest
 pytest.importorskip("music21")
 pytest.importorskip("soundfile")
 
-from mtrun.errors import MtrunError  # noqa: E402
-from mtrun.data.demo import DemoCorpus, DemoSettings, build_corpus, corpus_dir, subset, write_demo  # noqa: E402
-from mtrun.data.demo.build import TEMPO_BUCKETS, _plan_renders  # noqa: E402
-from mtrun.data.demo.captions import make_captions  # noqa: E402
-from mtrun.data.demo.render import INSTRUMENTS, available_renderer, render_clip, schedule_notes  # noqa: E402
-from mtrun.data.demo.scores import (  # noqa: E402
+from mtrun import MtrunError  # noqa: E402
+from mtrun.testing import check_component, isolated_registry  # noqa: E402
+from mtrun_demo import DemoCorpus, DemoSettings, build_corpus, corpus_dir, subset, write_demo  # noqa: E402
+from mtrun_demo.build import TEMPO_BUCKETS, _plan_renders  # noqa: E402
+from mtrun_demo.captions import make_captions  # noqa: E402
+from mtrun_demo.render import INSTRUMENTS, available_renderer, render_clip, schedule_notes  # noqa: E402
+from mtrun_demo.scores import (  # noqa: E402
     PieceRef,
     analyse_piece,
     corpus_root,
@@ -68,7 +69,7 @@ def test_parsing_without_beaming_reads_the_same_notes_as_music21s_full_import():
     must be exactly those of a plain ``converter.parse``, and ``makeBeams`` must be restored."""
     from music21 import converter, stream
 
-    from mtrun.data.demo.scores import _part_notes, _without_beaming
+    from mtrun_demo.scores import _part_notes, _without_beaming
 
     original = stream.Stream.makeBeams
     ref = _oneills_tune("jig")
@@ -120,7 +121,7 @@ def test_each_piece_gets_distinct_instruments_and_tempo_buckets():
 
 def test_render_is_exactly_the_clip_length_even_for_endless_input():
     instrument = next(i for i in INSTRUMENTS if i.name == "flute")
-    from mtrun.data.demo.scores import Note
+    from mtrun_demo.scores import Note
 
     notes = [Note(float(i), 1.0, 60 + i % 12, 90) for i in range(10_000)]  # ~an hour of music
     events = schedule_notes(notes, length_ql=10_000.0, seconds_per_ql=0.5, clip_seconds=3.0)
@@ -190,7 +191,7 @@ def test_cached_build_returns_instantly_and_killed_build_leaves_no_corpus(small_
     assert build_corpus(SMALL, root=root) == folder
     assert time.perf_counter() - start < 5.0  # a rebuild of even this small corpus takes far longer
 
-    import mtrun.data.demo.build as build
+    import mtrun_demo.build as build
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -204,7 +205,7 @@ def test_cached_build_returns_instantly_and_killed_build_leaves_no_corpus(small_
 
 
 def test_a_build_where_every_piece_fails_is_an_error_and_caches_nothing(monkeypatch, tmp_path):
-    import mtrun.data.demo.build as build
+    import mtrun_demo.build as build
 
     def broken(ref, *args, **kwargs):
         return [], {"piece": ref.id, "path": ref.path, "reason": "RuntimeError: no synthesizer"}
@@ -216,9 +217,11 @@ def test_a_build_where_every_piece_fails_is_an_error_and_caches_nothing(monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_write_demo_and_the_demo_source_read_the_cached_corpus(small_build, monkeypatch, tmp_path, registry):
+def test_write_demo_and_the_demo_source_read_the_cached_corpus(small_build, monkeypatch, tmp_path):
     root, folder = small_build
-    import mtrun.data.demo as demo
+    import mtrun_demo as demo
+
+    registry = isolated_registry(demo)
 
     monkeypatch.setattr(demo, "build_corpus", lambda *a, **k: folder)
     manifest = write_demo(tmp_path / "out")
@@ -314,7 +317,7 @@ def test_a_full_disk_stops_the_build_naming_the_folder_and_caches_nothing(monkey
 
     import soundfile
 
-    import mtrun.data.demo.build as build
+    import mtrun_demo.build as build
 
     full = OSError(errno.ENOSPC, "No space left on device")
     if where == "clip":
@@ -339,3 +342,30 @@ def test_a_full_disk_stops_the_build_naming_the_folder_and_caches_nothing(monkey
     assert f"could not write into {tmp_path}" in message and "No space left on device" in message
     assert "Nothing was cached" in message and "MTRUN_CACHE" in message
     assert list(tmp_path.iterdir()) == []  # no corpus, no temporary folder
+
+
+def test_the_demo_source_passes_the_contract_check(small_build):
+    import mtrun_demo
+
+    _, folder = small_build
+    source = check_component(isolated_registry(mtrun_demo), "data", "demo", config=DemoCorpus.Config(root=str(folder)))
+    assert set(source.splits()) == {"train", "val", "test"}
+
+
+def _mtrun(*args: str, **env: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mtrun.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_mtrun_data_demo_reaches_the_plugin_through_the_registry(tmp_path):
+    """Core does not import this plugin: `mtrun data demo` finds the `demo` data source by name.
+    A folder that already holds a manifest is refused by this plugin's writer, before any build."""
+    (tmp_path / "manifest.jsonl").write_text("")
+    found = _mtrun("data", "demo", str(tmp_path))
+    assert found.returncode != 0 and "already exists; pass --force to replace it" in found.stderr
+    missing = _mtrun("data", "demo", str(tmp_path), MTRUN_DISABLE_PLUGINS="demo")
+    assert missing.returncode != 0
+    assert "no data source 'demo' is installed; it comes with the mtrun-demo plugin" in missing.stderr

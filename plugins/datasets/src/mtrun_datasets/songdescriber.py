@@ -11,10 +11,9 @@ from typing import ClassVar
 
 import attrs
 
-from mtrun.data.sources.base import SplitSource
-from mtrun.data.sources.jamendo import jamendo_track_key, read_autotagging_tsv
-from mtrun.data.sources.published import audio_location, parse_bool, parse_list, parse_number, read_delimited
-from mtrun.interfaces import Sample
+from mtrun import Sample, SplitSource
+from mtrun_datasets.jamendo import jamendo_track_key, read_autotagging_tsv
+from mtrun_datasets.published import audio_location, parse_bool, parse_list, parse_number, read_delimited
 
 __all__ = ["SongDescriber"]
 

@@ -4,7 +4,7 @@ The notes go straight from the music21 score to the synthesizer (no MIDI file in
 clip length is fixed by construction, so no render can run away (the fluidsynth CLI has been
 seen to write a 22 GB WAV from a music21 MIDI file), and the pieces whose MIDI export fails in
 music21 need not be lost. Each render still runs under a wall-clock limit (see
-:mod:`mtrun.data.demo.build`).
+:mod:`mtrun_demo.build`).
 
 Renderers, best first:
 
@@ -25,7 +25,7 @@ from typing import Sequence
 import attrs
 import numpy as np
 
-from mtrun.data.demo.scores import Note
+from mtrun_demo.scores import Note
 
 __all__ = [
     "INSTRUMENTS",

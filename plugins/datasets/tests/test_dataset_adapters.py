@@ -8,19 +8,21 @@ rows; MusicCaps' Python-literal aspect lists), so a parser that only works on ti
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from mtrun.data.sources.audiocaps import AudioCaps
-from mtrun.data.sources.clotho import Clotho
-from mtrun.data.sources.jamendo import MTGJamendo
-from mtrun.data.sources.lpmusiccaps import LPMusicCaps
-from mtrun.data.sources.magnatagatune import MagnaTagATune
-from mtrun.data.sources.musiccaps import MusicCaps
-from mtrun.data.sources.songdescriber import SongDescriber
-from mtrun.errors import MtrunError
-from mtrun.recipe import resolve_recipe
+import mtrun_datasets
+from mtrun import MtrunError
+from mtrun.testing import isolated_registry, resolve
+from mtrun_datasets.audiocaps import AudioCaps
+from mtrun_datasets.clotho import Clotho
+from mtrun_datasets.jamendo import MTGJamendo
+from mtrun_datasets.lpmusiccaps import LPMusicCaps
+from mtrun_datasets.magnatagatune import MagnaTagATune
+from mtrun_datasets.musiccaps import MusicCaps
+from mtrun_datasets.songdescriber import SongDescriber
 
 FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
 AUDIO = "/data/audio"
@@ -299,6 +301,20 @@ def test_magnatagatune_top_k_keeps_the_most_frequent_tags():
 
 # ----------------------------------------------------------------------- registry + errors
 
+TESTKIT = Path(__file__).resolve().parents[3] / "tests" / "testkit" / "src"
+
+
+@pytest.fixture(scope="module")
+def registry():
+    """This plugin's adapters beside core's toy components (``tests/testkit``, a source folder,
+    not installed), which fill the recipe's other slots."""
+    if str(TESTKIT) not in sys.path:
+        sys.path.insert(0, str(TESTKIT))
+    import mtrun_testkit
+
+    return isolated_registry(mtrun_datasets, mtrun_testkit)
+
+
 TOY = {
     "audio_encoder": {"type": "toy-audio"},
     "text_encoder": {"type": "toy-text"},
@@ -321,7 +337,7 @@ DATA_TABLES = {
 @pytest.mark.parametrize("name", sorted(DATA_TABLES))
 def test_registry_round_trip_through_a_recipe(registry, name):
     recipe = {**TOY, "data": {"type": name, **DATA_TABLES[name]}}
-    spec = resolve_recipe(recipe, registry, "adapters.toml").components["data"]
+    spec = resolve(recipe, registry, "adapters.toml").components["data"]
     assert spec.name == name and isinstance(spec.config, spec.cls.Config)
     source = spec.cls(spec.config)
     splits = source.splits()
@@ -332,7 +348,7 @@ def test_registry_round_trip_through_a_recipe(registry, name):
 def test_recipe_reports_a_misspelled_key_and_a_bad_choice(registry):
     recipe = {**TOY, "data": {"type": "mtg-jamendo", "data_dir": "x", "audio_root": "y", "subset": "top50", "split_idx": 1}}
     with pytest.raises(Exception) as info:
-        resolve_recipe(recipe, registry, "adapters.toml")
+        resolve(recipe, registry, "adapters.toml")
     message = str(info.value)
     assert "[data].split_idx: unknown key (did you mean 'split_index'?)" in message
     assert "[data].subset" in message and "top50tags" in message
@@ -381,3 +397,12 @@ def test_audio_pattern_with_an_unknown_field_lists_the_row_fields():
 def test_wrong_file_for_a_dataset_lists_the_columns_it_has():
     with pytest.raises(MtrunError, match=r"lacks the column\(s\) ytid.*it has: file_name, caption_1"):
         MusicCaps(MusicCaps.Config(csv=str(FIXTURES / "clotho" / "clotho_captions_validation.csv"), audio_root=AUDIO)).splits()
+
+
+@pytest.mark.parametrize("name", sorted(DATA_TABLES))
+def test_every_adapter_passes_the_contract_check(registry, name):
+    from mtrun.testing import check_component
+
+    config = resolve({**TOY, "data": {"type": name, **DATA_TABLES[name]}}, registry, "adapters.toml").components["data"].config
+    source = check_component(registry, "data", name, config=config)
+    assert source.splits()

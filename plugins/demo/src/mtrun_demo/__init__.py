@@ -1,8 +1,10 @@
-"""The built-in demo corpus: real compositions from music21's corpus rendered with GM timbres.
+"""The demo corpus for mtrun: real compositions from music21's corpus rendered with GM timbres.
 
-``write_demo(OUT)`` (``mtrun data demo OUT/``) writes it as a manifest + FLAC files; the ``demo``
-data source reads it straight from the cache. See ``docs/data.md`` ("Demo corpus") for what it
-contains and how tags and captions are made.
+Registered through the ``demo`` entry point in the ``mtrun`` group as the ``demo`` data source
+(``[data] type = "demo"``), which reads the corpus straight from the cache, building it on first
+use. ``write_demo(OUT)`` (``mtrun data demo OUT/``, through :meth:`DemoCorpus.write`) writes it
+as a manifest + FLAC files. See ``docs/data.md`` ("Demo corpus") for what it contains and how
+tags and captions are made.
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ from typing import Any, ClassVar
 
 import attrs
 
-from mtrun.data.demo.build import DemoSettings, build_corpus, cache_root, corpus_dir
-from mtrun.data.sources.base import SplitSource
-from mtrun.errors import MtrunError
-from mtrun.interfaces import Sample
+from mtrun import ManifestSource, MtrunError, Sample, SplitSource, hookimpl
+from mtrun_demo.build import DemoSettings, build_corpus, cache_root, corpus_dir
 
-__all__ = ["DemoCorpus", "DemoSettings", "build_corpus", "cache_root", "corpus_dir", "register", "write_demo"]
+__all__ = [
+    "DemoCorpus",
+    "DemoSettings",
+    "build_corpus",
+    "cache_root",
+    "corpus_dir",
+    "mtrun_register_components",
+    "subset",
+    "write_demo",
+]
+
+MTRUN_API = ">=1.0,<2"
+"""The mtrun public API versions this plugin is written for."""
 
 _FILES = ("manifest.jsonl", "corpus.json", "README.md")
 
@@ -72,7 +84,7 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 class DemoCorpus(SplitSource):
-    """The built-in demo corpus (music21 scores rendered with GM timbres), built on first use."""
+    """The demo corpus (music21 scores rendered with GM timbres), built on first use."""
 
     provides: ClassVar[frozenset[str]] = frozenset({"captions"})  # text-to-music retrieval needs them
 
@@ -107,9 +119,12 @@ class DemoCorpus(SplitSource):
             return Path(self.config.root).expanduser()
         return build_corpus(DemoSettings(clip_seconds=self.config.clip_seconds, scale=self.config.scale))
 
-    def build(self) -> dict[str, list[Sample]]:
-        from mtrun.data.sources.manifest import ManifestSource
+    @classmethod
+    def write(cls, out_dir: Path, *, force: bool = False) -> Path:
+        """Write the corpus into ``out_dir`` for ``mtrun data demo OUT``; see :func:`write_demo`."""
+        return write_demo(out_dir, force=force)
 
+    def build(self) -> dict[str, list[Sample]]:
         folder = self.folder()
         manifest = folder / "manifest.jsonl"
         if not manifest.is_file():
@@ -138,6 +153,6 @@ def subset(splits: dict[str, list[Sample]], n_items: int) -> dict[str, list[Samp
     return out
 
 
-def register(registry: Any) -> None:
-    """Register the ``demo`` data source."""
+@hookimpl
+def mtrun_register_components(registry: Any) -> None:
     registry.data("demo", DemoCorpus)

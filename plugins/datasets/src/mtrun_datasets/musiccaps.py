@@ -11,9 +11,8 @@ from typing import ClassVar
 
 import attrs
 
-from mtrun.data.sources.base import SplitSource
-from mtrun.data.sources.published import audio_location, hold_out, parse_bool, parse_list, parse_number, read_delimited
-from mtrun.interfaces import Sample
+from mtrun import Sample, SplitSource
+from mtrun_datasets.published import audio_location, hold_out, parse_bool, parse_list, parse_number, read_delimited
 
 __all__ = ["MusicCaps"]
 

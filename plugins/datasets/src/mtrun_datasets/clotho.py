@@ -13,9 +13,8 @@ from typing import ClassVar
 
 import attrs
 
-from mtrun.data.sources.base import SplitSource
-from mtrun.data.sources.published import audio_location, read_delimited
-from mtrun.interfaces import Sample
+from mtrun import Sample, SplitSource
+from mtrun_datasets.published import audio_location, read_delimited
 
 __all__ = ["Clotho"]
 

@@ -14,10 +14,8 @@ from typing import ClassVar
 
 import attrs
 
-from mtrun.data.sources.base import SplitSource
-from mtrun.data.sources.published import audio_location, parse_number, require_dir, require_file
-from mtrun.errors import MtrunError
-from mtrun.interfaces import Sample
+from mtrun import MtrunError, Sample, SplitSource
+from mtrun_datasets.published import audio_location, parse_number, require_dir, require_file
 
 __all__ = ["MTGJamendo", "jamendo_track_key", "read_autotagging_tsv"]
 

@@ -17,11 +17,9 @@ from typing import Any, ClassVar
 
 import attrs
 
-from mtrun.data.sources.base import SplitSource
-from mtrun.data.sources.magnatagatune import categorise_mtt_tags
-from mtrun.data.sources.published import audio_location, hold_out, parse_bool, parse_list, read_records
-from mtrun.errors import MtrunError
-from mtrun.interfaces import Sample
+from mtrun import MtrunError, Sample, SplitSource
+from mtrun_datasets.magnatagatune import categorise_mtt_tags
+from mtrun_datasets.published import audio_location, hold_out, parse_bool, parse_list, read_records
 
 __all__ = ["LPMusicCaps"]
 

@@ -14,8 +14,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from mtrun.errors import MtrunError
-from mtrun.interfaces import Sample
+from mtrun import MtrunError, Sample
 
 __all__ = [
     "audio_location",
@@ -69,7 +68,7 @@ def read_delimited(
             columns it has, which is usually enough to spot a wrong file). A row with fewer
             fields reads the missing ones as empty strings.
     """
-    from mtrun.data.sources.manifest import read_table
+    from mtrun import read_table
 
     file = require_file(path, source=source, key=key)
     if delimiter not in (",", "\t"):
@@ -95,10 +94,10 @@ def read_records(path: str | Path, *, source: str, key: str) -> list[dict[str, A
     """Records of a Parquet, JSON (a list of objects, or an object of objects keyed by id,
     the key landing in ``id``) or JSON-lines file: the formats dataset hubs publish tables in.
 
-    Reading is :func:`mtrun.data.sources.manifest.read_table`'s; this adds the config key to
+    Reading is :func:`mtrun.read_table`'s; this adds the config key to
     its messages, since the user fixes the recipe, not the file.
     """
-    from mtrun.data.sources.manifest import read_table
+    from mtrun import read_table
 
     file = require_file(path, source=source, key=key)
     suffix = file.suffix.lower()

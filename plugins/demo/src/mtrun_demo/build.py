@@ -34,11 +34,10 @@ from typing import Any
 
 import attrs
 
-from mtrun.data.demo.captions import make_captions
-from mtrun.data.demo.render import INSTRUMENTS, available_renderer, render_clip, schedule_notes, soundfont_path
-from mtrun.data.demo.scores import COLLECTIONS, PieceRef, analyse_piece, select_pieces
-from mtrun.cache import cache_root
-from mtrun.errors import MtrunError
+from mtrun import MtrunError, cache_root
+from mtrun_demo.captions import make_captions
+from mtrun_demo.render import INSTRUMENTS, available_renderer, render_clip, schedule_notes, soundfont_path
+from mtrun_demo.scores import COLLECTIONS, PieceRef, analyse_piece, select_pieces
 
 __all__ = ["BUILD_VERSION", "TEMPO_BUCKETS", "DemoSettings", "build_corpus", "cache_root", "corpus_dir"]
 
@@ -370,7 +369,7 @@ def _build_progress(target: Path, total: int):
     Yields a function to call once per finished piece. On a terminal the bar redraws; in a log
     file rich writes it once, finished, after the line announcing the build.
     """
-    from mtrun.console import make_console
+    from mtrun import make_console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = make_console(stderr=True)
