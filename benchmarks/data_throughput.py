@@ -1,16 +1,23 @@
 """Does data loading keep up with training? Items/s of the input pipeline vs the training step's rate.
 
 The pipeline is what the trainer runs per item, through :class:`mtrun.data.loader.BatchLoader`:
-read the audio, crop/pad, collate, tokenize. It is measured three ways, in this run:
+read the audio, crop/pad, collate, tokenize, and (as the trainer arranges it) the audio
+encoder's features where the encoder lets the loader make them. It is measured up to four ways,
+in this run:
 
-* ``cached (warm)``: ``[loader] cache = "waveforms"`` after the cache was built (the build, a
+* ``feature cache (warm)``: ``[loader] cache = "features"`` after the cache was built, for an
+  encoder that declares ``frame_features`` (MAViL): each crop's frames are read, no fbank;
+* ``waveform cache (warm)``: ``cache = "waveforms"`` after the cache was built (each build, a
   first-run cost, is timed and printed separately);
 * ``uncached, span reads``: ``cache = "off"``, ``read = "span"`` (decode only each crop);
 * ``uncached, whole files``: ``cache = "off"``, ``read = "whole"`` (decode the whole file, then
   crop: the loader before the cache).
 
-The model side is one training step (forward + backward + AdamW, in the recipe's resolved
-precision and thread count) on a batch of the same size and clip length. Every figure is
+In the waveform settings the loader's worker also computes the encoder's ``preprocess`` when the
+trainer would hand it over (``preprocess_in_loader``, MAViL's fbank). The model side is one
+training step (forward + backward + AdamW, in the recipe's resolved precision and thread count)
+on a batch of the same size and clip length, on features made beforehand when the loader makes
+them in training (so the fbank is counted once, on the pipeline's side). Every figure is
 printed as a ratio to that step's rate (items/s it consumes): at 3.0 or more the pipeline alone
 is at least three times as fast as training needs (docs/performance.md). The CPU's name, cores
 and bf16 capability are printed with the numbers.
@@ -111,8 +118,9 @@ def recipe_setup(args):
     return built.system, loader, batch, precision, built.data
 
 
-def pipeline_rate(samples, system, loader_config, *, batch_size: int, batches: int) -> float:
-    """Items/s through the BatchLoader (the first batch is left out: worker start-up)."""
+def pipeline_rate(samples, system, loader_config, *, batch_size: int, batches: int, **features) -> float:
+    """Items/s through the BatchLoader (the first batch is left out: worker start-up); ``features``:
+    ``preprocess`` or ``frame_features`` as the trainer would hand them over."""
     from mtrun.data.loader import BatchLoader
 
     loader = BatchLoader(
@@ -122,6 +130,7 @@ def pipeline_rate(samples, system, loader_config, *, batch_size: int, batches: i
         tokenize=system.text_encoder.tokenize,
         batch_size=batch_size,
         seed=0,
+        **features,
     )
     seen, epoch, start = 0, 0, None
     while seen < batches + 1:
@@ -135,8 +144,9 @@ def pipeline_rate(samples, system, loader_config, *, batch_size: int, batches: i
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def model_rate(system, *, batch_size: int, clip_seconds: float, steps: int, precision: str) -> float:
-    """Items/s one training step consumes: forward + backward + AdamW step on random audio."""
+def model_rate(system, *, batch_size: int, clip_seconds: float, steps: int, precision: str, features_in_loader: bool) -> float:
+    """Items/s one training step consumes: forward + backward + AdamW step on random audio (its
+    features made beforehand when ``features_in_loader``: the loader makes them in training)."""
     import contextlib
 
     import torch
@@ -153,6 +163,9 @@ def model_rate(system, *, batch_size: int, clip_seconds: float, steps: int, prec
         groups=[None] * batch_size,
         text_inputs=system.text_encoder.tokenize(texts),
     )
+    if features_in_loader:
+        with torch.no_grad():
+            batch.clean_features = system.audio_encoder.preprocess(batch.waveforms)
     params = [p for p in system.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     system.train()
@@ -193,7 +206,10 @@ def main(argv=None) -> int:
     import attrs
     import torch
 
+    from mtrun.data.feature_cache import frame_features_for
     from mtrun.data.sources.manifest import ManifestSource
+    from mtrun.errors import MtrunError
+    from mtrun.train.trainer import loader_preprocess
 
     torch.manual_seed(0)
     print(cpu_line())
@@ -212,41 +228,57 @@ def main(argv=None) -> int:
               f"at {system.audio_encoder.sample_rate} Hz, {precision}; batch {batch_size}, clips of {clip:g} s; "
               f"{loader_config.num_workers} loader workers")
 
+        # What the trainer hands the loader: the encoder's frame features (feature cache) or preprocess.
+        preprocess = loader_preprocess(system)
+        try:
+            frame_features = frame_features_for(system.audio_encoder, system.augmenters)
+        except MtrunError:
+            frame_features = None
+        waveform_features = {"preprocess": preprocess} if preprocess is not None else {}
+        print(f"features: {'feature cache measured; ' if frame_features is not None else ''}"
+              f"{'the fbank in the loader worker for the waveform settings' if preprocess is not None else 'computed in the step'}")
         steps: list[float] = []
 
         def step() -> None:
-            steps.append(model_rate(system, batch_size=batch_size, clip_seconds=clip, steps=args.steps, precision=precision))
+            steps.append(model_rate(system, batch_size=batch_size, clip_seconds=clip, steps=args.steps, precision=precision,
+                                    features_in_loader=preprocess is not None or frame_features is not None))
 
         step()
 
         os.environ["MTRUN_CACHE"] = args.cache_dir or str(Path(tmp) / "cache")
         from mtrun.data.loader import BatchLoader
 
-        cached_config = attrs.evolve(loader_config, cache="waveforms")
-        start = time.perf_counter()
-        BatchLoader(samples, config=cached_config, sample_rate=system.audio_encoder.sample_rate,
-                    tokenize=system.text_encoder.tokenize, batch_size=batch_size)
-        build = time.perf_counter() - start
-        settings = [
-            ("cached (warm)", cached_config),
-            ("uncached, span reads", attrs.evolve(loader_config, cache="off", read="span")),
-            ("uncached, whole files", attrs.evolve(loader_config, cache="off", read="whole")),
+        settings = []
+        if frame_features is not None:
+            settings.append(("feature cache (warm)", attrs.evolve(loader_config, cache="features"), {"frame_features": frame_features}))
+        settings += [
+            ("waveform cache (warm)", attrs.evolve(loader_config, cache="waveforms"), waveform_features),
+            ("uncached, span reads", attrs.evolve(loader_config, cache="off", read="span"), waveform_features),
+            ("uncached, whole files", attrs.evolve(loader_config, cache="off", read="whole"), waveform_features),
         ]
+        builds = {}
+        for label, config, features in settings:
+            if config.cache != "off":  # the cold build, once
+                start = time.perf_counter()
+                BatchLoader(samples, config=config, sample_rate=system.audio_encoder.sample_rate,
+                            tokenize=system.text_encoder.tokenize, batch_size=batch_size, **features)
+                builds[config.cache] = time.perf_counter() - start
         rates = {}
-        for label, config in settings:  # the step is measured between the settings too
-            rates[label] = pipeline_rate(samples, system, config, batch_size=batch_size, batches=args.batches)
+        for label, config, features in settings:  # the step is measured between the settings too
+            rates[label] = pipeline_rate(samples, system, config, batch_size=batch_size, batches=args.batches, **features)
             step()
         model = max(steps)  # a shared machine only ever slows a measurement down: the fastest is the baseline
         print(f"training step consumes   {model:9.1f} items/s  (ratio 1.00, the baseline: fastest of "
               f"{', '.join(f'{x:.1f}' for x in steps)} measured between the settings)")
-        print(f"cache build (cold, once) {len(samples) / build:9.1f} items/s  (ratio {len(samples) / build / model:5.2f}; "
-              f"{len(samples)} files in {build:.1f} s, {max(1, loader_config.num_workers)} process(es), under {os.environ['MTRUN_CACHE']})")
+        for cache, build in builds.items():
+            name = {"features": "feature", "waveforms": "waveform"}[cache]
+            print(f"{name + ' cache build (cold, once)':<34} {len(samples) / build:9.1f} items/s  (ratio {len(samples) / build / model:5.2f}; "
+                  f"{len(samples)} files in {build:.1f} s, {max(1, loader_config.num_workers)} process(es), under {os.environ['MTRUN_CACHE']})")
         for label, rate in rates.items():
             verdict = "≥ 3x: keeps up with room" if rate >= 3 * model else ("keeps up" if rate >= model else "is the bottleneck")
-            print(f"pipeline, {label:<22} {rate:9.1f} items/s  (ratio {rate / model:5.2f} of the step's rate: {verdict})")
+            print(f"pipeline, {label:<24} {rate:9.1f} items/s  (ratio {rate / model:5.2f} of the step's rate: {verdict})")
         whole = rates["uncached, whole files"]
-        print(f"cached / whole-file reads: {rates['cached (warm)'] / whole:.2f}x; span / whole-file reads: "
-              f"{rates['uncached, span reads'] / whole:.2f}x")
+        print(", ".join(f"{label} / whole-file reads: {rate / whole:.2f}x" for label, rate in rates.items() if label != "uncached, whole files"))
     return 0
 
 

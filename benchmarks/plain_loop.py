@@ -6,7 +6,9 @@ corpus) for ``--steps`` steps two ways in one process:
 
 * **mtrun**: the recipe assembled and trained by mtrun's own trainer, exactly as
   ``mtrun recipes/quickstart.toml`` builds it (validation and the test evaluation switched off;
-  the one checkpoint at the end is outside the timed steps);
+  the one checkpoint at the end is outside the timed steps); with the recipe's
+  ``[loader] cache = "features"`` its loader worker reads each crop's fbank frames from the
+  feature cache (built by the first run on the machine, before any timed step);
 * **plain**: a hand-written loop over the same modules (built from the same recipe and seed) that
   reads log-mels computed once for the whole training split (that precompute is timed and
   printed separately), crops them at random, applies SpecAugment and InfoNCE written inline,
@@ -182,7 +184,7 @@ def run_mtrun(out: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
     trainer._step = step
     stages.wrap(trainer, "_forward_backward", "forward+backward+metrics")
     stages.wrap(trainer, "_log", "log")
-    stages.wrap(trainer_module, "seed_everything", "seed_everything")
+    stages.wrap(trainer_module, "_seed_step", "reseed")
     data_loaders = trainer._data_loaders
 
     def loaders(*a, **k):
@@ -259,30 +261,34 @@ def run_mtrun(out: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def decode_costs(trainer, system, batches: int) -> dict[str, float]:
-    """Main-thread CPU time per batch, in this process: decode + crop (``BatchLoader._prepare``), tokenize, and the
-    whole ``make_batch`` (what the DataLoader worker does for every batch, the fbank included when the
-    trainer hands it the encoder's preprocess)."""
+    """Main-thread CPU time per batch, in this process: the clips (``BatchLoader._prepare``: decode + crop, or
+    ``_prepare_frames``: read the crops' frames from the feature cache), tokenize, and the whole ``make_batch``
+    (what the DataLoader worker does for every batch, the fbank included when the trainer hands it the
+    encoder's preprocess)."""
     from mtrun.data.loader import BatchLoader
-    from mtrun.train.trainer import loader_preprocess
+    from mtrun.train.trainer import loader_frame_features, loader_preprocess
 
     cfg, run = trainer.config, trainer.run
     samples = trainer.data.load(cfg.train_split)
+    frame_features = loader_frame_features(system, run.loader)
     loader = BatchLoader(
         samples, config=run.loader, sample_rate=system.audio_encoder.sample_rate, tokenize=system.text_encoder.tokenize,
         batch_size=cfg.batch_size, training=True, augmenters=system.sample_augmenters, seed=run.config.seed,
-        preprocess=loader_preprocess(system),
+        **({"frame_features": frame_features} if frame_features is not None else {"preprocess": loader_preprocess(system)}),
     )
-    loader.config = type(run.loader)(**{**{f: getattr(run.loader, f) for f in ("clip_seconds", "crop", "pad")}, "probe_items": 0})
+    loader.config = type(run.loader)(**{**{f: getattr(run.loader, f) for f in ("clip_seconds", "crop", "pad", "cache")}, "probe_items": 0})
     loader.steps_per_epoch = loader.num_batches
     seconds = collections.defaultdict(float)
-    prepare, tokenize = loader._prepare, loader.tokenize
+    clips = "_prepare_frames" if frame_features is not None else "_prepare"
+    label = "read frames (feature cache)" if frame_features is not None else "decode+crop"
+    prepare, tokenize = getattr(loader, clips), loader.tokenize
 
     def timed_prepare(*a, **k):
         start = time.thread_time()
         try:
             return prepare(*a, **k)
         finally:
-            seconds["decode+crop"] += time.thread_time() - start
+            seconds[label] += time.thread_time() - start
 
     def timed_tokenize(*a, **k):
         start = time.thread_time()
@@ -291,7 +297,8 @@ def decode_costs(trainer, system, batches: int) -> dict[str, float]:
         finally:
             seconds["tokenize"] += time.thread_time() - start
 
-    loader._prepare, loader.tokenize = timed_prepare, timed_tokenize
+    setattr(loader, clips, timed_prepare)
+    loader.tokenize = timed_tokenize
     order = loader.order(7)  # an epoch the timed run did not read, so the page cache is as cold as it is
     for b in range(batches):
         indices = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
@@ -432,6 +439,7 @@ def run_plain(data: PlainData, resolved, run, args: argparse.Namespace) -> dict[
         "stages": {k: v / timed for k, v in stages.seconds.items()},
         "cpu_stages": {k: v / timed for k, v in stages.cpu.items()},
         "loss": float(loss.detach()),
+        "system": system,  # the trained modules, for benchmarks/budget_recall.py's evaluation
     }
 
 
@@ -449,9 +457,11 @@ def model_probe(resolved, run, reference, args: argparse.Namespace) -> dict[str,
     from mtrun.data.loader import BatchLoader
     from mtrun.interfaces import AugmentContext, Batch
 
+    import attrs
+
     trainer, system_ref = reference.trainer, reference.system
-    loader = BatchLoader(
-        trainer.data.load("train")[: trainer.config.batch_size], config=run.loader,
+    loader = BatchLoader(  # waveforms, whatever the recipe's cache: the probe times the fbank on them
+        trainer.data.load("train")[: trainer.config.batch_size], config=attrs.evolve(run.loader, cache="waveforms"),
         sample_rate=system_ref.audio_encoder.sample_rate, tokenize=system_ref.text_encoder.tokenize,
         batch_size=trainer.config.batch_size, training=True, seed=run.config.seed,
     )
@@ -585,16 +595,16 @@ def main(argv: list[str] | None = None) -> None:
     def trainer_glue(run: dict) -> float:
         return st("forward+backward+metrics")(run) - st("model forward (all)")(run) - st("backward")(run)
 
-    top = ("wait for data", "seed_everything", "forward+backward+metrics", "optimizer", "lr schedule", "log")
+    top = ("wait for data", "reseed", "forward+backward+metrics", "optimizer", "lr schedule", "log")
     table(
         "mtrun, per step (inclusive timers; indented = inside the line above; wall and main-thread CPU time):",
         [
             ("step", lambda run: run["step_s"], 0),
             ("wait for data (DataLoader)", st("wait for data"), 0),
-            ("seed_everything", st("seed_everything"), 0),
+            ("reseed the global RNGs (_seed_step)", st("reseed"), 0),
             ("forward+backward+metrics", st("forward+backward+metrics"), 0),
             ("model forward (all)", st("model forward (all)"), 1),
-            ("fbank (audio_encoder.preprocess)", st("fbank"), 2),
+            ("fbank (audio_encoder.preprocess; 0 with the loader's features)", st("fbank"), 2),
             ("SpecAugment", st("augment:features"), 2),
             ("audio encoder", st("audio encoder"), 2),
             ("text encoder", st("text encoder"), 2),
@@ -602,7 +612,7 @@ def main(argv: list[str] | None = None) -> None:
             ("objective (InfoNCE)", st("objective"), 2),
             ("system glue (other augment stages, checks, std)", system_glue, 2),
             ("backward", st("backward"), 1),
-            ("trainer glue (to_device, metric pack, .tolist)", trainer_glue, 1),
+            ("trainer glue (to_device, loss read-back)", trainer_glue, 1),
             ("optimizer", st("optimizer"), 0),
             ("lr schedule", st("lr schedule"), 0),
             ("log", st("log"), 0),

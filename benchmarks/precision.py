@@ -96,6 +96,7 @@ def autocast(precision: str):
 def quickstart_steps() -> dict[str, Callable[[], None]]:
     """One training step of the quickstart's System on a fixed batch, per precision (each its
     own copy of the model, from the same seed, so the two do not share optimizer state)."""
+    import attrs
     import torch
     from mtrun.data.loader import BatchLoader
     from mtrun.interfaces import AugmentContext, Batch
@@ -105,8 +106,8 @@ def quickstart_steps() -> dict[str, Callable[[], None]]:
     resolved, run = resolve_quickstart(out, "precision", 10, "fp32", None, 0)
     reference = build(resolved, run)
     trainer, system = reference.trainer, reference.system
-    loader = BatchLoader(
-        trainer.data.load("train")[: trainer.config.batch_size], config=run.loader,
+    loader = BatchLoader(  # waveforms, whatever the recipe's cache: the step computes the fbank
+        trainer.data.load("train")[: trainer.config.batch_size], config=attrs.evolve(run.loader, cache="waveforms"),
         sample_rate=system.audio_encoder.sample_rate, tokenize=system.text_encoder.tokenize,
         batch_size=trainer.config.batch_size, training=True, seed=run.config.seed,
     )

@@ -498,3 +498,30 @@ def test_auto_precision_is_bf16_only_where_bf16_is_fast(monkeypatch):
     assert trainer.resolve_precision("auto", cpu) == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert trainer.resolve_precision("auto", torch.device("cuda")) == "fp32"
+
+
+def test_the_log_window_averages_device_metrics_over_its_applied_steps_only():
+    """Metrics stay tensors until the log step; the means are over the applied steps (a skipped
+    step counts in the throughput only), a metric missing from a step is summed where present."""
+    import numpy as np
+
+    from mtrun.train.trainer import _Window
+
+    window = _Window()
+    steps = [
+        (1.0, {"a": 2.0, "b": 10.0}, 0.5),
+        (3.0, {"a": 4.0}, 1.5),
+        (5.0, {"a": 9.0, "b": 20.0}, 4.0),
+    ]
+    for loss, metrics, norm in steps:
+        window.add(loss, {k: torch.tensor(v) for k, v in metrics.items()}, norm, lr=0.1)
+    window.skip(lr=0.2)
+    record = window.means(epoch=3, batch_size=8)
+    assert record["loss"] == pytest.approx(3.0) and record["lr"] == 0.2 and record["epoch"] == 3
+    assert record["a"] == pytest.approx(np.mean([2.0, 4.0, 9.0]))
+    assert record["b"] == pytest.approx(30.0 / 3)  # summed where present, over the 3 applied steps
+    assert record["grad_norm"] == pytest.approx(2.0)
+    assert record["samples_per_s"] > 0 and all(isinstance(v, float) for k, v in record.items() if k != "epoch")
+    empty = _Window()
+    empty.skip(lr=0.3)
+    assert "loss" not in empty.means(epoch=0, batch_size=8)

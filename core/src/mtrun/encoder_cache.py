@@ -33,6 +33,16 @@ dominates the step. :class:`EncoderCache` computes each item's output once and r
 
 Keys hash the input bytes on the host: on a GPU that is a device-to-host copy of every input
 batch, fine for tokens and short clips, costly for long raw waveforms at large batches.
+
+**Served by item, without the input.** A loader that crops deterministically can name each
+clip by an *item key* (file identity + crop policy + clip length + rate) instead of its bytes
+(:meth:`mtrun.data.loader.BatchLoader.item_key`). The System hands those keys to the audio
+encoder's call (:meth:`EncoderCache.items`); the outermost wrapped module whose input is the
+tensor the System passed the encoder stores its outputs per item key in an :class:`ItemStore`
+(fixed-shape rows, read a batch at a time: in memory, or memory-mapped files on disk). Before
+each epoch the loader asks :meth:`EncoderCache.served` which item keys every such module holds,
+and sends zeros for those clips instead of decoding and cropping them. A clip that arrives as
+zeros and is then not found is an error, never a silent wrong output.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import queue
 import threading
 import types
@@ -56,7 +67,7 @@ from torch import nn
 
 from mtrun.cache import cache_root, clean_stale, write_atomic
 
-__all__ = ["CacheStats", "EncoderCache"]
+__all__ = ["CacheStats", "EncoderCache", "ItemStore", "ServedItems"]
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +81,17 @@ _local = threading.local()  # .inside: a wrapped module is running (a recursive 
 
 
 class CacheStats:
-    """Item counts of one cached module: ``hits`` (memory + disk), ``misses``, ``bypassed``."""
+    """Item counts of one cached module: ``hits`` (memory + disk), ``misses``, ``bypassed``;
+    ``undecoded``: hits served by item key for clips the loader sent as zeros (not decoded)."""
 
     def __init__(self) -> None:
-        self.hits = self.disk_hits = self.misses = self.bypassed = 0
+        self.hits = self.disk_hits = self.misses = self.bypassed = self.undecoded = 0
 
     def __repr__(self) -> str:
-        return f"CacheStats(hits={self.hits}, disk_hits={self.disk_hits}, misses={self.misses}, bypassed={self.bypassed})"
+        return (
+            f"CacheStats(hits={self.hits}, disk_hits={self.disk_hits}, misses={self.misses}, bypassed={self.bypassed}, "
+            f"undecoded={self.undecoded})"
+        )
 
 
 class EncoderCache:
@@ -85,7 +100,8 @@ class EncoderCache:
     Args:
         folder: Where entries are stored; ``None`` = ``mtrun.cache.cache_root() / "encoders"``.
         disk: False keeps entries in memory only (nothing is read from or written to disk).
-        memory_bytes: Budget of the in-memory LRU in front of the disk.
+        memory_bytes: Budget of the in-memory LRU in front of the disk; with ``disk=False``
+            also of each item store (outputs by item key, see :meth:`items`).
         verify: Run each module's first computed call twice and compare before caching it.
         say: Where warnings go (default :func:`warnings.warn`).
     """
@@ -113,6 +129,9 @@ class EncoderCache:
         self._room = threading.Condition()
         #: Per wrapped module that was called (outermost): its item counts.
         self.stats: dict[str, CacheStats] = {}
+        self._stores: dict[str, ItemStore] = {}  # namespace -> outputs by item key
+        self._item_labels: set[str] = set()  # wrapped modules of the audio encoder
+        self._item_namespace: dict[str, str] = {}  # label -> the namespace its last item-keyed call used
 
     # ------------------------------------------------------------------ attaching
 
@@ -140,7 +159,38 @@ class EncoderCache:
             if not isinstance(module.__dict__.get("forward"), _CachedForward):
                 module.forward = _CachedForward(self, module, encoder, f"{slot}.{name}" if name else slot)
             wrapped.append(name)
-        return [f"{slot}.{name}" if name else slot for name in wrapped]
+        labels = [f"{slot}.{name}" if name else slot for name in wrapped]
+        if slot == "[audio_encoder]":
+            self._item_labels.update(labels)
+        return labels
+
+    # ------------------------------------------------------------------ serving by item key
+
+    def items(self, keys: list[str], served: list[bool], source: torch.Tensor) -> Any:
+        """Context for one audio encoder call whose input ``source`` rows are the clips named
+        by ``keys`` (item keys from the loader); ``served[i]``: row ``i`` is zeros, sent in
+        place of a clip whose outputs :meth:`served` listed. Only a wrapped module that gets
+        ``source`` itself as its input uses the keys; rows that arrived as zeros elsewhere are
+        an error."""
+        return _ItemCall(keys, served, source)
+
+    def served(self) -> frozenset[str]:
+        """Item keys whose outputs every wrapped module of the audio encoder holds (empty when
+        one of them has not stored any by item key yet): the clips a loader need not decode."""
+        if not self._item_labels or not self._item_labels <= set(self._item_namespace):
+            return frozenset()
+        stores = [self._stores[self._item_namespace[label]] for label in sorted(self._item_labels)]
+        keys = set(stores[0].index)
+        for store in stores[1:]:
+            keys &= set(store.index)
+        return frozenset(keys)
+
+    def _store(self, namespace: str) -> ItemStore:
+        store = self._stores.get(namespace)
+        if store is None:
+            folder = self.folder / "items" / namespace if self._disk else None
+            store = self._stores[namespace] = ItemStore(namespace, folder, memory_bytes=self.memory_bytes, say=self._say)
+        return store
 
     @staticmethod
     def detach(encoder: nn.Module) -> None:
@@ -280,12 +330,19 @@ class _CachedForward:
         return _plain_forward, (self.module,)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if getattr(_local, "inside", False) or self.disabled:
+        if getattr(_local, "inside", False):
+            return self.original(*args, **kwargs)
+        items: _ItemCall | None = getattr(_local, "items", None)
+        if self.disabled:
+            if items is not None:
+                items.refuse(self.label, f"it is not cached: {self.disabled}")
             return self.original(*args, **kwargs)
         call = self._call(args, kwargs)
         _local.inside = True  # a recursive call of the module runs plainly
         try:
             if call is None:
+                if items is not None:
+                    items.refuse(self.label, "this call is not cacheable (train mode, inputs with a gradient?)")
                 self.cache.stats.setdefault(self.label, CacheStats()).bypassed += 1
                 return self.original(*args, **kwargs)
             return self._cached(call)
@@ -345,6 +402,11 @@ class _CachedForward:
         return self._fingerprint
 
     def _cached(self, call: _Call) -> Any:
+        items: _ItemCall | None = getattr(_local, "items", None)
+        if items is not None:
+            if call.lengths is None and len(items.keys) == call.n and any(t is items.source for t in call.tensors.values()):
+                return self._cached_items(call, items)
+            items.refuse(self.label, "its input is not the tensor the System handed the encoder")
         cache, stats = self.cache, self.cache.stats.setdefault(self.label, CacheStats())
         fingerprint = self.fingerprint()
         keys = call.keys(fingerprint)
@@ -361,13 +423,7 @@ class _CachedForward:
         missing = [i for i, e in enumerate(entries) if e is None]
         if missing:
             sub = call.subset(missing)
-            out = sub.invoke(self.function)
-            leaves = _flatten(out)
-            problem = ""
-            if leaves is None or any(t.ndim == 0 or t.shape[0] != sub.n for t in leaves.values()):
-                problem = "its outputs are not batch-major tensors"
-            elif not self.verified:
-                problem, self.verified = self._check(sub, leaves), True
+            out, leaves, problem = self._compute(sub)
             if problem:
                 self._disable(problem)
                 stats.bypassed += call.n
@@ -383,6 +439,68 @@ class _CachedForward:
             if sub is call:
                 return out
         return _unflatten(layout[0], call.assemble(entries, layout[1]))  # type: ignore[arg-type]
+
+    def _cached_items(self, call: _Call, items: _ItemCall) -> Any:
+        """The call served by item keys: a batch read of the rows the store holds, the rest
+        computed (their inputs are real: the loader sends zeros only for rows listed as held)."""
+        stats = self.cache.stats.setdefault(self.label, CacheStats())
+        device = next(iter(call.tensors.values())).device
+        autocast = str(torch.get_autocast_dtype(device.type)) if torch.is_autocast_enabled(device.type) else "off"
+        namespace = _hash()
+        namespace.update(json.dumps([_FORMAT, "items", self.fingerprint(), call.signature, device.type, autocast]).encode())
+        store = self.cache._store(namespace.hexdigest()[:32])
+        layout = self._layouts.get(call.signature)
+        rows = store.rows(items.keys)
+        if layout is None:  # the output's structure is learnt on a computed call: one item
+            rows[0] = None
+        missing = [i for i, r in enumerate(rows) if r is None]
+        lost = [items.keys[i] for i in missing if items.served[i]]
+        if lost:
+            raise RuntimeError(
+                f"encoder cache: {self.label}: {len(lost)} clips arrived as zeros because the cache listed their outputs, "
+                f"but the cache no longer has them (first item key {lost[0]}); was {store.folder or 'the cache'} "
+                "deleted, or did the frozen weights change during the epoch?"
+            )
+        hit = [i for i, r in enumerate(rows) if r is not None]
+        stats.hits += len(hit)
+        stats.disk_hits += len(hit) if store.folder is not None else 0
+        stats.undecoded += sum(items.served)
+        if not missing:
+            read = store.read([rows[i] for i in hit])  # type: ignore[misc]
+            return _unflatten(layout[0], {k: v.to(device, non_blocking=True) for k, v in read.items()})  # type: ignore[index]
+        sub = call.subset(missing)
+        out, leaves, problem = self._compute(sub)
+        if problem:
+            items.refuse(self.label, problem)
+            self._disable(problem)
+            stats.bypassed += call.n
+            return out if sub is call else call.invoke(self.function)
+        assert leaves is not None
+        if layout is None:
+            skeleton = _unflatten(out, {k: torch.empty(0) for k in leaves})
+            layout = self._layouts[call.signature] = (skeleton, frozenset())
+        store.add([items.keys[i] for i in missing], leaves)
+        self.cache._item_namespace[self.label] = store.name
+        stats.misses += len(missing)
+        if sub is call:
+            return out
+        read = store.read([rows[i] for i in hit])  # type: ignore[misc]
+        order = torch.tensor(hit + missing, device=device).argsort()
+        merged = {k: torch.cat([read[k].to(device), leaves[k].detach()]).index_select(0, order) for k in leaves}
+        return _unflatten(layout[0], merged)
+
+    def _compute(self, sub: _Call) -> tuple[Any, dict[str, torch.Tensor] | None, str]:
+        """Run the encoder on the items the cache lacks: its output, the output's tensors by
+        path, and why caching must stop ('' = it need not; the first call is checked by
+        :meth:`_check`)."""
+        out = sub.invoke(self.function)
+        leaves = _flatten(out)
+        problem = ""
+        if leaves is None or any(t.ndim == 0 or t.shape[0] != sub.n for t in leaves.values()):
+            problem = "its outputs are not batch-major tensors"
+        elif not self.verified:
+            problem, self.verified = self._check(sub, leaves), True
+        return out, leaves, problem
 
     def _check(self, call: _Call, leaves: dict[str, torch.Tensor]) -> str:
         """Why caching would change results ('' = it would not): items run again must give
@@ -416,6 +534,182 @@ class _CachedForward:
     def _disable(self, why: str) -> None:
         self.disabled = why
         self.cache._say(f"encoder cache: {self.label} is not cached: {why}")
+
+
+class _ItemCall:
+    """The item keys of one audio encoder call (see :meth:`EncoderCache.items`)."""
+
+    def __init__(self, keys: list[str], served: list[bool], source: torch.Tensor):
+        self.keys, self.served, self.source = list(keys), list(served), source
+
+    def refuse(self, label: str, why: str) -> None:
+        if any(self.served):
+            raise RuntimeError(
+                f"encoder cache: {label} cannot serve clips by item key ({why}), yet some arrived as zeros; "
+                "the loader must not skip decoding for this encoder"
+            )
+
+    def __enter__(self) -> _ItemCall:
+        self._outer = getattr(_local, "items", None)
+        _local.items = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _local.items = self._outer
+
+
+class ServedItems:
+    """What a loader holds to skip decoding clips the cache serves: :meth:`served` in the
+    process that trains. A copy in a DataLoader worker (pickled) holds nothing and lists
+    nothing; the loader takes its snapshot before it starts the workers."""
+
+    def __init__(self, cache: EncoderCache):
+        self.cache: EncoderCache | None = cache
+
+    def served(self) -> frozenset[str]:
+        return self.cache.served() if self.cache is not None else frozenset()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cache": None}
+
+
+class ItemStore:
+    """One module's outputs by item key: rows of fixed-shape leaves, read a batch at a time.
+
+    In memory (``folder=None``): one growing tensor per leaf, up to ``memory_bytes``; rows past
+    the budget are not stored (nothing is evicted, so a key listed once stays servable). On
+    disk: per leaf a file of raw rows, memory-mapped for reading, an index of ``key row``
+    lines, and the layout (``layout.json``); appends take an exclusive lock, so runs can share
+    the folder. A row is listed only after its bytes are written: a crash leaves at most an
+    unindexed tail. The OS page cache keeps hot rows in memory.
+    """
+
+    def __init__(self, name: str, folder: Path | None, *, memory_bytes: int = 1 << 30, say: Callable[[str], None] | None = None):
+        self.name, self.folder = name, folder
+        self.memory_bytes = int(memory_bytes)
+        self._say = say or (lambda text: warnings.warn(text, RuntimeWarning, stacklevel=3))
+        self.index: dict[str, int] = {}
+        self.layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
+        self._slabs: dict[str, torch.Tensor] = {}
+        self._maps: dict[str, Any] = {}
+        self._rows = 0
+        if folder is not None:
+            self._open()
+
+    # layout: leaf -> (dtype, row shape); the row size in bytes
+    def _row_bytes(self, name: str) -> int:
+        assert self.layout is not None
+        dtype, shape = self.layout[name]
+        return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+    def _open(self) -> None:
+        assert self.folder is not None
+        try:
+            meta = json.loads((self.folder / "layout.json").read_text())
+            lines = (self.folder / "index.tsv").read_text().splitlines()
+        except (OSError, ValueError):
+            return
+        self.layout = {name: (getattr(torch, dtype), tuple(shape)) for name, (dtype, shape) in meta.items()}
+        rows = min(self._file_rows(name) for name in self.layout)
+        for line in lines:
+            key, _, row = line.partition("\t")
+            if row.isdigit() and int(row) < rows:
+                self.index[key] = int(row)
+
+    def _file(self, name: str) -> Path:
+        assert self.folder is not None and self.layout is not None
+        return self.folder / f"{sorted(self.layout).index(name)}.bin"
+
+    def _file_rows(self, name: str) -> int:
+        try:
+            return self._file(name).stat().st_size // self._row_bytes(name)
+        except OSError:
+            return 0
+
+    def rows(self, keys: list[str]) -> list[int | None]:
+        return [self.index.get(k) for k in keys]
+
+    def add(self, keys: list[str], leaves: dict[str, torch.Tensor]) -> None:
+        """Store row ``i`` of every leaf under ``keys[i]`` (keys held already are skipped)."""
+        layout = {k: (t.dtype, tuple(t.shape[1:])) for k, t in leaves.items()}
+        if self.layout is None:
+            self.layout = layout
+        elif layout != self.layout:
+            return  # another shape (a shorter clip): such items are computed, not stored
+        new = [i for i, k in enumerate(keys) if k not in self.index]
+        if not new:
+            return
+        rows = {k: t.detach()[new].to("cpu").contiguous() for k, t in leaves.items()}
+        if self.folder is None:
+            self._add_memory([keys[i] for i in new], rows)
+        else:
+            self._add_disk([keys[i] for i in new], rows)
+
+    def _add_memory(self, keys: list[str], rows: dict[str, torch.Tensor]) -> None:
+        per_row = sum(t[0].numel() * t.element_size() for t in rows.values())
+        room = (self.memory_bytes - self._rows * per_row) // max(per_row, 1)
+        keys = keys[: max(0, room)]
+        if not keys:
+            return
+        n = len(keys)
+        for name, t in rows.items():
+            slab = self._slabs.get(name)
+            if slab is None or slab.shape[0] < self._rows + n:
+                grown = t.new_empty((max(2 * (slab.shape[0] if slab is not None else 0), self._rows + n, 64), *t.shape[1:]))
+                if slab is not None:
+                    grown[: self._rows] = slab[: self._rows]
+                self._slabs[name] = slab = grown
+            slab[self._rows : self._rows + n] = t[:n]
+        for j, key in enumerate(keys):
+            self.index[key] = self._rows + j
+        self._rows += n
+
+    def _add_disk(self, keys: list[str], rows: dict[str, torch.Tensor]) -> None:
+        import fcntl
+
+        assert self.folder is not None and self.layout is not None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / "lock", "a+b") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    layout_file = self.folder / "layout.json"
+                    if not layout_file.exists():
+                        meta = {name: [str(dtype).removeprefix("torch."), list(shape)] for name, (dtype, shape) in self.layout.items()}
+                        write_atomic(layout_file, lambda f: f.write(json.dumps(meta).encode()))
+                    start = min(self._file_rows(name) for name in self.layout)  # other runs may have appended
+                    for name, t in rows.items():
+                        with open(self._file(name), "r+b" if self._file(name).exists() else "wb") as f:
+                            f.seek(start * self._row_bytes(name))
+                            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                    with open(self.folder / "index.tsv", "a") as f:
+                        f.write("".join(f"{key}\t{start + j}\n" for j, key in enumerate(keys)))
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        except OSError as exc:
+            self._say(f"encoder cache: cannot write to {self.folder} ({exc.strerror or exc}); those clips are decoded and computed again")
+            return
+        for j, key in enumerate(keys):
+            self.index[key] = start + j
+
+    def read(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """Every leaf at ``rows`` (new tensors: the store is never handed out to be changed)."""
+        assert self.layout is not None
+        if self.folder is None:
+            index = torch.tensor(rows, dtype=torch.long)
+            return {name: slab.index_select(0, index) for name, slab in self._slabs.items()}
+        import numpy as np
+
+        out = {}
+        needed = max(rows) + 1 if rows else 0
+        for name, (dtype, shape) in self.layout.items():
+            mapped = self._maps.get(name)
+            if mapped is None or mapped.shape[0] < needed:
+                size = self._row_bytes(name)
+                mapped = self._maps[name] = np.memmap(self._file(name), dtype=np.uint8, mode="r", shape=(self._file_rows(name), size))
+            block = np.take(mapped, rows, axis=0)  # one gather: a copy, in row order
+            out[name] = torch.from_numpy(block).view(dtype).reshape(len(rows), *shape)
+        return out
 
 
 def _plain(value: Any) -> bool:

@@ -38,6 +38,7 @@ __all__ = [
     "DataSource",
     "EncoderOutput",
     "EvalTask",
+    "FrameFeatures",
     "Fusion",
     "HardNegatives",
     "Objective",
@@ -211,6 +212,10 @@ class AudioEncoder(Protocol):
     function of the waveform (no learned parameters, no randomness), so the trainer may run it
     in the data loader's workers, beside the training step, when no ``waveform`` augmenter has
     to act first; the batch then arrives with ``clean_features`` filled.
+
+    Optional: an attribute ``frame_features`` (a :class:`FrameFeatures`) says ``preprocess`` is
+    computed frame by frame on a fixed hop, so ``[loader] cache = "features"`` may compute each
+    file's features once and crop them in frame space.
     """
 
     sample_rate: int
@@ -232,6 +237,44 @@ class AudioEncoder(Protocol):
         output_hidden_states: bool = False,
     ) -> EncoderOutput:
         """Encode; ``keep_index`` ``[B, N']`` keeps only those grid tokens (after positions)."""
+        ...
+
+
+@runtime_checkable
+class FrameFeatures(Protocol):
+    """An audio encoder's ``preprocess`` as frames on a fixed hop: computed once per file, cropped.
+
+    An encoder offers it as its ``frame_features`` attribute (a small picklable object without
+    learned parameters: it runs in the loader's processes). The promise, for any mono waveform
+    ``w`` at the encoder's rate, a clip length ``L`` and a frame offset ``k`` whose frames lie
+    in ``w`` (``k + num_frames(L) <= frames(w).shape[0]``)::
+
+        preprocess(w[None, k * hop : k * hop + L]) == assemble(frames(w)[None, k : k + num_frames(L)])
+
+    within float rounding: frame ``i`` depends only on the samples from ``i * hop`` on (a
+    window of fixed length), never on the clip's other samples. With ``k = 0`` and ``w`` the
+    clip itself it also covers clips padded to ``L``.
+
+    Attributes:
+        hop: Samples between the starts of consecutive frames.
+        settings: JSON-able description of everything that decides the frames' values (window,
+            bins, normalisation, an implementation version); part of the feature cache's key, so
+            changing any of it recomputes the cache.
+    """
+
+    hop: int
+    settings: dict[str, Any]
+
+    def frames(self, waveform: torch.Tensor) -> torch.Tensor:
+        """The frames ``[n, ...]`` (float32) of one whole mono waveform ``[T]``."""
+        ...
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames of a clip of ``num_samples`` samples that ``preprocess`` uses."""
+        ...
+
+    def assemble(self, frames: torch.Tensor) -> torch.Tensor:
+        """``[B, num_frames(L), ...]`` frames of clips of ``L`` samples -> ``preprocess``'s output."""
         ...
 
 

@@ -68,10 +68,13 @@ class LoaderConfig:
     )
     cache: str = attrs.field(
         default="off",
-        validator=attrs.validators.in_(("waveforms", "off")),
+        validator=attrs.validators.in_(("features", "waveforms", "off")),
         metadata={"help": "waveforms: decode, check, mix to mono and resample every file once, before the first "
                   "step, into one .npy per file under $MTRUN_CACHE/waveforms (reused by later runs; each crop "
-                  "reads only its own samples); off: decode on every use (see read)"},
+                  "reads only its own samples); features: the same, then the audio encoder's features of each whole "
+                  "file into $MTRUN_CACHE/features, cropped in frame space (offsets move in the encoder's hop; needs an "
+                  "encoder that declares frame_features, e.g. mavil, and no waveform augmenter); off: decode on every "
+                  "use (see read)"},
     )
     read: str = attrs.field(
         default="whole",

@@ -15,6 +15,7 @@ are the projections, unless an objective supplies a head to put on top of them
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -123,14 +124,31 @@ class System(nn.Module):
                 value = aug(value, context)
         return value
 
+    @property
+    def served_items(self) -> Any:
+        """For the training loader: a :class:`mtrun.encoder_cache.ServedItems` listing the clips
+        whose frozen audio-encoder outputs the encoder cache holds, so the loader sends zeros
+        instead of decoding them; ``None`` when there is no cache, nothing of the audio encoder
+        is cached, or an augmenter may change the audio after the loader (``waveform``,
+        ``features`` and ``audio_tokens`` stages; a ``batch`` augmenter that replaces the
+        waveforms is caught at its first step, see :meth:`encode`)."""
+        if self.encoder_cache is None or not any(m.startswith("[audio_encoder]") for m in self.cached_modules):
+            return None
+        if any(a.stage in ("waveform", "features", "audio_tokens") for a in self._augmenters):
+            return None
+        from mtrun.encoder_cache import ServedItems
+
+        return ServedItems(self.encoder_cache)
+
     def encode(self, batch: Batch, context: AugmentContext | None = None) -> StepOutputs:
         """Run augmenters, encoders and projectors on a collated batch (already on device)."""
+        loaded = _state(batch.get("waveforms"))  # item keys hold while the audio is untouched
         batch = self._augment("batch", batch, context)
         if batch.get("clean_features") is None:
             batch.waveforms = self._augment("waveform", batch.waveforms, context)
             # Kept before the ``features`` augmenters so an objective can use the un-augmented
             # features as its target (mae-recon must not learn to rebuild SpecAugment's zeroed bands).
-            batch.clean_features = self.audio_encoder.preprocess(batch.waveforms)
+            batch.clean_features = self._preprocess(batch)
         elif context is not None and any(a.stage == "waveform" for a in self._active(context)):
             raise RuntimeError(
                 "the batch arrived with its features computed by the loader, but a waveform augmenter must act "
@@ -141,7 +159,9 @@ class System(nn.Module):
         batch = self._augment("audio_tokens", batch, context)
         batch = self._augment("text_tokens", batch, context)
         n = len(batch.text_inputs["input_ids"])
-        batch.audio_encoded = _encoded(self.audio_encoder(batch.features, keep_index=batch.get("audio_keep_index")), self.audio_encoder, "[audio_encoder]", n)
+        with self._items(batch, loaded):
+            audio = self.audio_encoder(batch.features, keep_index=batch.get("audio_keep_index"))
+        batch.audio_encoded = _encoded(audio, self.audio_encoder, "[audio_encoder]", n)
         batch.text_encoded = _encoded(self.text_encoder(batch.text_inputs["input_ids"], batch.text_inputs["attention_mask"]), self.text_encoder, "[text_encoder]", n)
         batch = self._augment("encoded", batch, context)
         audio, text = batch.audio_encoded, batch.text_encoded
@@ -155,6 +175,36 @@ class System(nn.Module):
             fused_audio=fused_audio,
             fused_text=fused_text,
         )
+
+    def _preprocess(self, batch: Batch) -> torch.Tensor:
+        """The audio encoder's ``preprocess``; when every clip came as zeros (the encoder cache
+        serves them all), one row's features repeated: what the encoder reads is served anyway."""
+        items, waveforms = batch.get("audio_items"), batch.waveforms
+        if items is not None and self.encoder_cache is not None and waveforms.shape[0] > 1 and all(items["served"]):
+            one = self.audio_encoder.preprocess(waveforms[:1])
+            return one.expand(waveforms.shape[0], *one.shape[1:])
+        return self.audio_encoder.preprocess(waveforms)
+
+    def _items(self, batch: Batch, loaded: tuple[Any, int]) -> Any:
+        """The encoder cache's item-key context for the audio encoder call when the loader
+        named the clips (``audio_items``) and nothing changed them since: the same waveform
+        tensor, unmodified, no ``features`` augmenter (features are the clean ones), no token
+        drop. A batch with clips sent as zeros that was changed is an error."""
+        items = batch.get("audio_items")
+        if items is None or self.encoder_cache is None:
+            return contextlib.nullcontext()
+        intact = (
+            _same(_state(batch.get("waveforms")), loaded)
+            and batch.features is batch.clean_features and batch.get("audio_keep_index") is None
+        )
+        if not intact:
+            if any(items["served"]):
+                raise RuntimeError(
+                    "the loader sent some clips as zeros (the encoder cache holds their outputs), but an augmenter "
+                    "changed the audio before the encoder; such a recipe cannot skip decoding"
+                )
+            return contextlib.nullcontext()
+        return self.encoder_cache.items(items["keys"], items["served"], batch.features)
 
     def forward(self, batch: Batch, context: AugmentContext | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """Weighted sum of the objectives' losses, and the metrics to log (detached)."""
@@ -244,6 +294,15 @@ def _embedding_heads(objectives: Sequence[WeightedObjective]) -> dict[str, tuple
                 )
             heads[modality] = (entry.name, head)
     return heads
+
+
+def _state(t: torch.Tensor | None) -> tuple[Any, int]:
+    """The tensor ``t`` (held, so its id is not reused) and how often it was changed in place."""
+    return (t, t._version if t is not None else 0)
+
+
+def _same(a: tuple[Any, int], b: tuple[Any, int]) -> bool:
+    return a[0] is b[0] and a[1] == b[1]
 
 
 def _shape(value: Any) -> str:

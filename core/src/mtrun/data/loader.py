@@ -11,10 +11,11 @@ seeded by ``(seed, epoch, item index)``, independent of workers, ranks and what 
 Broken audio is skipped, listed in ``RUN_DIR/skipped.jsonl`` and, in training, replaced by a
 deterministic refill, so batch sizes and resume are unaffected (see :class:`BatchLoader`).
 
-Audio reaches a batch one of three ways (``[loader]`` ``cache`` and ``read``): sliced from the
-decode-once waveform cache (:mod:`mtrun.data.waveform_cache`), read as just the crop's span of
-the file, or decoded whole and then cropped. Audio decoding, checks, crops and padding live in
-:mod:`mtrun.data.audio`.
+Audio reaches a batch one of four ways (``[loader]`` ``cache`` and ``read``): as the audio
+encoder's features, sliced in frame space from the compute-once feature cache
+(:mod:`mtrun.data.feature_cache`); sliced from the decode-once waveform cache
+(:mod:`mtrun.data.waveform_cache`); read as just the crop's span of the file; or decoded whole
+and then cropped. Audio decoding, checks, crops and padding live in :mod:`mtrun.data.audio`.
 """
 
 from __future__ import annotations
@@ -242,11 +243,12 @@ def sample_text(sample: Sample, *, training: bool, generator: torch.Generator | 
 
 
 class _BuildProgress:
-    """The waveform cache build's progress on stderr: a rich bar (one line, drawn when done,
-    where stderr is not a terminal), after a line saying what is built where."""
+    """A cache build's progress on stderr: a rich bar (one line, drawn when done, where stderr
+    is not a terminal), after a line saying what is built where."""
 
-    def __init__(self, folder: Path, split: str, *, enabled: bool):
-        self.folder, self.split, self.enabled = folder, split, enabled
+    def __init__(self, cache: Any, split: str, *, enabled: bool):
+        self.folder, self.split, self.enabled = cache.folder, split, enabled
+        self.what, self.name = cache.WHAT, cache.NAME
         self._bar = None
 
     def start(self, total: int) -> Callable[[], None] | None:
@@ -259,10 +261,10 @@ class _BuildProgress:
         console = make_console(stderr=True)
         split = f" of split {self.split!r}" if self.split else ""
         console.print(
-            f"waveform cache: decoding {total} files{split} once -> {self.folder} (later runs reuse them)",
+            f"{self.what.format(n=total, split=split)} -> {self.folder} (later runs reuse them)",
             markup=False, highlight=False, soft_wrap=True,
         )
-        columns = (TextColumn("waveform cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        columns = (TextColumn(self.name), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
         self._bar = Progress(*columns, console=console)
         task = self._bar.add_task("decode", total=total)
         self._bar.start()
@@ -337,6 +339,15 @@ class BatchLoader:
     bad fraction is checked exactly. Where the cache cannot be written, the loader warns once
     and reads the remaining files as ``config.read`` says.
 
+    **The feature cache** (``config.cache = "features"``, given the audio encoder's
+    ``frame_features``): built like the waveform cache, but each entry holds the encoder's
+    features of the whole file (:mod:`mtrun.data.feature_cache`). A clip's frames are read at a
+    frame offset drawn as above in units of the hop (crops move in hops), so they are the
+    frames ``preprocess`` computes on the waveform cropped there; the batch arrives with
+    ``clean_features`` filled and ``waveforms`` empty (``[B, 0]``). A file with fewer frames than
+    a clip (or one not cached) is cropped and padded as a waveform and its frames computed on
+    the clip.
+
     **Too much bad input** fails early. At construction a seeded random subset of
     ``config.probe_items`` items is decoded; the loader refuses to start when the probe shows,
     at 99% confidence (a one-sided Wilson bound, so a few unlucky draws from a mostly good
@@ -369,6 +380,8 @@ class BatchLoader:
             rather than on the training step, when it is a fixed function of the waveform (the
             encoder's ``preprocess_in_loader``) and no ``waveform`` augmenter must act first;
             its output goes to the batch's ``clean_features``. ``None``: the system runs it.
+        frame_features: The audio encoder's ``frame_features``; required by, and used only
+            with, ``config.cache = "features"`` (then ``preprocess`` is not needed).
     """
 
     def __init__(
@@ -390,6 +403,7 @@ class BatchLoader:
         run_dir: str | Path | None = None,
         split: str = "",
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        frame_features: Any = None,
     ):
         if batch_size % (grad_accum * world_size) != 0:
             raise MtrunError(
@@ -420,9 +434,25 @@ class BatchLoader:
         self._order_cache: tuple[int, list[int]] | None = None
         self._split_ids: set[str] | None = None
         self.waveform_cache = None
+        self.feature_cache = None
+        cache = getattr(config, "cache", "off")
+        self.frame_features = frame_features if cache == "features" else None
+        self.clip_frames = 0
+        if cache == "features":
+            if frame_features is None:
+                raise MtrunError(
+                    '[loader].cache = "features" needs the audio encoder\'s frame_features (an encoder whose '
+                    'preprocess works frame by frame); set [loader].cache = "waveforms" or "off"'
+                )
+            self.clip_frames = int(frame_features.num_frames(self.clip_samples))
+            if self.clip_frames < 1:
+                raise MtrunError(
+                    f"[loader].clip_seconds = {config.clip_seconds:g} is shorter than one frame of the "
+                    "audio encoder's features"
+                )
         if getattr(config, "probe_items", 0) > 0 and len(samples) > 0:
             self.probe()
-        if getattr(config, "cache", "off") == "waveforms" and len(samples) > 0:
+        if cache in ("waveforms", "features") and len(samples) > 0:
             self.build_cache()
 
     # ------------------------------------------------------------------ planning
@@ -646,6 +676,26 @@ class BatchLoader:
             return self._finish_resampled(span, rate)
         return crop_or_pad(span, self.clip_samples, self.crop, pad=self.pad)
 
+    def _prepare_frames(self, sample: Sample, epoch: int, index: int) -> torch.Tensor:
+        """The item's clip as the encoder's frames ``[clip_frames, ...]``: rows of its feature
+        cache entry at an offset drawn in frames, or, for a file with fewer frames than a clip
+        or not cached, the frames of the waveform clip :meth:`_prepare` gives."""
+        cache = self.feature_cache
+        if cache is not None and not torch.is_tensor(sample.audio):
+            try:
+                cached = cache.lookup(sample.audio)
+            except AudioDecodeError as exc:
+                raise AudioDecodeError(f"sample {sample.id!r}: {exc}", kind=exc.kind, path=exc.path) from None
+            if cached is not None and cached.length >= self.clip_frames:
+                crop_gen = torch.Generator().manual_seed(derive_seed(self.seed, "crop", epoch, index))
+                offset = crop_offset(cached.length, self.clip_frames, self.crop, crop_gen)
+                try:
+                    return torch.from_numpy(cached.read(offset, self.clip_frames))
+                except (OSError, ValueError) as exc:  # the entry went away (cache cleared mid-run)
+                    cache.forget(sample.audio, exc)
+        with torch.no_grad():
+            return self.frame_features.frames(self._prepare(sample, epoch, index))[: self.clip_frames]
+
     def _clip_from_cache(self, entry, crop_gen: torch.Generator) -> torch.Tensor:
         """Read the clip's samples from a cache entry (already mono, checked, at the encoder's rate)."""
         offset = crop_offset(entry.length, self.clip_samples, self.crop, crop_gen)
@@ -655,7 +705,7 @@ class BatchLoader:
     # ------------------------------------------------------------------ the waveform cache
 
     def build_cache(self) -> None:
-        """Build the waveform cache entries this split lacks (see the class docstring).
+        """Build the waveform (or feature) cache entries this split lacks (see the class docstring).
 
         Rank 0 shows the progress; each DDP rank starts at its own share of the missing
         entries, so ranks building at once rarely decode the same file. Bad files found are
@@ -665,14 +715,19 @@ class BatchLoader:
             MtrunError: More than ``config.max_bad_fraction`` of the split is unusable.
         """
         from mtrun import distributed
-        from mtrun.data.waveform_cache import WaveformCache
 
-        cache = WaveformCache(self.sample_rate)
-        self.waveform_cache = cache
+        if self.frame_features is not None:
+            from mtrun.data.feature_cache import FeatureCache
+
+            cache = self.feature_cache = FeatureCache(self.sample_rate, self.frame_features)
+        else:
+            from mtrun.data.waveform_cache import WaveformCache
+
+            cache = self.waveform_cache = WaveformCache(self.sample_rate)
         rank, world = distributed.rank(), distributed.world_size()
         wanted = [i for i, s in enumerate(self.samples) if s.id not in self._known_bad and not torch.is_tensor(s.audio)]
         audios = [self.samples[i].audio for i in wanted]
-        progress = _BuildProgress(cache.folder, self.split, enabled=rank == 0)
+        progress = _BuildProgress(cache, self.split, enabled=rank == 0)
         try:
             report = cache.build(
                 audios,
@@ -685,10 +740,10 @@ class BatchLoader:
         if report.failed and str(cache.folder) not in _CACHE_WARNED:
             _CACHE_WARNED.add(str(cache.folder))  # once per process: the train and val loaders both build
             _log.warning(
-                "the waveform cache could not be written in %s (%s); training goes on, reading the files that "
+                "the %s could not be written in %s (%s); training goes on, reading the files that "
                 "are not cached yet on every use. Free space there, or point MTRUN_CACHE at another disk; "
                 "[loader].cache = \"off\" stops trying.",
-                cache.folder, report.failed,
+                cache.NAME, cache.folder, report.failed,
             )
         if report.bad:
             for i in wanted:
@@ -714,6 +769,7 @@ class BatchLoader:
         """
         step = epoch * self.steps_per_epoch + batch_index
         waves, texts, ids, tags, groups, skipped = [], [], [], [], [], []
+        keys: list[tuple[str, bool] | None] = []  # per clip: (item key, sent as zeros); see item_key
         for position, first in enumerate(indices):
             slot = slots[position] if slots is not None else position
             candidates = self._candidates(epoch, batch_index, slot) if self.training else iter(())
@@ -733,7 +789,10 @@ class BatchLoader:
                         for aug in self.augmenters:
                             sample = aug(sample, context)
                     try:
-                        wave = self._prepare(sample, epoch, index)
+                        if self.frame_features is not None:
+                            wave = self._prepare_frames(sample, epoch, index)
+                        else:
+                            wave = self._prepare_or_serve(sample, epoch, index, keys)
                         break
                     except AudioDecodeError as error:
                         self._skip(index, error)
@@ -752,7 +811,10 @@ class BatchLoader:
             ids.append(sample.id)
             tags.append(sample.tags)
             groups.append(sample.group)
-        waveforms = torch.stack(waves) if waves else torch.zeros(0, self.clip_samples)
+        if self.frame_features is not None:  # waves holds each clip's frames
+            waveforms = torch.zeros(len(waves), 0)
+        else:
+            waveforms = torch.stack(waves) if waves else torch.zeros(0, self.clip_samples)
         batch = Batch(
             ids=ids,
             waveforms=waveforms,
@@ -762,11 +824,54 @@ class BatchLoader:
             text_inputs=self.tokenize(texts) if texts else {},
             skipped=skipped,
         )
-        if self.preprocess is not None and waves:
+        self._name_items(batch, keys, len(waves))
+        if self.frame_features is not None and waves:
+            with torch.no_grad():
+                batch.clean_features = self.frame_features.assemble(torch.stack(waves))
+        elif self.preprocess is not None and waves:
             # In a worker, beside the training step: the fbank is ~40% of a small model's step.
             with torch.no_grad():
                 batch.clean_features = self.preprocess(waveforms)
         return batch
+
+    # ------------------------------------------------------------------ the encoder cache
+
+    #: The training loader's view of the encoder cache (:attr:`mtrun.system.System.served_items`,
+    #: set by the trainer): clips whose frozen encoder outputs it holds are sent as zeros, not
+    #: decoded. Its list is taken when an epoch's workers start (:meth:`micro_batches`).
+    served_items: Any = None
+    _served: frozenset[str] = frozenset()
+
+    def item_key(self, sample: Sample, index: int) -> str | None:
+        """A name for the clip this loader makes of ``sample``, the same every epoch: the file
+        (path, size, modification time), the crop policy, clip length, rate, padding and read
+        path. ``None`` where the clip is not a function of those: random crops, in-memory
+        waveforms, audio a sample augmenter replaced."""
+        original = self.samples[index]
+        if self.crop == "random" or not isinstance(sample.audio, (str, os.PathLike)) or sample.audio is not original.audio:
+            return None
+        try:
+            stat = os.stat(sample.audio)
+        except OSError:
+            return None  # decoding reports it
+        import hashlib
+
+        what = [os.path.abspath(sample.audio), stat.st_size, stat.st_mtime_ns, self.sample_rate, self.clip_samples, self.crop,
+                self.pad, getattr(self.config, "cache", "off"), self.span_reads]
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
+
+    def _prepare_or_serve(self, sample: Sample, epoch: int, index: int, keys: list[tuple[str, bool] | None]) -> torch.Tensor:
+        """:meth:`_prepare`, or zeros for a clip the encoder cache serves; its key goes to ``keys``."""
+        key = self.item_key(sample, index) if self.served_items is not None else None
+        served = key is not None and key in self._served
+        wave = torch.zeros(self.clip_samples) if served else self._prepare(sample, epoch, index)
+        keys.append((key, served) if key is not None else None)
+        return wave
+
+    def _name_items(self, batch: Batch, keys: list[tuple[str, bool] | None], n: int) -> None:
+        """``batch.audio_items`` (``keys``, ``served``) when every clip of the batch has an item key."""
+        if n and len(keys) == n and all(k is not None for k in keys):
+            batch.audio_items = {"keys": [k[0] for k in keys], "served": [k[1] for k in keys]}  # type: ignore[index]
 
     # ------------------------------------------------------------------ iterating
 
@@ -786,6 +891,7 @@ class BatchLoader:
             return iter(())
         # Workers get a copy of this loader: hand them what other processes found bad so far.
         self._known_bad |= self.skip_log.remembered_ids()
+        self._served = self.served_items.served() if self.served_items is not None else frozenset()
         workers = max(0, int(self.config.num_workers))
         loader = torch.utils.data.DataLoader(
             _MicroBatches(self, plan),

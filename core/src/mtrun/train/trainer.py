@@ -12,9 +12,13 @@ augmenters draw per item from seeds of (step, item id) (``AugmentContext.item_ra
 item gets the same masks on any rank of a torchrun job, with the step's generator per (step,
 micro-batch, rank) kept for draws that need no such guarantee; and the global
 Python/NumPy/torch RNGs (dropout) are re-seeded at the start of every step from (seed, step,
-rank). A run killed at
+rank) (:func:`_seed_step`). A run killed at
 any step and resumed from its last checkpoint therefore continues bit-for-bit on the path of
 an uninterrupted run on the same hardware.
+
+Host syncs: a step reads back one small tensor (its loss and the spread metrics the collapse
+monitor watches, averaged over ranks) to check it before the optimizer step; the other metrics
+stay on the device and are summed, averaged over ranks and read back only on log steps.
 
 Non-finite numbers: by default a non-finite loss or gradient norm stops training before the
 optimizer step (``[trainer].nonfinite = "stop"``). With ``nonfinite = "skip"`` such a step is
@@ -30,12 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import attrs
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,7 +62,7 @@ from mtrun.train.checkpoint import (
     resolve_resume,
     step_dir_name,
 )
-from mtrun.train.collapse import CollapseMonitor
+from mtrun.train.collapse import CollapseMonitor, is_spread_metric
 from mtrun.train.gradient_cache import (
     KEY as GRADIENT_CACHE,
     all_reduce_gradients,
@@ -95,6 +101,37 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def _seed_step(seed: int) -> None:
+    """:func:`~mtrun.train.rng.seed_everything` for the training loop, a seventh of its cost:
+    torch's CPU generator is seeded directly, and CUDA's only once CUDA is initialised (the
+    device is chosen before the loop, so it is by the first step that uses it), rather than
+    through ``torch.manual_seed``, which also visits every other backend (~70 µs a step)."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+
+
+def loader_frame_features(system: System, loader: Any) -> Any:
+    """The audio encoder's ``frame_features`` when ``[loader] cache = "features"``, else ``None``.
+
+    Raises:
+        TrainingError: The encoder declares none, or a ``waveform`` augmenter must act first
+            (the message names the recipe key and what to set instead).
+    """
+    if getattr(loader, "cache", "off") != "features":
+        return None
+    from mtrun.data.feature_cache import frame_features_for
+    from mtrun.errors import MtrunError
+
+    try:
+        encoder = system.audio_encoder
+        return frame_features_for(encoder, system.augmenters, encoder_label=label(encoder, "[audio_encoder]"))
+    except MtrunError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def loader_preprocess(system: System) -> Any:
@@ -168,28 +205,31 @@ def _float(value: Any) -> float:
 
 @attrs.define
 class _Window:
-    """Training metrics summed over the steps since the last log line.
+    """Training metrics of the steps since the last log line.
 
     ``steps`` counts the applied steps the means are over; ``skipped`` the steps skipped for a
     non-finite loss or gradient, whose numbers are left out of the means (one NaN would make
-    them all NaN) but whose samples count in the throughput.
+    them all NaN) but whose samples count in the throughput. The loss (already averaged over
+    ranks, read back every step for the finiteness check) is summed as a float; the other
+    metrics are kept as this rank's detached device tensors and summed, averaged over ranks and
+    read back once, in :meth:`means` (every rank logs at the same steps).
     """
 
     loss: float = 0.0
     steps: int = 0
     skipped: int = 0
-    metrics: dict[str, float] = attrs.field(factory=dict)
+    metrics: list[dict[str, torch.Tensor]] = attrs.field(factory=list)
+    grad_norm: float | None = None
     lr: float = 0.0
     start: float = attrs.field(factory=time.perf_counter)
 
-    def add(self, loss: float, metrics: dict[str, float], grad_norm: float | None, lr: float) -> None:
+    def add(self, loss: float, metrics: dict[str, torch.Tensor], grad_norm: float | None, lr: float) -> None:
         self.loss += loss
         self.steps += 1
         self.lr = lr  # the rate the latest step ran at
+        self.metrics.append(metrics)
         if grad_norm is not None:
-            metrics = {**metrics, "grad_norm": grad_norm}
-        for key, value in metrics.items():
-            self.metrics[key] = self.metrics.get(key, 0.0) + value
+            self.grad_norm = (self.grad_norm or 0.0) + grad_norm
 
     def skip(self, lr: float) -> None:
         self.skipped += 1
@@ -199,14 +239,19 @@ class _Window:
         """The log record: means over the window's applied steps (none when every step in it
         was skipped), and its throughput."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        record = {
+        record: dict[str, Any] = {
             "epoch": epoch,
             "lr": self.lr,
             "samples_per_s": (self.steps + self.skipped) * batch_size / elapsed,
         }
         if self.steps:
             record["loss"] = self.loss / self.steps
-            record.update({k: v / self.steps for k, v in self.metrics.items()})
+            keys = sorted({k for step in self.metrics for k in step})
+            if keys:
+                sums = torch.stack([torch.stack([step[k] for step in self.metrics if k in step]).sum() for k in keys])
+                record.update(zip(keys, (distributed.all_reduce_mean(sums) / self.steps).tolist()))
+            if self.grad_norm is not None:
+                record["grad_norm"] = self.grad_norm / self.steps
         return record
 
 
@@ -249,6 +294,8 @@ class _Fit:
     last_val: dict[str, float] = attrs.field(factory=dict)
     window: _Window = attrs.field(factory=_Window)
     collapse: CollapseMonitor | None = None
+    parameters: list[nn.Parameter] = attrs.field(factory=list)
+    """The system's parameters, listed once (walking the module tree costs ~1 ms a step)."""
 
     @property
     def ckpt_root(self) -> Path:
@@ -483,9 +530,9 @@ class DefaultTrainer:
         """One optimizer step on global batch ``b`` of the current epoch, and its bookkeeping."""
         state = self.state
         step, epoch = state.step, state.epoch
-        seed_everything(derive_seed(self.run.config.seed, "step", step, fit.rank))
+        _seed_step(derive_seed(self.run.config.seed, "step", step, fit.rank))
         lr = fit.optimizer.param_groups[0]["lr"] if fit.optimizer is not None else 0.0
-        loss, metrics, grad_norm = self._forward_backward(fit, micros, step=step, epoch=epoch)
+        loss, spreads, metrics, grad_norm = self._forward_backward(fit, micros, step=step, epoch=epoch)
         what = self._nonfinite(loss, grad_norm)
         if what is None:
             if fit.optimizer is not None:
@@ -493,15 +540,17 @@ class DefaultTrainer:
                 fit.scheduler.step()
             fit.window.add(loss, metrics, grad_norm, lr)
         else:
-            self._skip(fit, what, lr, self._nonfinite_source(metrics) if what == "loss" else "")
+            source = self._nonfinite_source({k: _float(v) for k, v in metrics.items()}) if what == "loss" else ""
+            self._skip(fit, what, lr, source)
         state.step += 1
         state.epoch, state.batch = (epoch + 1, 0) if b + 1 == fit.steps_per_epoch else (epoch, b + 1)
         if what is None:
             fit.system.on_step_end(state.step, fit.total)
-            self._watch_collapse(fit, metrics)
+            self._watch_collapse(fit, spreads)
 
     def _watch_collapse(self, fit: _Fit, metrics: dict[str, float]) -> None:
-        """Feed the step's spread metrics to the collapse monitor (:mod:`mtrun.train.collapse`);
+        """Feed the step's spread metrics (averaged over ranks) to the collapse monitor
+        (:mod:`mtrun.train.collapse`);
         with ``on_collapse = "stop"`` a collapse stops training before this step is saved."""
         message = fit.collapse.observe(self.state.step, metrics)
         if message is not None and self.config.on_collapse == "stop":
@@ -734,6 +783,7 @@ class DefaultTrainer:
             start_step=self.state.step,
             last_checkpoint=str(resume_from) if resume_from is not None else None,
         )
+        fit.parameters = list(system.parameters())
         fit.collapse = CollapseMonitor(
             self.config.collapse_threshold, self.config.collapse_patience, say=lambda text: fit.progress.message("warning: " + text)
         )
@@ -790,8 +840,12 @@ class DefaultTrainer:
             sample_rate=system.audio_encoder.sample_rate,
             tokenize=system.text_encoder.tokenize,
             seed=run.config.seed,
-            preprocess=loader_preprocess(system),
         )
+        frame_features = loader_frame_features(system, run.loader)
+        if frame_features is not None:
+            common["frame_features"] = frame_features
+        else:
+            common["preprocess"] = loader_preprocess(system)
         loader = BatchLoader(
             train_samples,
             batch_size=cfg.batch_size,
@@ -809,6 +863,7 @@ class DefaultTrainer:
             raise TrainingError(f"split {cfg.train_split!r} has {len(train_samples)} items, fewer than one batch of {cfg.batch_size}")
         total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
         loader.steps_per_epoch, loader.total_steps = steps_per_epoch, total
+        loader.served_items = system.served_items  # clips the encoder cache serves are not decoded
         val_loader = None
         if val_samples is not None and len(val_samples) > 0:
             val_loader = BatchLoader(
@@ -895,14 +950,20 @@ class DefaultTrainer:
 
     def _forward_backward(
         self, fit: _Fit, micros: list[Batch], *, step: int, epoch: int
-    ) -> tuple[float, dict[str, float], float | None]:
-        """Forward/backward over the micro-batches of one step; returns the step's loss and
-        metrics averaged over ranks (and over micro-batches, unless the gradient cache computed
-        one loss for all of them), and the gradient norm when clipping."""
+    ) -> tuple[float, dict[str, float], dict[str, torch.Tensor], float | None]:
+        """Forward/backward over the micro-batches of one step.
+
+        Returns:
+            The step's loss and the spread metrics the collapse monitor watches, averaged over
+            ranks (and over micro-batches, unless the gradient cache computed one loss for all
+            of them) and read back as floats; every metric as this rank's detached 0-d device
+            tensor (the log window averages them over ranks); the gradient norm when clipping.
+        """
         cfg, device = self.config, fit.device
         seed = self.run.config.seed
-        fit.model.train()
-        for p in self.system.parameters():
+        if not fit.system.training:  # after an evaluation (which restores the mode); a full walk costs ~1 ms
+            fit.model.train()
+        for p in fit.parameters:
             p.grad = None
 
         def context(m: int) -> AugmentContext:
@@ -928,18 +989,21 @@ class DefaultTrainer:
                 autocast=lambda: self._autocast(device),
             )
             # DDP's own hooks stayed idle (its forward was not called): average once here.
-            all_reduce_gradients(self.system.parameters())
+            all_reduce_gradients(fit.parameters)
         else:
             loss, metrics = self._accumulate(fit, micros, context)
-        keys = sorted(metrics)
-        packed = torch.stack([_scalar(loss, device)] + [_scalar(metrics[k], device) for k in keys])
+        metrics = {k: _scalar(v, device) for k, v in metrics.items()}
+        # The one read-back of a step: what must be known before the optimizer step.
+        watching = fit.collapse is not None and fit.collapse.threshold > 0
+        watched = sorted(k for k in metrics if is_spread_metric(k)) if watching else []
+        packed = torch.stack([_scalar(loss, device)] + [metrics[k] for k in watched])
         values = distributed.all_reduce_mean(packed).tolist()
         grad_norm = None
         if cfg.grad_clip > 0:
-            params = [p for p in self.system.parameters() if p.grad is not None]
+            params = [p for p in fit.parameters if p.grad is not None]
             if params:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        return values[0], dict(zip(keys, values[1:])), grad_norm
+        return values[0], dict(zip(watched, values[1:])), metrics, grad_norm
 
     def _accumulate(
         self, fit: _Fit, micros: list[Batch], context: Any

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from mtrun import EncoderOutput, TransformerBlock, sincos_table
-from mtrun_mavil.fbank import FBANK, kaldi_fbank, mel_banks
+from mtrun_mavil.fbank import FBANK, kaldi_fbank, mel_banks, num_frames
 
-__all__ = ["NORM_MEAN", "NORM_STD", "PATCH", "PRESETS", "MavilEncoder"]
+__all__ = ["NORM_MEAN", "NORM_STD", "PATCH", "PRESETS", "FbankFrames", "MavilEncoder"]
 
 NORM_MEAN = -4.2677393
 NORM_STD = 4.5689974
@@ -26,6 +26,69 @@ PRESETS: dict[str, dict[str, int]] = {
     # test / CPU profile size: 2.56 s of fbank -> 16 x 8 tokens, 2 blocks of width 64
     "tiny": {"dim": 64, "depth": 2, "heads": 2, "mlp_ratio": 4, "target_length": 256},
 }
+
+
+class FbankFrames:
+    """MAViL's ``preprocess`` as frames on the 10 ms hop (mtrun's ``FrameFeatures`` contract).
+
+    ``frames`` is the normalised kaldi fbank of a whole waveform ``[n, 128]``; ``assemble`` pads
+    (with the normalised log-fbank zero AudioMAE pads with) or crops a clip's frames to
+    ``target_length`` and adds the channel axis. Kaldi removes each frame's DC offset, which
+    cancels ``preprocess``'s per-clip mean subtraction, so frame ``k + i`` of a whole file is
+    frame ``i`` of the crop that starts at sample ``160 k``: ``[loader] cache = "features"``
+    computes each file's fbank once and crops it in frame space.
+    """
+
+    VERSION = 1
+    """Bumped when the frames' numbers change (a new fbank implementation); part of the cache key."""
+
+    def __init__(self, target_length: int, sample_rate: int = FBANK["sample_rate"], num_mel_bins: int = FBANK["num_mel_bins"]):
+        self.target_length = int(target_length)
+        self.sample_rate = int(sample_rate)
+        self.num_mel_bins = int(num_mel_bins)
+        self.hop = int(self.sample_rate * FBANK["frame_shift_ms"] * 0.001)
+        # target_length is left out: it decides assemble's padding, not a frame's numbers.
+        self.settings = {
+            "frames": "mtrun_mavil kaldi fbank, normalised",
+            "version": self.VERSION,
+            "fbank": dict(FBANK, sample_rate=self.sample_rate),
+            "num_mel_bins": self.num_mel_bins,
+            "window": "hann, symmetric",
+            "norm": [NORM_MEAN, NORM_STD],
+        }
+        self._constants: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_constants": None}  # rebuilt where it runs
+
+    def _banks_and_window(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._constants is None:
+            window = int(self.sample_rate * FBANK["frame_length_ms"] * 0.001)
+            self._constants = (mel_banks(self.num_mel_bins, self.sample_rate), torch.hann_window(window, periodic=False))
+        return self._constants
+
+    def normalise(self, fbank: torch.Tensor) -> torch.Tensor:
+        return (fbank - NORM_MEAN) / (2 * NORM_STD)
+
+    def frames(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Normalised fbank ``[n, 128]`` of one whole mono waveform ``[T]``."""
+        x = waveform.float().reshape(1, -1)
+        banks, window = self._banks_and_window()
+        fbank = kaldi_fbank(x - x.mean(), banks, window, self.sample_rate)[0]
+        return self.normalise(fbank)
+
+    def num_frames(self, num_samples: int) -> int:
+        return num_frames(int(num_samples), self.sample_rate)
+
+    def assemble(self, frames: torch.Tensor) -> torch.Tensor:
+        """Normalised frames ``[B, n, 128]`` -> ``[B, 1, target_length, 128]``."""
+        n = frames.shape[1]
+        if n < self.target_length:  # AudioMAE pads the log-fbank with zeros, then normalises
+            pad = frames.new_full((frames.shape[0], self.target_length - n, frames.shape[2]), (0.0 - NORM_MEAN) / (2 * NORM_STD))
+            frames = torch.cat([frames, pad], dim=1)
+        else:
+            frames = frames[:, : self.target_length]
+        return frames.unsqueeze(1)
 
 
 def _check_preset(instance: Any, attribute: Any, value: str) -> None:
@@ -58,6 +121,8 @@ class MavilEncoder(nn.Module):
     preprocess_in_loader: ClassVar[bool] = True
     """The fbank is a fixed function of the waveform (constant mel banks and window), so the
     data loader's workers may compute it beside the training step."""
+    frame_features: FbankFrames
+    """``preprocess`` as frames on the 10 ms hop, for ``[loader] cache = "features"``."""
 
     @attrs.frozen
     class Config:
@@ -97,6 +162,7 @@ class MavilEncoder(nn.Module):
         # Derived from constants: not saved in checkpoints.
         self.register_buffer("mel_banks", mel_banks(self.num_mel_bins, self.sample_rate), persistent=False)
         self.register_buffer("window", torch.hann_window(int(self.sample_rate * 0.025), periodic=False), persistent=False)
+        self.frame_features = FbankFrames(self.target_length, self.sample_rate, self.num_mel_bins)
 
         self.load_report = None
         if config.pretrained:
@@ -131,12 +197,8 @@ class MavilEncoder(nn.Module):
             x = x.mean(1)
         x = x - x.mean(dim=-1, keepdim=True)  # AudioMAE: waveform - waveform.mean()
         fbank = kaldi_fbank(x, self.mel_banks, self.window, self.sample_rate)  # [B, frames, 128]
-        frames = fbank.shape[1]
-        if frames < self.target_length:  # AudioMAE pads the log-fbank with zeros, then normalises
-            fbank = nn.functional.pad(fbank, (0, 0, 0, self.target_length - frames))
-        else:
-            fbank = fbank[:, : self.target_length]
-        return ((fbank - NORM_MEAN) / (2 * NORM_STD)).unsqueeze(1)
+        features = self.frame_features
+        return features.assemble(features.normalise(fbank))  # one padding rule with the feature cache
 
     # ------------------------------------------------------------------ encoder
 
