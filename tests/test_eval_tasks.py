@@ -104,15 +104,16 @@ def test_zero_shot_templates_must_hold_a_placeholder():
         ZeroShot.Config(templates=("no placeholder",))
 
 
-def test_zero_shot_default_templates_are_a_neutral_set_not_claimed_as_slaps():
-    # SLAP's exact templates and aggregation could not be verified in public code or pages, so
-    # the default set carries a neutral name and neither code nor docs call it SLAP's.
+def test_zero_shot_default_templates_are_our_own_set_not_claimed_as_slaps():
+    # The default wordings are our own ("song"); SLAP's four are a separate named set ("slap",
+    # tests/test_zeroshot.py). Nothing calls ours SLAP-style.
     from pathlib import Path
 
     from mtrun.eval import zeroshot
 
-    assert zeroshot.ZeroShot.Config().templates == zeroshot.SONG_TEMPLATES == zeroshot.DEFAULT_TEMPLATES
+    assert zeroshot.ZeroShot.Config().wordings == zeroshot.SONG_TEMPLATES == zeroshot.DEFAULT_TEMPLATES
     assert len(zeroshot.SONG_TEMPLATES) == 4 and all("{}" in t for t in zeroshot.SONG_TEMPLATES)
+    assert not set(zeroshot.SONG_TEMPLATES) & set(zeroshot.SLAP_TEMPLATES)
     doc = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
     for text in (Path(zeroshot.__file__).read_text(), doc.read_text()):
         assert "SLAP-style" not in text
@@ -311,3 +312,71 @@ def test_a_probe_trains_inside_an_evaluation_context():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         probs = train_probe(x[:120], y[:120], x[120:160], y[120:160], x[160:], kind="single", seed=0, max_epochs=30)
     assert (probs.argmax(1) == y[160:]).mean() > 0.9
+
+
+class Forgetful(nn.Module):
+    """A projector that throws the audio away: every clip gets the same joint embedding."""
+
+    output_dim = len(CLASSES)
+
+    def forward(self, encoded):
+        return torch.ones(encoded.pooled.shape[0], len(CLASSES))
+
+
+def test_the_probe_reads_the_backbone_by_default_and_the_joint_embedding_only_when_asked():
+    """MuLaP's protocol probes the audio backbone's pooled output: with a projector that
+    discards everything, ``features = "encoder"`` still separates the classes and
+    ``features = "embedding"`` cannot do better than the majority class."""
+    from mtrun.eval.probe import Probe
+
+    system = KnownSystem()
+    system.audio_projector = Forgetful()
+    samples = known_samples([0, 1, 2, 3] * 10)
+    backbone = Probe(Probe.Config(clip_seconds=1.0, max_epochs=30, seeds=1)).evaluate(system, samples)
+    joint = Probe(Probe.Config(clip_seconds=1.0, max_epochs=30, seeds=1, features="embedding")).evaluate(system, samples)
+    assert backbone["probe/genre/accuracy"] == pytest.approx(100.0)
+    n_test = int(joint["probe/genre/n_test"])
+    assert joint["probe/genre/accuracy"] <= 100.0 * (n_test // 2) / n_test  # at best one class's share
+
+
+def test_the_probe_applies_weight_decay_halves_the_rate_on_a_plateau_and_stops_early(monkeypatch):
+    """No signal to learn (random labels): the validation metric stalls, so the learning rate
+    halves every ``patience // 2`` epochs without improvement and training stops after
+    ``patience`` of them, long before ``max_epochs``; Adam gets the configured decay."""
+    from mtrun.eval.probe import train_probe
+
+    seen: list = []
+
+    class Spy(torch.optim.Adam):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            seen.append(self)
+            self.rates: list[float] = []
+
+        def step(self, closure=None):
+            self.rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", Spy)
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(160, 4)), rng.integers(0, 2, size=160)
+    train_probe(x[:64], y[:64], x[64:128], y[64:128], x[128:], kind="single", seed=0,
+                lr=1e-3, weight_decay=0.25, batch_size=64, max_epochs=100, patience=6)
+    (adam,) = seen
+    assert adam.defaults["weight_decay"] == 0.25
+    rates = adam.rates  # one step per epoch (64 items, batch 64)
+    assert len(rates) < 100  # stopped early
+    assert rates[0] == pytest.approx(1e-3) and min(rates) < 1e-3  # halved at least once
+    assert all(any(r == pytest.approx(1e-3 * 0.5**k) for k in range(12)) for r in rates)  # only by halves
+
+
+def test_the_eval_cache_finds_the_embeddings_of_a_samples_list_it_has_seen():
+    """An evaluation set whose samples list is the training source's own reuses its embeddings;
+    ``of`` finds them so the report can count the set's recordings (it used to print '?')."""
+    from mtrun.eval.embed import EvalCache
+
+    cache, system = EvalCache(), KnownSystem()
+    samples, other = known_samples([0, 1, 2]), known_samples([0, 1, 2])
+    first = cache.embeddings(system, samples, clip_seconds=1.0)
+    assert cache.of(samples) == [first] and cache.of(other) == []
+    assert len(cache.of(samples)[0].audio) == 3

@@ -239,6 +239,11 @@ class EvalCache:
         """Every embedding set computed so far, oldest first (the report plots the first)."""
         return [emb for _, emb in self._memo.values()]
 
+    def of(self, samples: Sequence[Sample]) -> list[Embeddings]:
+        """The embedding sets computed for this very ``samples`` list, oldest first (an
+        evaluation set that shares the training source's list reuses its embeddings)."""
+        return [emb for seen, emb in self._memo.values() if seen is samples]
+
 
 class EmbeddingTask:
     """Shared plumbing of the built-in eval tasks: settings → (cached) embeddings.

@@ -164,7 +164,7 @@ def evaluate_run(
         metrics.update(found)
         per_task.update(found_tasks)
         entry: dict[str, Any] = {"type": s.type, "split": s.split, "n_samples": len(samples), "tasks": [label for label, _ in s.tasks]}
-        mine = cache.all()[before:]
+        mine = cache.all()[before:] or cache.of(samples)
         for emb in mine:
             skipped.update({f"{s.name}/{i}": r for i, r in emb.skipped})
         if mine:
