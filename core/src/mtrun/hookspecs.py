@@ -30,4 +30,13 @@ def mtrun_register_components(registry: Registry) -> None:
     ``registry.audio_encoder("mert", MertEncoder)``) for each component. ``kind`` is one of
     :data:`mtrun.KINDS` (declared in :mod:`mtrun.schema`); ``cls`` must have an attrs ``Config`` class and the methods of
     its interface. Return nothing; raise to report a broken plugin.
+
+    Args:
+        registry: The registry being built. It knows which plugin is calling, so a name that
+            another plugin already registered is refused with both plugins named, and a class
+            without a ``Config`` or without its interface's methods is refused at once.
+
+    Documented for plugin authors in ``docs/writing-a-plugin.md``; every component a plugin
+    registers is named, with its recipe keys, in the plugin's README (checked by
+    ``tests/test_docs_reference.py``).
     """
