@@ -129,6 +129,26 @@ def test_a_sweep_resumes_after_a_failed_run_and_the_table_matches_an_independent
     assert (tmp_path / "sw" / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_training_throughput_is_all_steps_over_all_time_from_the_run_log(tmp_path):
+    """Windows of 50, 50 and 20 steps at 100, 50 and 40 samples/s (per step: 1 s, 2 s, 2.5 s
+    of batch-1 time), an evaluation record and a line cut by a crash in between."""
+    from mtrun.ablation.sweep import TRAIN_THROUGHPUT, run_metrics, training_throughput
+
+    run = tmp_path / "run"
+    (run / "eval-test-120").mkdir(parents=True)
+    records = [
+        {"step": 50, "samples_per_s": 100.0}, {"step": 50, "val/loss": 1.0}, {"step": 100, "samples_per_s": 50.0},
+    ]
+    lines = [json.dumps(r) for r in records] + ['{"step": 120, "samp', json.dumps({"step": 120, "samples_per_s": 40.0})]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    seconds = 50 / 100 + 50 / 50 + 20 / 40
+    assert training_throughput(run) == pytest.approx(120 / seconds)
+    assert training_throughput(tmp_path / "nothing") is None
+    (run / "eval-test-120" / "eval.json").write_text(json.dumps({"step": 120, "metrics": {"retrieval/t2a/R@10": 30.0}}))
+    (run / "eval-test-120" / "report.md").write_text("done")
+    assert run_metrics(run, "test") == {"retrieval/t2a/R@10": 30.0, TRAIN_THROUGHPUT: pytest.approx(120 / seconds)}
+
+
 @pytest.mark.slow
 def test_mtrun_ablate_runs_a_tiny_profile_then_finds_it_done(tmp_path):
     """The real thing, once: 3 steps of FLAP's tiny profile through `mtrun ablate`, its table,
@@ -148,7 +168,8 @@ def test_mtrun_ablate_runs_a_tiny_profile_then_finds_it_done(tmp_path):
     sweep_dir = tmp_path / "runs" / "flap-ablation"
     assert "| baseline | " in first.stdout and f"table: {sweep_dir / 'table.md'}" in first.stdout
     state = json.loads((sweep_dir / "ablation.json").read_text())
-    assert "retrieval/t2a/R@10" in state["runs"]["baseline-s0"]["metrics"]
+    metrics = state["runs"]["baseline-s0"]["metrics"]
+    assert "retrieval/t2a/R@10" in metrics and metrics["train/samples_per_s"] > 0
     again = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and "baseline, seed 0: done already" in again.stdout, again.stdout + again.stderr
 

@@ -268,3 +268,16 @@ def test_run_and_loader_tables_are_checked_like_components(tmp_path, registry):
     assert problems_of(tmp_path, registry, text) == [
         "[run].sed: unknown key (did you mean 'seed'?); known keys: device, encoder_cache, name, output_dir, resume, seed, threads"
     ]
+
+
+def test_an_evaluation_set_whose_type_is_not_a_name_is_a_recipe_problem_not_a_crash(tmp_path):
+    """Found by tests/reliability/test_recipe_mutation.py: a list as an evaluation set's type
+    used to crash the duplicate-task check (unhashable) before the type check could report it."""
+    from mtrun.runner import prepare
+
+    recipe = tmp_path / "r.toml"
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
+    recipe.write_text(f'extends = "{quickstart}"\n[[eval]]\ntype = []\nname = "x"\n[eval.data]\ntype = "manifest"\npath = "m.csv"\n')
+    with pytest.raises(RecipeError) as caught:
+        prepare(recipe, overrides=[f'run.output_dir="{tmp_path}"'])
+    assert "[[eval]][0].type: wrong type (got []; expected a string naming the eval)" in str(caught.value)

@@ -22,7 +22,7 @@ from mtrun.ablation.plan import AblationPlan, Run
 from mtrun.cache import write_atomic
 from mtrun.errors import MtrunError, RecipeError
 
-__all__ = ["STATE_FILE", "command", "is_done", "read_state", "run_metrics", "sweep", "validate_plan"]
+__all__ = ["STATE_FILE", "TRAIN_THROUGHPUT", "command", "is_done", "read_state", "run_metrics", "sweep", "training_throughput", "validate_plan"]
 
 STATE_FILE = "ablation.json"
 
@@ -57,9 +57,37 @@ def validate_plan(plan: AblationPlan, registry: Any) -> None:
         raise MtrunError(f"{plan.recipe}: {len(failures)} of {len(plan.variants)} ablation variants do not validate; nothing was run.\n" + "\n".join(failures))
 
 
+TRAIN_THROUGHPUT = "train/samples_per_s"
+
+
+def training_throughput(run_dir: Path) -> float | None:
+    """Samples per second over the whole training run, from ``metrics.jsonl``'s log records:
+    all steps over all time (each window's steps over its rate, summed), so a slow window counts
+    for the time it took. ``None`` without records (a run that logged nothing)."""
+    steps = seconds = 0.0
+    previous = 0
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        rate, step = record.get("samples_per_s"), record.get("step")
+        if not (isinstance(rate, (int, float)) and isinstance(step, int) and rate > 0 and step > previous):
+            continue  # evaluation records carry no rate
+        steps += step - previous
+        seconds += (step - previous) / rate
+        previous = step
+    return steps / seconds if seconds else None
+
+
 def run_metrics(run_dir: Path, split: str) -> dict[str, float] | None:
     """The finished run's metrics on ``split``: its newest complete evaluation of that split
-    (``eval-SPLIT-STEP/eval.json`` with ``report.md`` beside it), ``None`` when there is none."""
+    (``eval-SPLIT-STEP/eval.json`` with ``report.md`` beside it), ``None`` when there is none;
+    with :data:`TRAIN_THROUGHPUT`, the training's samples/s, beside them."""
     best: tuple[int, dict[str, float]] | None = None
     for path in run_dir.glob(f"eval-{split}*/eval.json"):
         if not (path.parent / "report.md").is_file():
@@ -72,7 +100,12 @@ def run_metrics(run_dir: Path, split: str) -> dict[str, float] | None:
         metrics = {k: float(v) for k, v in result.get("metrics", {}).items() if isinstance(v, (int, float))}
         if best is None or step > best[0]:
             best = (step, metrics)
-    return None if best is None else best[1]
+    if best is None:
+        return None
+    throughput = training_throughput(run_dir)
+    if throughput is not None:
+        best[1][TRAIN_THROUGHPUT] = throughput
+    return best[1]
 
 
 def is_done(run_dir: Path, split: str) -> bool:

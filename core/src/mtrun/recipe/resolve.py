@@ -455,7 +455,7 @@ def _resolve_entry(
         )
         return None, problems
     if not isinstance(type_name, str):
-        problems.append(_Problem(path + ("type",), f"wrong type (got {type_name!r}; expected a {slot.kind} name string)"))
+        problems.append(_Problem(path + ("type",), f"wrong type (got {type_name!r}; expected a string naming the {slot.kind})"))
         return None, problems
     if (slot.kind, type_name) not in registry:
         hint = suggest(type_name, installed)
@@ -678,7 +678,9 @@ def _set_problems(slot: Slot, entries: list[dict[str, Any]]) -> list[_Problem]:
             )
             continue
         sets.setdefault(name, (i, source))
-        key = (name, entry.get("type"))
+        if not isinstance(entry.get("type"), str):
+            continue  # a type that is not a name is reported where types are checked
+        key = (name, entry["type"])
         if key in tasks:
             problems.append(
                 _Problem((slot.name, i), f"{slot.kind} {entry.get('type')!r} on evaluation set {name!r} twice (also [[{slot.name}]][{tasks[key]}]); their numbers would mix")
