@@ -20,6 +20,7 @@ and then cropped. Audio decoding, checks, crops and padding live in :mod:`mtrun.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -854,8 +855,6 @@ class BatchLoader:
             stat = os.stat(sample.audio)
         except OSError:
             return None  # decoding reports it
-        import hashlib
-
         what = [os.path.abspath(sample.audio), stat.st_size, stat.st_mtime_ns, self.sample_rate, self.clip_samples, self.crop,
                 self.pad, getattr(self.config, "cache", "off"), self.span_reads]
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
