@@ -229,7 +229,7 @@ def main(argv=None) -> int:
               f"{loader_config.num_workers} loader workers")
 
         # What the trainer hands the loader: the encoder's frame features (feature cache) or preprocess.
-        preprocess = loader_preprocess(system)
+        preprocess = loader_preprocess(system, "cpu")
         try:
             frame_features = frame_features_for(system.audio_encoder, system.augmenters)
         except MtrunError:

@@ -210,9 +210,10 @@ def cpu_line() -> str:
 
     from mtrun.train.trainer import cpu_has_fast_bf16
 
-    cpu = getattr(torch._C, "_cpu", None)
-    amx = bool(cpu and cpu._is_amx_tile_supported())
-    avx512bf16 = bool(cpu and cpu._is_avx512_bf16_supported())
+    from mtrun.train.trainer import cpu_bf16_hardware
+
+    hardware = cpu_bf16_hardware() or {}
+    amx, avx512bf16 = hardware.get("amx", False), hardware.get("avx512_bf16", False)
     return (
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
         f"AMX {amx}, AVX512-BF16 {avx512bf16}, cpu_has_fast_bf16 {cpu_has_fast_bf16()}; torch {torch.__version__}"

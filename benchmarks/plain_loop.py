@@ -67,9 +67,10 @@ def cpu_report() -> str:
                 break
     except OSError:
         pass
-    cpu = getattr(torch._C, "_cpu", None)
-    amx = bool(cpu and cpu._is_amx_tile_supported())
-    avx512bf16 = bool(cpu and cpu._is_avx512_bf16_supported())
+    from mtrun.train.trainer import cpu_bf16_hardware
+
+    hardware = cpu_bf16_hardware() or {}
+    amx, avx512bf16 = hardware.get("amx", False), hardware.get("avx512_bf16", False)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
         f"cpu: {model}; AMX {'yes' if amx else 'no'}, AVX512-BF16 {'yes' if avx512bf16 else 'no'} "
@@ -274,7 +275,7 @@ def decode_costs(trainer, system, batches: int) -> dict[str, float]:
     loader = BatchLoader(
         samples, config=run.loader, sample_rate=system.audio_encoder.sample_rate, tokenize=system.text_encoder.tokenize,
         batch_size=cfg.batch_size, training=True, augmenters=system.sample_augmenters, seed=run.config.seed,
-        **({"frame_features": frame_features} if frame_features is not None else {"preprocess": loader_preprocess(system)}),
+        **({"frame_features": frame_features} if frame_features is not None else {"preprocess": loader_preprocess(system, "cpu")}),
     )
     loader.config = type(run.loader)(**{**{f: getattr(run.loader, f) for f in ("clip_seconds", "crop", "pad", "cache")}, "probe_items": 0})
     loader.steps_per_epoch = loader.num_batches

@@ -161,9 +161,62 @@ def exploding_xformers(monkeypatch):
     package.ops = ops
     monkeypatch.setitem(sys.modules, "xformers", package)
     monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no import-time kernel check
     attention_module._reset_xformers_cache()
     yield ops
     attention_module._reset_xformers_cache()
+
+
+def _fake_xformers(monkeypatch, kernel):
+    """Install a fake xformers whose kernel is ``kernel`` and make the import-time check run it
+    on the CPU, as if CUDA were there."""
+    package = types.ModuleType("xformers")
+    package.__version__ = "0.0.0-fake"
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = kernel
+    package.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention_module, "_PROBE_DEVICE", "cpu")
+    monkeypatch.setattr(attention_module, "_xformers_ops", attention_module._UNTRIED)
+    return ops
+
+
+def test_an_xformers_build_whose_kernels_fail_is_not_used_and_the_warning_says_why(monkeypatch):
+    """An xformers wheel built for another torch imports but cannot run (seen with 0.0.35 under
+    torch 2.11): auto must fall back to SDPA instead of crashing the first training step."""
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(args[0].shape)
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    _fake_xformers(monkeypatch, broken)
+    with pytest.warns(RuntimeWarning, match="xformers 0.0.0-fake is installed but its CUDA kernels do not run"):
+        assert attention_module._import_xformers() is None
+    assert calls == [(1, 8, 1, 16)]
+    assert attention_module._import_xformers() is None and len(calls) == 1  # checked once per process
+
+
+def test_a_working_xformers_build_passes_the_import_check(monkeypatch):
+    ops = _fake_xformers(monkeypatch, lambda q, k, v, attn_bias=None, p=0.0, scale=None: q)
+    assert attention_module._import_xformers() is ops
+
+
+def test_auto_uses_sdpa_for_inputs_xformers_has_no_kernel_for_but_forcing_xformers_raises(monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("No operator found for these inputs")
+
+    monkeypatch.setattr(attention_module, "_xformers_ops", types.SimpleNamespace(memory_efficient_attention=no_kernel))
+    monkeypatch.setattr(attention_module, "resolve_backend", lambda device, backend=None: "xformers")
+    q, k, v = random_qkv(2, 2, 4, 6, 8)
+    mask = random_padding_mask(2, 6)
+    with pytest.warns(RuntimeWarning, match="xformers has no kernel for these inputs"):
+        out = attention(q, k, v, key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError):
+        attention(q, k, v, key_padding_mask=mask, backend="xformers")
 
 
 def test_cpu_tensors_never_reach_xformers_even_when_it_imports(exploding_xformers):

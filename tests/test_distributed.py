@@ -170,3 +170,17 @@ def test_gathered_batch_norm_gives_one_process_gradients_and_statistics(tmp_path
         result = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert result["converted"] == "GatheredBatchNorm"
         assert result["grad"] < 1e-12 and result["buffers"] < 1e-12, result
+
+
+def test_more_processes_than_gpus_on_a_node_is_a_clear_error(monkeypatch):
+    """`torchrun --nproc_per_node 2` on a one-GPU machine: say so, not 'invalid device ordinal'."""
+    import torch
+
+    from mtrun import distributed
+    from mtrun.errors import TrainingError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(TrainingError, match=r"LOCAL_RANK=1 on a machine with 1 CUDA device.*--nproc_per_node 1.*run.device"):
+        distributed.init_from_env("cuda")

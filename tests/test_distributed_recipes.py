@@ -41,6 +41,7 @@ COMMON = [
     f"trainer.max_steps={STEPS}", "trainer.batch_size=8", "trainer.grad_accum=2", "trainer.log_every=1",
     "trainer.checkpoint_every=2", "trainer.eval_every=0", "trainer.precision='fp32'",
     "trainer.schedule.warmup_steps=1", "loader.num_workers=0", "run.threads=1", "~eval",
+    "run.device='cpu'",  # gloo on the CPU: two ranks must not ask a one-GPU machine for cuda:1
 ]
 
 

@@ -380,3 +380,16 @@ def test_the_eval_cache_finds_the_embeddings_of_a_samples_list_it_has_seen():
     first = cache.embeddings(system, samples, clip_seconds=1.0)
     assert cache.of(samples) == [first] and cache.of(other) == []
     assert len(cache.of(samples)[0].audio) == 3
+
+
+def test_probe_on_a_category_no_item_has_names_the_key_and_the_categories_there_are():
+    """Seen on a machine without the demo corpus (the tiny MuLaP run fell back to tones tagged
+    only by pitch): a bare 'argmax of an empty sequence' before, a recipe message now."""
+    from mtrun.errors import MtrunError
+    from mtrun.eval.probe import Probe
+
+    samples = known_samples([0, 1] * 4)
+    present = sorted({key for s in samples for key in s.tags})
+    probe = Probe(Probe.Config(clip_seconds=1.0, category="mood"))
+    with pytest.raises(MtrunError, match=f"category = 'mood' labels none of the 8 items; their tag categories are: {', '.join(present)}"):
+        probe.evaluate(KnownSystem(), samples)

@@ -45,11 +45,14 @@ def _context() -> AugmentContext:
                           generator=torch.Generator().manual_seed(0), item_seeds=[1, 2, 3, 4], batch_seed=5)
 
 
-def test_the_trainer_hands_preprocess_to_the_loader_only_when_nothing_acts_on_the_waveform(tmp_path):
+def test_the_trainer_hands_preprocess_to_the_loader_only_on_the_cpu_and_when_nothing_acts_on_the_waveform(tmp_path):
     from mtrun.train.trainer import loader_preprocess
 
     with_features_augmenter = _system(tmp_path, [{"type": "specaugment"}])
-    assert loader_preprocess(with_features_augmenter) == with_features_augmenter.audio_encoder.preprocess
+    assert loader_preprocess(with_features_augmenter, "cpu") == with_features_augmenter.audio_encoder.preprocess
+    # On a GPU the step makes the features there: a loader worker cannot use the encoder's CUDA
+    # constants (seen on an H200: "Expected all tensors to be on the same device").
+    assert loader_preprocess(with_features_augmenter, torch.device("cuda", 0)) is None
     # A waveform augmenter (the testkit's gain) must see the waveform before the features are made.
     from mtrun.train.trainer import System
 
@@ -60,7 +63,7 @@ def test_the_trainer_hands_preprocess_to_the_loader_only_when_nothing_acts_on_th
         audio_projector=with_gain.audio_projector, text_projector=with_gain.text_projector,
         objectives=list(with_gain.objectives), augmenters=[gain],
     )
-    assert loader_preprocess(gained) is None
+    assert loader_preprocess(gained, "cpu") is None
     with pytest.raises(RuntimeError, match="waveform augmenter must act before them"):
         batch = _batch(gained)
         batch.clean_features = gained.audio_encoder.preprocess(batch.waveforms)

@@ -525,3 +525,23 @@ def test_the_log_window_averages_device_metrics_over_its_applied_steps_only():
     empty = _Window()
     empty.skip(lr=0.3)
     assert "loss" not in empty.means(epoch=0, batch_size=8)
+
+
+def test_cpu_bf16_hardware_reads_the_kernels_cpu_flags_where_torch_has_no_probe(monkeypatch):
+    """torch 2.11 dropped the private CPU probes 2.10 has (seen on a GPU machine); the answer
+    must then come from /proc/cpuinfo, not an AttributeError in every bf16 run."""
+    import types
+    from pathlib import Path
+
+    from mtrun.train import trainer
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo on this system")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+    expected = {"amx": "amx_tile" in flags, "avx512_bf16": "avx512_bf16" in flags}
+    with_probes = trainer.cpu_bf16_hardware()
+    monkeypatch.setattr(torch._C, "_cpu", types.SimpleNamespace(), raising=False)
+    assert trainer.cpu_bf16_hardware() == expected
+    assert trainer.cpu_has_fast_bf16() == (expected["amx"] or expected["avx512_bf16"])
+    assert with_probes == expected  # torch's probes, where this build has them, agree with the flags

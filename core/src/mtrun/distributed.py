@@ -84,6 +84,14 @@ def init_from_env(device: torch.device | str) -> torch.device:
     if not launched_by_torchrun():
         return device
     if device.type == "cuda":
+        if local_rank() >= torch.cuda.device_count():
+            from mtrun.errors import TrainingError
+
+            raise TrainingError(
+                f"torchrun started process LOCAL_RANK={local_rank()} on a machine with "
+                f"{torch.cuda.device_count()} CUDA device(s): start one process per GPU "
+                f"(--nproc_per_node {torch.cuda.device_count()}), or train on the CPU with run.device=\"cpu\""
+            )
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -210,8 +210,9 @@ class AudioEncoder(Protocol):
 
     Optional: a class attribute ``preprocess_in_loader = True`` says ``preprocess`` is a fixed
     function of the waveform (no learned parameters, no randomness), so the trainer may run it
-    in the data loader's workers, beside the training step, when no ``waveform`` augmenter has
-    to act first; the batch then arrives with ``clean_features`` filled.
+    in the data loader's workers, beside the training step, when it trains on the CPU and no
+    ``waveform`` augmenter has to act first; the batch then arrives with ``clean_features``
+    filled. (On a GPU the step runs it, on the GPU.)
 
     Optional: an attribute ``frame_features`` (a :class:`FrameFeatures`) says ``preprocess`` is
     computed frame by frame on a fixed hop, so ``[loader] cache = "features"`` may compute each

@@ -224,6 +224,12 @@ class Probe(EmbeddingTask):
             return "regression", y, usable, []
         tags = [list(s.tags.get(cfg.category, [])) for s in samples]
         classes = classes if classes is not None else sorted({t for ts in tags for t in ts})
+        if not classes:
+            present = sorted({key for s in samples for key in s.tags})
+            raise MtrunError(
+                f"[eval] probe: category = {cfg.category!r} labels none of the {len(samples)} items; their tag "
+                f"categories are: {', '.join(present) or 'none'} (set category to one of them, or regression_key)"
+            )
         labels = label_matrix(tags, classes)
         multi = cfg.mode == "multi" or (cfg.mode == "auto" and any(len(set(ts)) > 1 for ts in tags))
         if multi:

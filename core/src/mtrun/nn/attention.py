@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import warnings
 from types import ModuleType
 from typing import Iterator, Literal
 
@@ -51,15 +52,39 @@ _xformers_ops: object = _UNTRIED
 # multiple of 128 / bits (8 for half precision, 4 for float32). Padding to 8 satisfies all.
 _BIAS_ALIGN = 8
 
+# Where the import-time check runs xformers once (tests point it at the CPU with a fake kernel).
+_PROBE_DEVICE = "cuda"
+
 
 def _import_xformers() -> ModuleType | None:
-    """Import ``xformers.ops`` once and remember the outcome."""
+    """Import ``xformers.ops`` once, check that its CUDA kernels run, and remember the outcome.
+
+    An xformers wheel built for another torch still imports, but without its CUDA kernels
+    (it prints "xFormers can't load C++/CUDA extensions") and every call then raises. So one
+    tiny call, with the dense bias this module passes, decides; if it fails, attention uses
+    SDPA and a warning says why, instead of the first training step crashing.
+    """
     global _xformers_ops
     if _xformers_ops is _UNTRIED:
         try:
-            _xformers_ops = importlib.import_module("xformers.ops")
+            ops = importlib.import_module("xformers.ops")
         except Exception:  # noqa: BLE001 - a broken build (wrong torch ABI) counts as absent
-            _xformers_ops = None
+            ops = None
+        if ops is not None and torch.cuda.is_available():
+            try:
+                x = torch.zeros(1, 8, 1, 16, device=_PROBE_DEVICE, dtype=torch.float16)
+                ops.memory_efficient_attention(x, x, x, attn_bias=torch.zeros(1, 1, 8, 8, device=_PROBE_DEVICE, dtype=x.dtype))
+            except Exception as exc:  # noqa: BLE001 - any failure means: not usable here
+                warnings.warn(
+                    f"xformers {getattr(importlib.import_module('xformers'), '__version__', '?')} is installed but its "
+                    f"CUDA kernels do not run with torch {torch.__version__} ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); attention uses PyTorch SDPA. "
+                    "Install the xformers build made for this torch (mtrun[xformers] pins the matching pair).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                ops = None
+        _xformers_ops = ops
     return _xformers_ops  # type: ignore[return-value]
 
 
@@ -173,19 +198,34 @@ def attention(
         empty_rows = ~key_padding_mask.any(dim=-1)  # [B]
         key_padding_mask = key_padding_mask | empty_rows[:, None]
 
+    out = None
     if resolve_backend(q.device, backend) == "xformers":
-        out = _xformers_attention(q, k, v, key_padding_mask, attn_bias, dropout_p, scale)
-    elif q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        try:
+            out = _xformers_attention(q, k, v, key_padding_mask, attn_bias, dropout_p, scale)
+        except NotImplementedError as exc:  # no xformers kernel takes these inputs (a head width, a dtype)
+            if (backend if backend is not None else _forced.get()) == "xformers":
+                raise
+            _warn_once(f"xformers has no kernel for these inputs, so this attention call uses SDPA: {str(exc).splitlines()[0]}")
+    if out is None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # PyTorch's CPU SDPA backward is 3-5x slower in bf16 than in float32 (measured with
         # torch 2.10, benchmarks/precision.py), which made bf16 training of small ViTs slower
         # than fp32; the projections around it keep their bf16 matmuls.
         out = _sdpa_attention(q.float(), k.float(), v.float(), key_padding_mask, attn_bias, dropout_p, scale).to(q.dtype)
-    else:
+    elif out is None:
         out = _sdpa_attention(q, k, v, key_padding_mask, attn_bias, dropout_p, scale)
 
     if empty_rows is not None:
         out = torch.where(empty_rows[:, None, None, None], torch.zeros((), dtype=out.dtype, device=out.device), out)
     return out
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _sdpa_attention(

@@ -76,7 +76,7 @@ from mtrun.train.progress import Progress
 from mtrun.train.rng import capture_rng, derive_seed, restore_rng, seed_everything
 from mtrun.train.schedule import Cosine, lambda_lr
 
-__all__ = ["DefaultTrainer", "TrainState", "cpu_has_fast_bf16", "pick_device", "resolve_precision"]
+__all__ = ["DefaultTrainer", "TrainState", "cpu_bf16_hardware", "cpu_has_fast_bf16", "pick_device", "resolve_precision"]
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16).
@@ -86,10 +86,30 @@ def cpu_has_fast_bf16() -> bool:
     (measured 2.6-3.4x slower per ViT training step on an AVX512 Xeon without them; see
     ``benchmarks/masking.py --bf16``).
     """
-    cpu = getattr(torch._C, "_cpu", None)
-    if cpu is None:  # an old or stripped build: assume yes rather than warn wrongly
+    found = cpu_bf16_hardware()
+    if found is None:  # cannot tell (not Linux, no probe in this torch): assume yes rather than warn wrongly
         return True
-    return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+    return found["amx"] or found["avx512_bf16"]
+
+
+def cpu_bf16_hardware() -> dict[str, bool] | None:
+    """``{"amx": ..., "avx512_bf16": ...}`` for this CPU, or ``None`` where it cannot be told.
+
+    Asks torch's CPU probes where this build has them (torch 2.10 does; 2.11 dropped them),
+    else the kernel's CPU flags in ``/proc/cpuinfo`` (``amx_tile``, ``avx512_bf16``).
+    """
+    cpu = getattr(torch._C, "_cpu", None)
+    amx, avx = getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None)
+    if amx is not None and avx is not None:
+        return {"amx": bool(amx()), "avx512_bf16": bool(avx())}
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return {"amx": "amx_tile" in flags, "avx512_bf16": "avx512_bf16" in flags}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -134,13 +154,18 @@ def loader_frame_features(system: System, loader: Any) -> Any:
         raise TrainingError(str(exc)) from None
 
 
-def loader_preprocess(system: System) -> Any:
+def loader_preprocess(system: System, device: torch.device | str) -> Any:
     """The audio encoder's ``preprocess`` for the data loader to run, or ``None``.
 
-    Only when the encoder declares ``preprocess_in_loader`` (its features are a fixed function
-    of the waveform: no parameters it learns, no randomness) and no ``waveform`` augmenter has to
-    act before it. The loader's workers then compute the features beside the training step.
+    Only when training on the CPU, the encoder declares ``preprocess_in_loader`` (its features
+    are a fixed function of the waveform: no parameters it learns, no randomness) and no
+    ``waveform`` augmenter has to act before it. The loader's workers then compute the features
+    beside the training step, on the other cores. On a GPU the step computes them, on the GPU:
+    faster than any CPU worker, and the encoder's constants live there (a worker process cannot
+    touch CUDA tensors).
     """
+    if torch.device(device).type != "cpu":
+        return None
     encoder = system.audio_encoder
     if not getattr(encoder, "preprocess_in_loader", False):
         return None
@@ -753,7 +778,7 @@ class DefaultTrainer:
         seed_everything(derive_seed(self.run.config.seed, "setup", rank))
         run_dir = Path(self.run.dir)
         system = self._prepare_system(device, main=rank == 0)
-        loader, val_loader, val_samples = self._data_loaders(system, run_dir, rank, world)
+        loader, val_loader, val_samples = self._data_loaders(system, run_dir, rank, world, device)
         resume_from, checkpoint = self._resume(system, run_dir)
         model = self._wrap(system, device, world)
         optimizer, scheduler = self._optimizer(system, loader)
@@ -820,7 +845,7 @@ class DefaultTrainer:
         return system
 
     def _data_loaders(
-        self, system: System, run_dir: Path, rank: int, world: int
+        self, system: System, run_dir: Path, rank: int, world: int, device: torch.device
     ) -> tuple[BatchLoader, BatchLoader | None, Sequence[Any] | None]:
         """The training loader (which also fixes ``steps_per_epoch`` and the run's total
         steps), the validation loader and the validation samples (``None`` without a split)."""
@@ -845,7 +870,7 @@ class DefaultTrainer:
         if frame_features is not None:
             common["frame_features"] = frame_features
         else:
-            common["preprocess"] = loader_preprocess(system)
+            common["preprocess"] = loader_preprocess(system, device)
         loader = BatchLoader(
             train_samples,
             batch_size=cfg.batch_size,
