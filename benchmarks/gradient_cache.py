@@ -29,6 +29,7 @@ micro-batch is on the device at a time, so there the device's peak is the activa
 
     .venv/bin/python benchmarks/gradient_cache.py              # ~1-2 min on 2 cores
     .venv/bin/python benchmarks/gradient_cache.py --repeats 5  # steps timed per configuration (3)
+    python benchmarks/gradient_cache.py --device cuda          # on a GPU: its peak allocation
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ CONFIGS = {  # name: (items per step, micro-batch, mode)
     "full-512": (512, 512, "plain"),
 }
 MIB = 2**20
+DEVICE = "cpu"
+"""Where the model trains (``--device``); inputs stay in host memory and each micro-batch is
+moved there when its turn comes, as the trainer does."""
 
 
 # ------------------------------------------------------------------------------ child
@@ -131,7 +135,10 @@ def _step(system, optimizer, micros, mode: str, step: int) -> None:
     def fresh(batch: Batch) -> Batch:
         # What the trainer's move to the device makes: a new Batch that encode may fill,
         # dropped after the micro-batch (filling the loader's own would keep features alive).
-        return Batch({k: dict(v) if isinstance(v, dict) else v for k, v in batch.items()})
+        def move(v):
+            return v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v
+
+        return Batch({k: {kk: move(vv) for kk, vv in v.items()} if isinstance(v, dict) else move(v) for k, v in batch.items()})
 
     seed_everything(derive_seed(0, "step", step, 0))
     optimizer.zero_grad(set_to_none=True)
@@ -152,8 +159,19 @@ def memory_child(name: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     items, micro, mode = CONFIGS[name]
     system, seconds = _model()
+    system = system.to(DEVICE)
     optimizer = torch.optim.AdamW([p for p in system.parameters() if p.requires_grad], lr=1e-4)
     _step(system, optimizer, _micros(system, seconds, 2, 2, seed=99), "plain", 0)  # warm-up
+    if DEVICE != "cpu":  # the device's own count: the inputs wait in host memory
+        micros = _micros(system, seconds, items, micro, seed=1)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        _step(system, optimizer, micros, mode, 1)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"name": name, "items": items, "micro": micro, "mode": mode, "inputs_mib": _input_bytes(micros) / MIB,
+                "device_peak_mib": peak / MIB, "device_step_mib": (peak - held) / MIB}
 
     # RSS: the rise over the resident memory before the step's inputs exist.
     before = _status("VmRSS")
@@ -190,14 +208,18 @@ def timing_child(repeats: int, threads: int) -> dict[str, float]:
 
     torch.set_num_threads(threads)
     system, seconds = _model()
+    system = system.to(DEVICE)
     optimizer = torch.optim.AdamW([p for p in system.parameters() if p.requires_grad], lr=1e-4)
     inputs = {name: _micros(system, seconds, items, micro, seed=1) for name, (items, micro, _) in CONFIGS.items()}
     _step(system, optimizer, _micros(system, seconds, 2, 2, seed=99), "plain", 0)  # warm-up
+    sync = torch.cuda.synchronize if DEVICE != "cpu" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for r in range(repeats):
         for name, (_, _, mode) in CONFIGS.items():
+            sync()
             start = time.perf_counter()
             _step(system, optimizer, inputs[name], mode, 1 + r)
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -208,9 +230,7 @@ def timing_child(repeats: int, threads: int) -> dict[str, float]:
 def cpu_line() -> str:
     import torch
 
-    from mtrun.train.trainer import cpu_has_fast_bf16
-
-    from mtrun.train.trainer import cpu_bf16_hardware
+    from mtrun.train.trainer import cpu_bf16_hardware, cpu_has_fast_bf16
 
     hardware = cpu_bf16_hardware() or {}
     amx, avx512bf16 = hardware.get("amx", False), hardware.get("avx512_bf16", False)
@@ -226,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (1: steady on shared cores)")
     parser.add_argument("--child", choices=sorted(CONFIGS) + ["timing"], help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the device's peak allocation instead of host memory")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     if args.child == "timing":
         print(json.dumps(timing_child(args.repeats, args.threads)))
         return 0
@@ -239,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in [*CONFIGS, "timing"]:
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--repeats", str(args.repeats), "--threads", str(args.threads)],
+            [sys.executable, __file__, "--child", name, "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", DEVICE],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -251,6 +274,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in results.pop("timing").items():
         results[name]["step_s"] = seconds
     base = results["plain-64"]
+    if DEVICE != "cpu":
+        import torch
+
+        print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
+        print("| step | items | micro-batch | inputs MiB (host) | device peak MiB | × plain-64 | step's own MiB | × plain-64 | step s | × plain-64 |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for name, r in results.items():
+            print(
+                f"| {name} | {r['items']} | {r['micro']} | {r['inputs_mib']:.1f} | {r['device_peak_mib']:.1f} | "
+                f"{r['device_peak_mib'] / base['device_peak_mib']:.2f} | {r['device_step_mib']:.1f} | "
+                f"{r['device_step_mib'] / base['device_step_mib']:.2f} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} |"
+            )
+        cache = results["cache-512"]
+        print(f"peak device memory, batch 512 with the gradient cache vs batch 64 (target <= 1.2x): "
+              f"{cache['device_peak_mib'] / base['device_peak_mib']:.2f}x (the step's own: "
+              f"{cache['device_step_mib'] / base['device_step_mib']:.2f}x)")
+        return 0
     print()
     print("| step | items | micro-batch | inputs MiB | tensors peak MiB | × plain-64 | RSS rise MiB | × plain-64 | step s | × plain-64 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
