@@ -108,10 +108,11 @@ def whole_waveform(sample: Sample) -> torch.Tensor:
     return resample(to_mono(wave), rate, 16_000)
 
 
-def test_loader_batches_from_the_feature_cache_equal_preprocess_of_the_cropped_waveforms(tmp_path, cache_dir):
+@pytest.mark.parametrize("phases", [1, 4])
+def test_loader_batches_from_the_feature_cache_equal_preprocess_of_the_cropped_waveforms(tmp_path, cache_dir, phases):
     encoder = tiny()
     samples = write_files(tmp_path / "audio")
-    config = LoaderConfig(clip_seconds=2.56, cache="features", probe_items=0, pad="zero", max_bad_fraction=0.5)
+    config = LoaderConfig(clip_seconds=2.56, cache="features", feature_phases=phases, probe_items=0, pad="zero", max_bad_fraction=0.5)
     loader = BatchLoader(samples, config=config, sample_rate=16_000, tokenize=tokenize, batch_size=5, seed=3,
                          frame_features=encoder.frame_features, run_dir=tmp_path / "run")
     assert loader.feature_cache is not None and loader.waveform_cache is None
@@ -123,19 +124,39 @@ def test_loader_batches_from_the_feature_cache_equal_preprocess_of_the_cropped_w
     batch = loader.make_batch(good, epoch=2, batch_index=0)
     assert batch.waveforms.shape == (5, 0) and batch.clean_features.shape == (5, 1, 256, 128)
     offsets = []
+    shifts = [p * 160 // phases for p in range(phases)]  # each phase's copy starts this much later
     for row, i in enumerate(good):
         wave = whole_waveform(samples[i])
-        n_frames = 1 + (len(wave) - 400) // 160
-        if len(wave) >= CLIP:  # cropped in frame space, with the loader's own generator
+        n_frames = min(1 + (len(wave) - shift - 400) // 160 for shift in shifts)  # every phase has them
+        if len(wave) >= CLIP:  # cropped on the hop / phases grid, with the loader's own generator
             generator = torch.Generator().manual_seed(derive_seed(3, "crop", 2, i))
-            k = crop_offset(n_frames, 254, "random", generator)
-            clip = wave[k * 160 : k * 160 + CLIP]
-            offsets.append(k)
+            k, p = divmod(crop_offset(n_frames * phases, 254 * phases, "random", generator), phases)
+            start = k * 160 + shifts[p]
+            clip = wave[start : start + CLIP]
+            offsets.append(start)
         else:  # fewer frames than a clip: padded as a waveform, as without the cache
             clip = crop_or_pad(wave, CLIP, "random", pad="zero")
         expected = encoder.preprocess(clip[None])
         torch.testing.assert_close(batch.clean_features[row : row + 1], expected, atol=2e-4, rtol=0, msg=samples[i].id)
     assert any(offsets), "every crop started at frame 0: the random offsets were not exercised"
+    if phases > 1:
+        assert any(o % 160 for o in offsets), "no crop started between frames: the phases were not exercised"
+        starts = {o % 160 for e in range(40) for o in _offsets(loader, good, e)}
+        assert starts == set(shifts), starts  # every phase is drawn, and nothing else
+
+
+def _offsets(loader: BatchLoader, indices: list[int], epoch: int) -> list[int]:
+    """The sample offset of each item's crop in ``epoch``, recomputed as the loader draws it."""
+    cache = loader.feature_cache
+    out = []
+    for i in indices:
+        entry = cache.lookup(loader.samples[i].audio)
+        n = cache.frames_per_phase(entry)
+        if n >= loader.clip_frames:
+            generator = torch.Generator().manual_seed(derive_seed(loader.seed, "crop", epoch, i))
+            k, p = divmod(crop_offset(n * cache.phases, loader.clip_frames * cache.phases, "random", generator), cache.phases)
+            out.append(k * 160 + cache.shifts[p])
+    return out
 
 
 def test_the_feature_cache_is_keyed_by_file_rate_and_feature_settings(tmp_path, cache_dir, monkeypatch):
@@ -156,6 +177,20 @@ def test_the_feature_cache_is_keyed_by_file_rate_and_feature_settings(tmp_path, 
     changed.settings = {**changed.settings, "version": changed.settings["version"] + 1}
     assert key != FeatureCache(16_000, changed).key(str(path))
     assert FeatureCache(16_000, tiny(target_length=128).frame_features).key(str(path)) == key  # padding is not a frame's value
+    # Four phases: another key, and each phase's frames are those of the file started 40 samples later.
+    phased = FeatureCache(16_000, encoder.frame_features, phases=4)
+    assert phased.key(str(path)) != key and phased.shifts == [0, 40, 80, 120]
+    phased.build([str(path)])
+    entry4 = phased.lookup(str(path))
+    n = phased.frames_per_phase(entry4)
+    wave = whole_waveform(Sample(id="x", audio=str(path)))
+    assert entry4.length == 4 * n and n == 1 + (len(wave) - 120 - 400) // 160
+    for p, shift in enumerate(phased.shifts):
+        torch.testing.assert_close(
+            torch.from_numpy(phased.read_crop(entry4, 7 * 4 + p, 5)), encoder.frame_features.frames(wave[shift:])[7:12], atol=1e-5, rtol=0
+        )
+    with pytest.raises(MtrunError, match="feature_phases = 161 must be between 1 and the features' hop"):
+        FeatureCache(16_000, encoder.frame_features, phases=161)
     version = feature_cache.FORMAT_VERSION
     monkeypatch.setattr(feature_cache, "FORMAT_VERSION", version + 1)
     assert FeatureCache(16_000, encoder.frame_features).key(str(path)) != key

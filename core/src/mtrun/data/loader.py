@@ -342,9 +342,10 @@ class BatchLoader:
 
     **The feature cache** (``config.cache = "features"``, given the audio encoder's
     ``frame_features``): built like the waveform cache, but each entry holds the encoder's
-    features of the whole file (:mod:`mtrun.data.feature_cache`). A clip's frames are read at a
-    frame offset drawn as above in units of the hop (crops move in hops), so they are the
-    frames ``preprocess`` computes on the waveform cropped there; the batch arrives with
+    features of the whole file at ``config.feature_phases`` sub-hop starting points
+    (:mod:`mtrun.data.feature_cache`). A clip's frames are read at an offset drawn as above in
+    units of ``hop / feature_phases`` samples, so they are the frames ``preprocess`` computes on
+    the waveform cropped there; the batch arrives with
     ``clean_features`` filled and ``waveforms`` empty (``[B, 0]``). A file with fewer frames than
     a clip (or one not cached) is cropped and padded as a waveform and its frames computed on
     the clip.
@@ -687,11 +688,13 @@ class BatchLoader:
                 cached = cache.lookup(sample.audio)
             except AudioDecodeError as exc:
                 raise AudioDecodeError(f"sample {sample.id!r}: {exc}", kind=exc.kind, path=exc.path) from None
-            if cached is not None and cached.length >= self.clip_frames:
+            n = cache.frames_per_phase(cached) if cached is not None else 0
+            if n >= self.clip_frames:
                 crop_gen = torch.Generator().manual_seed(derive_seed(self.seed, "crop", epoch, index))
-                offset = crop_offset(cached.length, self.clip_frames, self.crop, crop_gen)
+                # In units of hop / phases samples: any phase of any frame whose clip fits.
+                position = crop_offset(n * cache.phases, self.clip_frames * cache.phases, self.crop, crop_gen)
                 try:
-                    return torch.from_numpy(cached.read(offset, self.clip_frames))
+                    return torch.from_numpy(cache.read_crop(cached, position, self.clip_frames))
                 except (OSError, ValueError) as exc:  # the entry went away (cache cleared mid-run)
                     cache.forget(sample.audio, exc)
         with torch.no_grad():
@@ -720,7 +723,9 @@ class BatchLoader:
         if self.frame_features is not None:
             from mtrun.data.feature_cache import FeatureCache
 
-            cache = self.feature_cache = FeatureCache(self.sample_rate, self.frame_features)
+            cache = self.feature_cache = FeatureCache(
+                self.sample_rate, self.frame_features, phases=getattr(self.config, "feature_phases", 1)
+            )
         else:
             from mtrun.data.waveform_cache import WaveformCache
 
