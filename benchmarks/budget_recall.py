@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from mtrun.train.trainer import resolve_precision
-
-    precision = resolve_precision(args.precision, torch.device("cpu")) if args.precision == "auto" else args.precision
+    precision = args.precision  # "auto" is settled by mtrun's trainer; the plain loop then takes its choice
     out = Path(tempfile.mkdtemp(prefix="mtrun-budget-recall-"))
     print(plain_loop.cpu_report())
 
@@ -88,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     built.trainer.fit()
     budget = time.perf_counter() - start
+    precision = built.trainer.precision
     threads = torch.get_num_threads()
     print(f"mtrun: {steps} steps in {budget:.1f} s ({steps * 32 / budget:.1f} samples/s, {precision}, {threads} thread(s))", flush=True)
     m_r10 = recall(built, run, steps)

@@ -545,3 +545,50 @@ def test_cpu_bf16_hardware_reads_the_kernels_cpu_flags_where_torch_has_no_probe(
     assert trainer.cpu_bf16_hardware() == expected
     assert trainer.cpu_has_fast_bf16() == (expected["amx"] or expected["avx512_bf16"])
     assert with_probes == expected  # torch's probes, where this build has them, agree with the flags
+
+
+def test_timing_the_precisions_leaves_the_rngs_gradients_and_mode_as_they_were(tmp_path, toy_trainer):
+    from mtrun.train.trainer import time_cpu_precisions
+
+    system = toy_trainer(tmp_path / "run").system
+    system.train()
+    before = torch.get_rng_state()
+    ratio = time_cpu_precisions(system, batch_size=4, clip_samples=4000)
+    assert ratio > 0 and torch.equal(before, torch.get_rng_state())
+    assert system.training and all(p.grad is None for p in system.parameters())
+
+
+def test_auto_precision_on_a_fast_bf16_cpu_keeps_bf16_only_where_it_measures_faster_and_resume_keeps_the_choice(
+    tmp_path, toy_trainer, monkeypatch, capsys
+):
+    from mtrun.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: True)
+    measured = []
+
+    def timed(ratio):
+        def fake(system, *, batch_size, clip_samples, repeats=2):
+            measured.append((batch_size, clip_samples))
+            return ratio
+
+        return fake
+
+    monkeypatch.setattr(trainer_module, "time_cpu_precisions", timed(1.6))  # bf16 slower: fp32
+    slow = toy_trainer(tmp_path / "slow", steps=2, precision="auto")
+    slow.fit()
+    clip = round(0.25 * slow.system.audio_encoder.sample_rate)  # the toy loader's 0.25 s clips
+    assert slow.precision == "fp32" and measured == [(4, clip)]  # the micro-batch: 8 / grad_accum 2
+    assert "precision: fp32 ([trainer].precision = 'auto' on cpu: bf16 took 1.60x fp32's time" in capsys.readouterr().out
+
+    monkeypatch.setattr(trainer_module, "time_cpu_precisions", timed(0.5))  # bf16 faster: bf16
+    fast = toy_trainer(tmp_path / "fast", steps=2, precision="auto")
+    fast.fit()
+    assert fast.precision == "bf16"
+
+    # Resumed where bf16 now measures slower: the run keeps its checkpoint's bf16, measuring nothing.
+    monkeypatch.setattr(trainer_module, "time_cpu_precisions", timed(1.6))
+    resumed = toy_trainer(tmp_path / "fast", steps=3, precision="auto", resume="latest")
+    count = len(measured)
+    resumed.fit()
+    assert resumed.precision == "bf16" and len(measured) == count
+    assert "precision: bf16 ([trainer].precision = 'auto' on cpu, as in the checkpoint)" in capsys.readouterr().out

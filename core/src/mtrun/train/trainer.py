@@ -76,7 +76,7 @@ from mtrun.train.progress import Progress
 from mtrun.train.rng import capture_rng, derive_seed, restore_rng, seed_everything
 from mtrun.train.schedule import Cosine, lambda_lr
 
-__all__ = ["DefaultTrainer", "TrainState", "cpu_bf16_hardware", "cpu_has_fast_bf16", "pick_device", "resolve_precision"]
+__all__ = ["DefaultTrainer", "TrainState", "cpu_bf16_hardware", "cpu_has_fast_bf16", "pick_device", "precision_for_ratio", "resolve_precision", "time_cpu_precisions"]
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16).
@@ -113,14 +113,69 @@ def cpu_bf16_hardware() -> dict[str, bool] | None:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → ``bf16`` where bfloat16 is fast (a CUDA GPU that supports it, a CPU with AMX or
-    AVX512-BF16), else ``fp32``; ``fp32`` and ``bf16`` are returned as they are."""
+    """``auto`` → ``bf16`` where the hardware does bfloat16 fast (a CUDA GPU that supports it, a
+    CPU with AMX or AVX512-BF16), else ``fp32``; ``fp32`` and ``bf16`` are returned as they are.
+    On such a CPU the trainer then times both on the model (:func:`time_cpu_precisions`)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+AUTO_BF16_MARGIN = 0.9
+"""On a CPU, ``auto`` keeps bf16 only where it took less than this fraction of fp32's time: a near
+tie keeps fp32, which rounds less and gives the same numbers on every CPU."""
+
+
+def time_cpu_precisions(system: System, *, batch_size: int, clip_samples: int, repeats: int = 2) -> float:
+    """bf16 time / fp32 time of the encoders' forward + backward on this CPU (below 1: bf16 is faster).
+
+    Why measure: fast bf16 hardware (AMX, AVX512-BF16) speeds up large matmuls, but a small
+    model's step is casts, LayerNorms and attention backward (slower in bf16 on CPUs), so the
+    quickstart's tiny model trains 1.6x *slower* in bf16 on an AMX Xeon while ViT-B trains 1.6x
+    faster on an AVX512-BF16 EPYC (docs/performance.md, "bf16 and fp32"). Synthetic inputs of
+    the training clip length, ``min(batch_size, 8)`` items; the system in eval mode (no dropout
+    draws, no batch-norm statistics moved), the global RNGs restored and the gradients cleared
+    afterwards, so training then starts exactly as it would have.
+    """
+    audio, text = system.audio_encoder, system.text_encoder
+    n = max(1, min(batch_size, 8))
+    was_training = system.training
+    params = [p for p in system.parameters() if p.requires_grad]
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    with torch.random.fork_rng(devices=[]):
+        system.eval()
+        try:
+            with torch.no_grad():
+                waves = 0.1 * torch.randn(n, clip_samples, generator=torch.Generator().manual_seed(0))
+                features = audio.preprocess(waves)
+            tokens = text.tokenize(["a slow piano ballad with soft strings and a warm voice"] * n)
+
+            def step(precision: str) -> None:
+                cast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+                with cast:
+                    out = audio(features).pooled.float().sum() + text(tokens["input_ids"], tokens["attention_mask"]).pooled.float().sum()
+                if out.requires_grad:
+                    out.backward()
+
+            for round_ in range(repeats + 1):  # round 0 warms both up
+                for precision, seen in times.items():
+                    start = time.perf_counter()
+                    step(precision)
+                    if round_:
+                        seen.append(time.perf_counter() - start)
+        finally:
+            for p in params:
+                p.grad = None
+            system.train(was_training)
+    return min(times["bf16"]) / min(times["fp32"])
+
+
+def precision_for_ratio(ratio: float) -> str:
+    """``auto``'s choice on a fast-bf16 CPU from :func:`time_cpu_precisions`' bf16 / fp32 time ratio."""
+    return "bf16" if ratio < AUTO_BF16_MARGIN else "fp32"
 
 
 def _seed_step(seed: int) -> None:
@@ -421,7 +476,7 @@ class DefaultTrainer:
         )
         precision: str = attrs.field(
             default="fp32", validator=attrs.validators.in_(("fp32", "bf16", "auto")),
-            metadata={"help": "fp32, bf16 (torch.autocast on CPU and CUDA), or auto: bf16 where the device has fast bf16 (CUDA; CPUs with AMX/AVX512-BF16), else fp32"},
+            metadata={"help": "fp32, bf16 (torch.autocast on CPU and CUDA), or auto: bf16 on CUDA GPUs that support it; on CPUs with AMX/AVX512-BF16, bf16 if a timed forward + backward of the encoders at the start is at least 10% faster in it (a resumed run keeps its choice); else fp32"},
         )
         eval_every: int = attrs.field(
             default=0, validator=non_negative,
@@ -477,6 +532,7 @@ class DefaultTrainer:
         self.evals = list(evals)
         self.state = TrainState()
         self._precision = "fp32" if config.precision == "auto" else config.precision  # resolved in _fit
+        self._precision_note = ""
 
     # ------------------------------------------------------------------ public
 
@@ -749,6 +805,7 @@ class DefaultTrainer:
                         "total_steps": fit.total,
                         "steps_per_epoch": fit.steps_per_epoch,
                         "seed": self.run.config.seed,
+                        "precision": self._precision,
                     },
                     rng_tensors=rng_tensors,
                     rng_plain=rng_plain,
@@ -780,6 +837,7 @@ class DefaultTrainer:
         system = self._prepare_system(device, main=rank == 0)
         loader, val_loader, val_samples = self._data_loaders(system, run_dir, rank, world, device)
         resume_from, checkpoint = self._resume(system, run_dir)
+        self._settle_auto_precision(system, loader, device, world, checkpoint)
         model = self._wrap(system, device, world)
         optimizer, scheduler = self._optimizer(system, loader)
         if checkpoint is not None:
@@ -813,7 +871,7 @@ class DefaultTrainer:
             self.config.collapse_threshold, self.config.collapse_patience, say=lambda text: fit.progress.message("warning: " + text)
         )
         if self.config.precision == "auto":
-            fit.progress.message(f"precision: {self._precision} ([trainer].precision = 'auto' on {device.type})")
+            fit.progress.message(f"precision: {self._precision} ([trainer].precision = 'auto' on {device.type}{self._precision_note})")
         if checkpoint is not None:
             fit.progress.message(f"resumed from {resume_from} at step {self.state.step}")
         elif self.run.config.resume == "latest":
@@ -843,6 +901,30 @@ class DefaultTrainer:
                 stacklevel=4,
             )
         return system
+
+    def _settle_auto_precision(self, system: System, loader: BatchLoader, device: torch.device, world: int, checkpoint: Any) -> None:
+        """``auto`` on a CPU with fast bf16 hardware: keep bf16 only where it measures faster.
+
+        A resumed run keeps its checkpoint's choice (a run never switches precision midway); all
+        ranks decide on the mean of their measurements, so they agree.
+        """
+        self._precision_note = ""
+        if self.config.precision != "auto" or device.type != "cpu" or self._precision != "bf16":
+            return
+        saved = checkpoint.trainer_state.get("precision") if checkpoint is not None else None
+        if saved in ("fp32", "bf16"):
+            self._precision, self._precision_note = saved, ", as in the checkpoint"
+            return
+        micro = max(1, self.config.batch_size // (self.config.grad_accum * world))
+        ratio = time_cpu_precisions(system, batch_size=micro, clip_samples=loader.clip_samples)
+        ratio = float(distributed.all_reduce_mean(ratio))
+        self._precision = precision_for_ratio(ratio)
+        self._precision_note = f": bf16 took {ratio:.2f}x fp32's time for the encoders' forward + backward here"
+
+    @property
+    def precision(self) -> str:
+        """The precision training runs in (``fp32`` or ``bf16``), ``auto`` resolved once ``fit`` set up."""
+        return self._precision
 
     def _data_loaders(
         self, system: System, run_dir: Path, rank: int, world: int, device: torch.device
