@@ -592,3 +592,18 @@ def test_auto_precision_on_a_fast_bf16_cpu_keeps_bf16_only_where_it_measures_fas
     resumed.fit()
     assert resumed.precision == "bf16" and len(measured) == count
     assert "precision: bf16 ([trainer].precision = 'auto' on cpu, as in the checkpoint)" in capsys.readouterr().out
+
+
+def test_auto_precision_keeps_the_hardwares_bf16_when_the_encoders_cannot_be_timed(tmp_path, toy_trainer, monkeypatch, capsys):
+    """A third-party encoder that rejects the synthetic timing inputs must not stop training."""
+    from mtrun.train import trainer as trainer_module
+
+    def broken(system, **kwargs):
+        raise ValueError("this encoder wants real audio")
+
+    monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(trainer_module, "time_cpu_precisions", broken)
+    run = toy_trainer(tmp_path / "run", steps=1, precision="auto")
+    run.fit()
+    assert run.precision == "bf16"
+    assert "timing the encoders failed (ValueError: this encoder wants real audio)" in capsys.readouterr().out

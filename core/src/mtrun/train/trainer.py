@@ -76,7 +76,16 @@ from mtrun.train.progress import Progress
 from mtrun.train.rng import capture_rng, derive_seed, restore_rng, seed_everything
 from mtrun.train.schedule import Cosine, lambda_lr
 
-__all__ = ["DefaultTrainer", "TrainState", "cpu_bf16_hardware", "cpu_has_fast_bf16", "pick_device", "precision_for_ratio", "resolve_precision", "time_cpu_precisions"]
+__all__ = [
+    "DefaultTrainer",
+    "TrainState",
+    "cpu_bf16_hardware",
+    "cpu_has_fast_bf16",
+    "pick_device",
+    "precision_for_ratio",
+    "resolve_precision",
+    "time_cpu_precisions",
+]
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16).
@@ -916,8 +925,14 @@ class DefaultTrainer:
             self._precision, self._precision_note = saved, ", as in the checkpoint"
             return
         micro = max(1, self.config.batch_size // (self.config.grad_accum * world))
-        ratio = time_cpu_precisions(system, batch_size=micro, clip_samples=loader.clip_samples)
-        ratio = float(distributed.all_reduce_mean(ratio))
+        try:
+            ratio = time_cpu_precisions(system, batch_size=micro, clip_samples=loader.clip_samples)
+        except Exception as exc:  # noqa: BLE001 - an encoder that rejects synthetic inputs: keep the hardware's answer
+            ratio = 0.0
+            self._precision_note = f", as the hardware suggests: timing the encoders failed ({type(exc).__name__}: {exc})"
+        ratio = float(distributed.all_reduce_mean(ratio))  # every rank takes the same branch below
+        if ratio == 0.0:
+            return
         self._precision = precision_for_ratio(ratio)
         self._precision_note = f": bf16 took {ratio:.2f}x fp32's time for the encoders' forward + backward here"
 
