@@ -245,7 +245,9 @@ def test_a_clip_sent_as_zeros_whose_outputs_are_gone_is_an_error(tmp_path):
         enc(x)
     assert cache.served() == {"k0", "k1"}
     zeros = torch.zeros_like(x)
-    with cache.items(["k0", "k2"], [True, True], zeros), pytest.raises(RuntimeError, match="no longer has them"):
+    from mtrun.errors import TrainingError
+
+    with cache.items(["k0", "k2"], [True, True], zeros), pytest.raises(TrainingError, match="no longer has them"):
         enc(zeros)
 
 
@@ -314,3 +316,44 @@ def test_a_training_run_with_the_cache_decodes_its_clips_in_the_first_epoch_only
     )
     epochs = [int(d.split(":")[0]) for d in decoded]
     assert epochs.count(0) == 16 and epochs.count(1) == 0 and epochs.count(2) == 0
+
+
+def test_an_index_line_cut_short_is_not_read_as_another_row(tmp_path):
+    """A killed run can leave "c\t1" of "c\t12": that line must not map c to row 1."""
+    store = ItemStore("ns", tmp_path / "ns")
+    store.add(["a", "b"], {"x": torch.arange(8.0).reshape(2, 4)})
+    index = tmp_path / "ns" / "index.tsv"
+    index.write_text(index.read_text() + "c\t1")  # no newline: the write stopped there
+    assert ItemStore("ns", tmp_path / "ns").index == {"a": 0, "b": 1}
+
+
+def test_a_damaged_layout_is_reported_and_the_store_is_not_used(tmp_path):
+    store = ItemStore("ns", tmp_path / "ns")
+    store.add(["a"], {"x": torch.ones(1, 4)})
+    (tmp_path / "ns" / "layout.json").write_text('{"x": ["not_a_dtype", [4]]}')
+    said: list[str] = []
+    again = ItemStore("ns", tmp_path / "ns", say=said.append)
+    assert again.index == {} and again.folder is None
+    assert len(said) == 1 and "layout.json is damaged" in said[0]
+    again.add(["b"], {"x": torch.full((1, 4), 2.0)})  # kept in memory, nothing written over the file
+    assert torch.equal(again.read([again.index["b"]])["x"], torch.full((1, 4), 2.0))
+    assert (tmp_path / "ns" / "layout.json").read_text() == '{"x": ["not_a_dtype", [4]]}'
+
+
+def test_a_store_emptied_during_the_run_forgets_its_rows_and_a_lost_file_is_a_clear_error(tmp_path):
+    import shutil
+
+    from mtrun.errors import TrainingError
+
+    said: list[str] = []
+    store = ItemStore("ns", tmp_path / "ns", say=said.append)
+    store.add(["a", "b"], {"x": torch.arange(8.0).reshape(2, 4)})
+    assert torch.equal(store.read([1])["x"], torch.arange(4.0, 8.0)[None])
+    shutil.rmtree(tmp_path / "ns")
+    with pytest.raises(TrainingError, match="can no longer be read.*deleted during the run"):
+        store._maps.clear()  # a fresh map of the file, as a later, longer read makes
+        store.read([1])
+    store.add(["c"], {"x": torch.full((1, 4), 9.0)})  # written at row 0 of the new files
+    assert "was emptied during the run" in said[-1]
+    assert store.index == {"c": 0}  # a and b are no longer served from rows that now hold c
+    assert torch.equal(store.read([0])["x"], torch.full((1, 4), 9.0))

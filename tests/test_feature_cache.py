@@ -350,3 +350,11 @@ def test_the_trainer_uses_the_feature_cache_only_when_asked_and_refuses_it_befor
     assert loader_frame_features(gained, LoaderConfig(cache="waveforms")) is None
     clean = type("System", (), {"audio_encoder": encoder, "augmenters": []})()
     assert loader_frame_features(clean, LoaderConfig(cache="features")) is encoder.frame_features
+
+
+def test_a_feature_phases_value_beyond_the_hop_is_refused_before_any_file_is_read(tmp_path, cache_dir):
+    samples = [Sample(id="x", audio=str(tmp_path / "never-read.wav"), captions=["x"])]  # does not exist
+    config = LoaderConfig(clip_seconds=2.56, cache="features", feature_phases=161, probe_items=1)
+    with pytest.raises(MtrunError, match=r"\[loader\].feature_phases = 161 must be between 1 and the features' hop \(160 samples\)"):
+        BatchLoader(samples, config=config, sample_rate=16_000, tokenize=tokenize, batch_size=1, seed=0,
+                    frame_features=tiny().frame_features, run_dir=tmp_path / "run")

@@ -66,6 +66,7 @@ import torch
 from torch import nn
 
 from mtrun.cache import cache_root, clean_stale, write_atomic
+from mtrun.errors import TrainingError
 
 __all__ = ["CacheStats", "EncoderCache", "ItemStore", "ServedItems"]
 
@@ -456,7 +457,7 @@ class _CachedForward:
         missing = [i for i, r in enumerate(rows) if r is None]
         lost = [items.keys[i] for i in missing if items.served[i]]
         if lost:
-            raise RuntimeError(
+            raise TrainingError(
                 f"encoder cache: {self.label}: {len(lost)} clips arrived as zeros because the cache listed their outputs, "
                 f"but the cache no longer has them (first item key {lost[0]}); was {store.folder or 'the cache'} "
                 "deleted, or did the frozen weights change during the epoch?"
@@ -593,6 +594,7 @@ class ItemStore:
         self._slabs: dict[str, torch.Tensor] = {}
         self._maps: dict[str, Any] = {}
         self._rows = 0
+        self._disk_rows = 0  # rows this process knows the files to hold; fewer later = emptied under us
         if folder is not None:
             self._open()
 
@@ -606,15 +608,29 @@ class ItemStore:
         assert self.folder is not None
         try:
             meta = json.loads((self.folder / "layout.json").read_text())
-            lines = (self.folder / "index.tsv").read_text().splitlines()
-        except (OSError, ValueError):
+            # Only whole lines: a write cut short (a killed run, a full disk) can leave "key\t12"
+            # of "key\t123", which would serve another item's row.
+            lines = (self.folder / "index.tsv").read_text().split("\n")[:-1]
+        except FileNotFoundError:
+            return  # a new store
+        except (OSError, ValueError) as exc:
+            self._say(f"encoder cache: cannot read {self.folder} ({exc}); its entries are computed again")
             return
-        self.layout = {name: (getattr(torch, dtype), tuple(shape)) for name, (dtype, shape) in meta.items()}
+        try:
+            layout = {name: (getattr(torch, dtype), tuple(shape)) for name, (dtype, shape) in meta.items()}
+            if not layout or not all(isinstance(d, torch.dtype) for d, _ in layout.values()):
+                raise ValueError("no leaves, or a leaf of no torch dtype")
+        except (AttributeError, TypeError, ValueError) as exc:
+            self._say(f"encoder cache: {self.folder / 'layout.json'} is damaged ({exc}); this store is not used")
+            self.folder = None  # computed, kept in memory: nothing is written over what we cannot read
+            return
+        self.layout = layout
         rows = min(self._file_rows(name) for name in self.layout)
         for line in lines:
             key, _, row = line.partition("\t")
             if row.isdigit() and int(row) < rows:
                 self.index[key] = int(row)
+        self._disk_rows = rows
 
     def _file(self, name: str) -> Path:
         assert self.folder is not None and self.layout is not None
@@ -678,6 +694,10 @@ class ItemStore:
                         meta = {name: [str(dtype).removeprefix("torch."), list(shape)] for name, (dtype, shape) in self.layout.items()}
                         write_atomic(layout_file, lambda f: f.write(json.dumps(meta).encode()))
                     start = min(self._file_rows(name) for name in self.layout)  # other runs may have appended
+                    if start < self._disk_rows:  # the folder was emptied during the run: our rows are gone
+                        self.index.clear()
+                        self._maps.clear()
+                        self._say(f"encoder cache: {self.folder} was emptied during the run; its entries are computed again")
                     for name, t in rows.items():
                         with open(self._file(name), "r+b" if self._file(name).exists() else "wb") as f:
                             f.seek(start * self._row_bytes(name))
@@ -691,6 +711,7 @@ class ItemStore:
             return
         for j, key in enumerate(keys):
             self.index[key] = start + j
+        self._disk_rows = start + len(keys)
 
     def read(self, rows: list[int]) -> dict[str, torch.Tensor]:
         """Every leaf at ``rows`` (new tensors: the store is never handed out to be changed)."""
@@ -706,7 +727,13 @@ class ItemStore:
             mapped = self._maps.get(name)
             if mapped is None or mapped.shape[0] < needed:
                 size = self._row_bytes(name)
-                mapped = self._maps[name] = np.memmap(self._file(name), dtype=np.uint8, mode="r", shape=(self._file_rows(name), size))
+                try:
+                    mapped = self._maps[name] = np.memmap(self._file(name), dtype=np.uint8, mode="r", shape=(self._file_rows(name), size))
+                except (OSError, ValueError) as exc:
+                    raise TrainingError(
+                        f"encoder cache: {self._file(name)} can no longer be read ({exc}); was {self.folder} deleted "
+                        "during the run? Resume the run (--resume latest): the outputs are computed again."
+                    ) from None
             block = np.take(mapped, rows, axis=0)  # one gather: a copy, in row order
             out[name] = torch.from_numpy(block).view(dtype).reshape(len(rows), *shape)
         return out

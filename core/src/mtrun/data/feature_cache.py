@@ -34,7 +34,7 @@ from mtrun.data.waveform_cache import WaveformCache
 from mtrun.errors import MtrunError
 from mtrun.interfaces import FrameFeatures
 
-__all__ = ["FOLDER", "FORMAT_VERSION", "FeatureCache", "frame_features_for"]
+__all__ = ["FOLDER", "FORMAT_VERSION", "FeatureCache", "check_phases", "frame_features_for"]
 
 FORMAT_VERSION = 2
 """Bumped when what an entry holds changes; old entries are then ignored (2: phases stacked)."""
@@ -70,6 +70,12 @@ def frame_features_for(encoder: Any, augmenters: Sequence[Any] = (), *, encoder_
     return features
 
 
+def check_phases(phases: int, features: FrameFeatures) -> None:
+    """Raises :class:`MtrunError` unless ``1 <= phases <= hop`` (a phase per sample at most)."""
+    if not 1 <= int(phases) <= int(features.hop):
+        raise MtrunError(f"[loader].feature_phases = {phases} must be between 1 and the features' hop ({int(features.hop)} samples)")
+
+
 class FeatureCache(WaveformCache):
     """The whole-file frames of one encoder's ``frame_features`` at one sample rate.
 
@@ -88,8 +94,7 @@ class FeatureCache(WaveformCache):
     def __init__(self, sample_rate: int, features: FrameFeatures, *, phases: int = 1, folder: str | Path | None = None):
         super().__init__(sample_rate, folder=folder)
         hop = int(features.hop)
-        if not 1 <= int(phases) <= hop:
-            raise MtrunError(f"[loader].feature_phases = {phases} must be between 1 and the features' hop ({hop} samples)")
+        check_phases(phases, features)
         self.features = features
         self.phases = int(phases)
         self.shifts = [round(p * hop / self.phases) for p in range(self.phases)]

@@ -446,6 +446,9 @@ class BatchLoader:
                     '[loader].cache = "features" needs the audio encoder\'s frame_features (an encoder whose '
                     'preprocess works frame by frame); set [loader].cache = "waveforms" or "off"'
                 )
+            from mtrun.data.feature_cache import check_phases
+
+            check_phases(getattr(config, "feature_phases", 1), frame_features)  # before any file is probed
             self.clip_frames = int(frame_features.num_frames(self.clip_samples))
             if self.clip_frames < 1:
                 raise MtrunError(

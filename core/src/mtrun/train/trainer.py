@@ -928,10 +928,11 @@ class DefaultTrainer:
         try:
             ratio = time_cpu_precisions(system, batch_size=micro, clip_samples=loader.clip_samples)
         except Exception as exc:  # noqa: BLE001 - an encoder that rejects synthetic inputs: keep the hardware's answer
-            ratio = 0.0
+            ratio = math.nan
             self._precision_note = f", as the hardware suggests: timing the encoders failed ({type(exc).__name__}: {exc})"
-        ratio = float(distributed.all_reduce_mean(ratio))  # every rank takes the same branch below
-        if ratio == 0.0:
+        ratio = float(distributed.all_reduce_mean(ratio))  # NaN if any rank failed: then all keep bf16
+        if math.isnan(ratio):
+            self._precision_note = self._precision_note or ", as the hardware suggests: another rank could not time the encoders"
             return
         self._precision = precision_for_ratio(ratio)
         self._precision_note = f": bf16 took {ratio:.2f}x fp32's time for the encoders' forward + backward here"
