@@ -257,7 +257,7 @@ def run_mtrun(out: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
         "decode": decode,
         "threads": torch.get_num_threads(),
         "workers": run.loader.num_workers,
-        "precision": trainer._precision,
+        "precision": trainer.precision,
     }
 
 

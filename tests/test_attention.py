@@ -208,6 +208,7 @@ def test_auto_uses_sdpa_for_inputs_xformers_has_no_kernel_for_but_forcing_xforme
     def no_kernel(*args, **kwargs):
         raise NotImplementedError("No operator found for these inputs")
 
+    monkeypatch.setattr(attention_module, "_warned", set())  # warned once per process: start afresh
     monkeypatch.setattr(attention_module, "_xformers_ops", types.SimpleNamespace(memory_efficient_attention=no_kernel))
     monkeypatch.setattr(attention_module, "resolve_backend", lambda device, backend=None: "xformers")
     q, k, v = random_qkv(2, 2, 4, 6, 8)

@@ -540,11 +540,13 @@ def test_cpu_bf16_hardware_reads_the_kernels_cpu_flags_where_torch_has_no_probe(
         pytest.skip("no /proc/cpuinfo on this system")
     flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split(":", 1)[1].split())
     expected = {"amx": "amx_tile" in flags, "avx512_bf16": "avx512_bf16" in flags}
+    probes = hasattr(getattr(torch._C, "_cpu", None), "_is_amx_tile_supported")
     with_probes = trainer.cpu_bf16_hardware()
     monkeypatch.setattr(torch._C, "_cpu", types.SimpleNamespace(), raising=False)
     assert trainer.cpu_bf16_hardware() == expected
     assert trainer.cpu_has_fast_bf16() == (expected["amx"] or expected["avx512_bf16"])
-    assert with_probes == expected  # torch's probes, where this build has them, agree with the flags
+    if probes:  # torch 2.10's own probes agree with the flags (2.11 has none: nothing to compare)
+        assert with_probes == expected
 
 
 def test_timing_the_precisions_leaves_the_rngs_gradients_and_mode_as_they_were(tmp_path, toy_trainer):

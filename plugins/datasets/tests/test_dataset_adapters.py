@@ -394,6 +394,21 @@ def test_audio_pattern_with_an_unknown_field_lists_the_row_fields():
         musiccaps(audio_pattern="{youtube_id}.wav").splits()
 
 
+@pytest.mark.parametrize("pattern", ["{ytid.x}.wav", "{ytid[a]}.wav"])
+def test_an_audio_pattern_reaching_into_a_field_is_a_recipe_error(pattern):
+    with pytest.raises(MtrunError, match=r"\[data\]\.audio_pattern = .* is not a valid pattern"):
+        musiccaps(audio_pattern=pattern).splits()
+
+
+def test_lp_musiccaps_caption_fields_no_row_has_name_the_keys_and_the_row_fields():
+    """A misspelled field name used to drop every row, so only 'no split train' was said later."""
+    config = LPMusicCaps.Config(files=[str(FIXTURES / "lp-musiccaps" / "mtt")], audio_root=AUDIO,
+                                caption_fields=["caption_writting"], tag_field="tags")
+    with pytest.raises(MtrunError, match=r"no row of .* has a caption in \[data\]\.caption_fields = \['caption_writting'\] "
+                                         r"or tags in \[data\]\.tag_field = 'tags'; its rows have: .*caption_writing"):
+        LPMusicCaps(config).splits()
+
+
 def test_wrong_file_for_a_dataset_lists_the_columns_it_has():
     with pytest.raises(MtrunError, match=r"lacks the column\(s\) ytid.*it has: file_name, caption_1"):
         MusicCaps(MusicCaps.Config(csv=str(FIXTURES / "clotho" / "clotho_captions_validation.csv"), audio_root=AUDIO)).splits()

@@ -122,6 +122,14 @@ class LPMusicCaps(SplitSource):
                 sample = self._sample(row, path, key)
                 if sample is not None:
                     out[split].append(sample)
+            fields = {f for row in records for f in row}
+            tag_fields = [cfg.tag_field] if cfg.tag_field else list(_TAG_FIELDS)
+            if records and not fields & {*cfg.caption_fields, *tag_fields}:  # misspelled: every row dropped silently
+                raise MtrunError(
+                    f"lp-musiccaps: no row of {path} (set by [data].{key}) has a caption in [data].caption_fields = "
+                    f"{list(cfg.caption_fields)} or tags in [data].tag_field = {cfg.tag_field!r}; its rows have: "
+                    f"{', '.join(sorted(fields))}"
+                )
         if not out["val"]:
             out["train"], out["val"] = hold_out(out["train"], cfg.val_fraction)
         return {split: items for split, items in out.items() if items}

@@ -131,7 +131,7 @@ def audio_location(
             f"{source}: [data].{key} = {pattern!r} uses {{{exc.args[0]}}}, which this dataset's rows "
             f"do not have; available: {names}"
         ) from None
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, AttributeError, TypeError) as exc:  # "{id.x}", "{id[a]}": not our fields
         raise MtrunError(f"{source}: [data].{key} = {pattern!r} is not a valid pattern: {exc}") from None
     return str(Path(audio_root).expanduser() / relative)
 

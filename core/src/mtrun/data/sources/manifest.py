@@ -19,7 +19,7 @@ Columns (one row per audio item):
 Every other column is kept in ``Sample.extra`` (licence, bpm, renderer, ...). An item needs
 some text: at least one caption or one tag column must exist.
 
-The module also holds table helpers the public-dataset adapters share: :func:`read_table`,
+The module also holds its table helpers: :func:`read_table` (public, ``mtrun.read_table``),
 :func:`canonical_split`, :func:`split_map`, :func:`hash_split`.
 """
 
