@@ -609,3 +609,38 @@ def test_auto_precision_keeps_the_hardwares_bf16_when_the_encoders_cannot_be_tim
     run.fit()
     assert run.precision == "bf16"
     assert "timing the encoders failed (ValueError: this encoder wants real audio)" in capsys.readouterr().out
+
+
+def test_an_evaluation_that_fails_at_the_last_step_keeps_the_trained_steps(tmp_path, toy_trainer, capsys):
+    """A misspelt probe category is found at the end-of-run evaluation: the weights of every
+    step are saved before the error reaches the user."""
+    from mtrun.errors import MtrunError
+    from mtrun.train.checkpoint import read_checkpoint
+
+    class Misconfigured:
+        def evaluate(self, system, samples, *, cache=None):
+            raise MtrunError("[eval] probe: category = 'mood' labels none of the items")
+
+    trainer = toy_trainer(tmp_path / "run", steps=3, checkpoint_every=0, evals=[Misconfigured()])
+    with pytest.raises(MtrunError, match="labels none of the items"):
+        trainer.fit()
+    saved = read_checkpoint(tmp_path / "run" / "checkpoints" / "step-000003")
+    assert saved.trainer_state["step"] == 3
+    assert "the evaluation failed after step 3; saved" in capsys.readouterr().out
+
+
+def test_timing_the_precisions_bypasses_the_encoder_cache_and_leaves_it_attached(tmp_path, toy_trainer):
+    """Timed through the cache, rounds 1-2 would be lookups of round 0's outputs (a ratio near 1
+    whatever the hardware) and synthetic clips would be stored on disk."""
+    from mtrun.encoder_cache import EncoderCache, _CachedForward
+    from mtrun.train.trainer import time_cpu_precisions
+
+    system = toy_trainer(tmp_path / "run").system
+    for p in system.audio_encoder.parameters():
+        p.requires_grad_(False)
+    cache = EncoderCache(tmp_path / "cache")
+    assert cache.attach(system.audio_encoder, "[audio_encoder]") == ["[audio_encoder]"]
+    system.encoder_cache = cache
+    time_cpu_precisions(system, batch_size=4, clip_samples=4000)
+    assert cache.stats == {} and not list((tmp_path / "cache").rglob("*.*"))
+    assert isinstance(system.audio_encoder.__dict__.get("forward"), _CachedForward)  # wrapped again

@@ -64,17 +64,11 @@ def training_throughput(run_dir: Path) -> float | None:
     """Samples per second over the whole training run, from ``metrics.jsonl``'s log records:
     all steps over all time (each window's steps over its rate, summed), so a slow window counts
     for the time it took. ``None`` without records (a run that logged nothing)."""
+    from mtrun.run_report import read_metrics
+
     steps = seconds = 0.0
     previous = 0
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash
+    for record in read_metrics(run_dir):  # lines cut by a crash, and non-records, are skipped
         rate, step = record.get("samples_per_s"), record.get("step")
         if not (isinstance(rate, (int, float)) and isinstance(step, int) and rate > 0 and step > previous):
             continue  # evaluation records carry no rate

@@ -149,9 +149,15 @@ def time_cpu_precisions(system: System, *, batch_size: int, clip_samples: int, r
     draws, no batch-norm statistics moved), the global RNGs restored and the gradients cleared
     afterwards, so training then starts exactly as it would have.
     """
+    from mtrun.encoder_cache import EncoderCache
+
     audio, text = system.audio_encoder, system.text_encoder
     n = max(1, min(batch_size, 8))
     was_training = system.training
+    cache = getattr(system, "encoder_cache", None)
+    if cache is not None:  # time the encoders, not cache lookups, and store no synthetic entries
+        EncoderCache.detach(audio)
+        EncoderCache.detach(text)
     params = [p for p in system.parameters() if p.requires_grad]
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     with torch.random.fork_rng(devices=[]):
@@ -179,6 +185,9 @@ def time_cpu_precisions(system: System, *, batch_size: int, clip_samples: int, r
             for p in params:
                 p.grad = None
             system.train(was_training)
+            if cache is not None:
+                cache.attach(audio, "[audio_encoder]")
+                cache.attach(text, "[text_encoder]")
     return min(times["bf16"]) / min(times["fp32"])
 
 
@@ -607,7 +616,11 @@ class DefaultTrainer:
                 self._step(fit, b, micros)
                 done = state.step >= fit.total
                 self._log(fit, epoch, done)
-                improved = self._evaluate_if_due(fit, epoch, done)
+                try:
+                    improved = self._evaluate_if_due(fit, epoch, done)
+                except Exception:
+                    self._save_before_failing(fit, "the evaluation")
+                    raise
                 self._stop_early_if_due(fit, done)
                 self._checkpoint_if_due(fit, improved, last=done or state.stopped_early)
                 if self._finished(fit) or stop.requested:
@@ -783,6 +796,14 @@ class DefaultTrainer:
         if improved and fit.manager is not None:
             fit.manager.mark_best(folder)
 
+    def _save_before_failing(self, fit: _Fit, what: str) -> None:
+        """Keep the steps trained so far when ``what`` fails after them (a misspelt evaluation
+        setting found at the last step must not cost the run): saved unless already saved."""
+        step = self.state.step
+        if step > fit.start_step and fit.saved_at != step:
+            folder = self._save(fit)
+            fit.progress.message(f"{what} failed after step {step}; saved {folder} first (continue with --resume latest)")
+
     def _save_on_stop(self, fit: _Fit, stop: StopRequests) -> None:
         """After Ctrl-C or SIGTERM: the weights are those after ``state.step`` (the optimizer
         only runs at the end of a step), so that step is saved unless it already was."""
@@ -920,9 +941,12 @@ class DefaultTrainer:
         self._precision_note = ""
         if self.config.precision != "auto" or device.type != "cpu" or self._precision != "bf16":
             return
-        saved = checkpoint.trainer_state.get("precision") if checkpoint is not None else None
-        if saved in ("fp32", "bf16"):
-            self._precision, self._precision_note = saved, ", as in the checkpoint"
+        if checkpoint is not None:  # a run never switches precision midway
+            saved = checkpoint.trainer_state.get("precision")
+            if saved in ("fp32", "bf16"):
+                self._precision, self._precision_note = saved, ", as in the checkpoint"
+            else:  # written before auto timed anything: it trained in the hardware's bf16
+                self._precision_note = ", as before the resume (the checkpoint predates timed auto)"
             return
         micro = max(1, self.config.batch_size // (self.config.grad_accum * world))
         try:
