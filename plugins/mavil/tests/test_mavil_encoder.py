@@ -62,6 +62,25 @@ def test_batched_fbank_matches_torchaudio_kaldi_per_clip():
         assert (ours[i] - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize(
+    ("block_frames", "batch", "seconds"),
+    [
+        (0, 3, 3.0),  # one pass, as on a GPU
+        (100, 3, 3.0),  # 298 frames a clip: each clip in 3 blocks, the last one short
+        (700, 5, 3.0),  # two clips a block, the last block one clip
+    ],
+)
+def test_fbank_blocks_do_not_change_the_numbers(block_frames, batch, seconds):
+    clips = _clips(batch, seconds)
+    clips[-1] += 0.3  # a DC offset: each frame's own mean must be removed inside its block
+    ours = kaldi_fbank(clips, block_frames=block_frames)
+    for i in range(batch):
+        ref = torchaudio.compliance.kaldi.fbank(
+            clips[i : i + 1], htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10
+        )
+        assert (ours[i] - ref).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("seconds", [1.3, 4.0])  # padded (130 < 256 frames) and cropped (398 > 256)
 def test_preprocess_reproduces_audiomae_pipeline(seconds):
     enc = _tiny()
