@@ -102,7 +102,7 @@ def recipe_setup(args):
 
     from mtrun.assemble import assemble
     from mtrun.runner import apply_threads, prepare
-    from mtrun.train.trainer import resolve_precision
+    from mtrun.train.trainer import settle_precision
 
     overrides = ['run.name="benchmark-data-throughput"', f'run.output_dir="{tempfile.mkdtemp()}"']
     resolved, run = prepare(args.recipe, overrides=overrides, profile=args.profile)
@@ -110,11 +110,12 @@ def recipe_setup(args):
     print(f"threads: {threads} ({why})")
     built = assemble(resolved, run)
     trainer = built.trainer.config
-    precision = resolve_precision(getattr(trainer, "precision", "fp32"), torch.device("cpu"))
     loader = attrs.evolve(run.loader, probe_items=0)
     if args.workers is not None:
         loader = attrs.evolve(loader, num_workers=args.workers)
     batch = args.batch_size or trainer.batch_size // max(1, getattr(trainer, "grad_accum", 1))
+    clip = round(loader.clip_seconds * built.system.audio_encoder.sample_rate)  # auto: timed as the trainer times it
+    precision = settle_precision(getattr(trainer, "precision", "fp32"), torch.device("cpu"), built.system, batch_size=batch, clip_samples=clip)
     return built.system, loader, batch, precision, built.data
 
 

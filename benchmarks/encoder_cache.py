@@ -70,13 +70,13 @@ def overrides(args: argparse.Namespace, out: Path, name: str) -> list[str]:
 class Training:
     """One system with its loader and optimizer, trained an epoch at a time."""
 
-    def __init__(self, args: argparse.Namespace, out: Path, name: str, cache: Any = None, model: bool = True):
+    def __init__(self, args: argparse.Namespace, out: Path, name: str, cache: Any = None, model: bool = True, precision: str | None = None):
         import torch
 
         from mtrun.assemble import assemble
         from mtrun.data.loader import BatchLoader
         from mtrun.runner import apply_threads, prepare
-        from mtrun.train.trainer import resolve_precision
+        from mtrun.train.trainer import settle_precision
 
         resolved, run = prepare(args.recipe, overrides(args, out, name), profile=args.profile)
         apply_threads(run)
@@ -101,7 +101,9 @@ class Training:
         self.total = self.loader.total_steps = args.epochs * self.steps
         self.loader.steps_per_epoch = self.steps
         self.optimizer = cfg.optimizer.build(model=self.system) if model else None
-        self.precision = resolve_precision(cfg.precision, torch.device("cpu"))
+        # auto, timed as the trainer times it, once (on the uncached run's System) for all runs
+        self.precision = precision or settle_precision(cfg.precision, torch.device("cpu"), self.system,
+                                                       batch_size=cfg.batch_size // cfg.grad_accum, clip_samples=self.loader.clip_samples)
 
     def epoch(self, epoch: int) -> float:
         """Seconds for one epoch (the model's steps, or only the batches without a model)."""
@@ -162,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         cache = EncoderCache(out / "encoder-cache")
+        uncached = Training(args, out, "uncached")
         runs = {
-            "uncached": Training(args, out, "uncached"),
-            "cached": Training(args, out, "cached", cache),
-            "data only": Training(args, out, "data-only", model=False),
+            "uncached": uncached,
+            "cached": Training(args, out, "cached", cache, precision=uncached.precision),
+            "data only": Training(args, out, "data-only", model=False, precision=uncached.precision),
         }
         times: dict[str, list[float]] = {name: [] for name in runs}
         for epoch in range(args.epochs):

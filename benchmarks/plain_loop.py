@@ -538,12 +538,10 @@ def main(argv: list[str] | None = None) -> None:
     plain_threads = args.plain_threads or usable_cores()  # PyTorch's default: one per usable core
     reference = build(resolved, run)
     if args.precision == "auto":  # as mtrun's trainer settles it, once, for both loops
-        from mtrun.train.trainer import precision_for_ratio, resolve_precision, time_cpu_precisions
+        from mtrun.train.trainer import settle_precision
 
-        args.precision = resolve_precision("auto", torch.device("cpu"))
-        if args.precision == "bf16":
-            clip = round(run.loader.clip_seconds * reference.system.audio_encoder.sample_rate)
-            args.precision = precision_for_ratio(time_cpu_precisions(reference.system, batch_size=32, clip_samples=clip))
+        clip = round(run.loader.clip_seconds * reference.system.audio_encoder.sample_rate)
+        args.precision = settle_precision("auto", torch.device("cpu"), reference.system, batch_size=32, clip_samples=clip)
     print(cpu_report())
     print(f"threads: mtrun {chosen} ({why}), plain loop {plain_threads}; precision: {args.precision}; steps per run {args.steps} (first {args.warmup} untimed); "
           f"batch 32; rounds {args.rounds}, alternating mtrun / plain", flush=True)

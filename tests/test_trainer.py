@@ -500,6 +500,27 @@ def test_auto_precision_is_bf16_only_where_bf16_is_fast(monkeypatch):
     assert trainer.resolve_precision("auto", torch.device("cuda")) == "fp32"
 
 
+def test_settle_precision_times_only_auto_on_a_fast_bf16_cpu(monkeypatch):
+    """The benchmarks' way to the trainer's choice: timing decides only for auto on a bf16 CPU."""
+    from mtrun.train import trainer
+
+    cpu, calls = torch.device("cpu"), []
+
+    def fake(system, *, batch_size, clip_samples, repeats=2):
+        calls.append((system, batch_size, clip_samples))
+        return ratio
+
+    monkeypatch.setattr(trainer, "time_cpu_precisions", fake)
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: True)
+    for ratio, expected in ((1.6, "fp32"), (0.5, "bf16")):
+        assert trainer.settle_precision("auto", cpu, "system", batch_size=4, clip_samples=800) == expected
+    assert calls == [("system", 4, 800)] * 2
+    assert trainer.settle_precision("bf16", cpu, "system", batch_size=4, clip_samples=800) == "bf16"
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: False)
+    assert trainer.settle_precision("auto", cpu, "system", batch_size=4, clip_samples=800) == "fp32"
+    assert len(calls) == 2  # nothing timed where the choice is fixed
+
+
 def test_the_log_window_averages_device_metrics_over_its_applied_steps_only():
     """Metrics stay tensors until the log step; the means are over the applied steps (a skipped
     step counts in the throughput only), a metric missing from a step is summed where present."""

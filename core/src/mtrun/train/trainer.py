@@ -84,6 +84,7 @@ __all__ = [
     "pick_device",
     "precision_for_ratio",
     "resolve_precision",
+    "settle_precision",
     "time_cpu_precisions",
 ]
 
@@ -194,6 +195,16 @@ def time_cpu_precisions(system: System, *, batch_size: int, clip_samples: int, r
 def precision_for_ratio(ratio: float) -> str:
     """``auto``'s choice on a fast-bf16 CPU from :func:`time_cpu_precisions`' bf16 / fp32 time ratio."""
     return "bf16" if ratio < AUTO_BF16_MARGIN else "fp32"
+
+
+def settle_precision(precision: str, device: torch.device, system: System, *, batch_size: int, clip_samples: int) -> str:
+    """The precision the trainer would train ``system`` in: :func:`resolve_precision`, then, for
+    ``auto`` on a fast-bf16 CPU, the timed choice (:func:`time_cpu_precisions`). For benchmarks
+    and tools that run a System outside the trainer; call it before training (it times steps)."""
+    chosen = resolve_precision(precision, device)
+    if precision == "auto" and device.type == "cpu" and chosen == "bf16":
+        chosen = precision_for_ratio(time_cpu_precisions(system, batch_size=batch_size, clip_samples=clip_samples))
+    return chosen
 
 
 def _seed_step(seed: int) -> None:
