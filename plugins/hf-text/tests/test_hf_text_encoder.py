@@ -140,6 +140,19 @@ def test_tokenizer_exposes_mask_token_and_vocabulary_for_mlm():
     assert build("tiny-roberta").mask_token_id == build("tiny-roberta").vocab_size - 1  # roberta-base's layout
 
 
+def test_tokenize_equals_the_tokenizers_own_tensors():
+    """The list-then-tensor fast path pads, truncates and masks exactly as return_tensors="pt"."""
+    texts = TEXTS + ["", "a much longer caption " * 40]  # an empty one and one past max_length
+    for preset in ("tiny-roberta", "tiny-bert"):
+        enc = build(preset)
+        ours = enc.tokenize(texts)
+        theirs = enc.tokenizer(texts, padding="longest", truncation=True, max_length=enc.max_length, return_tensors="pt")
+        for key in ("input_ids", "attention_mask"):
+            assert ours[key].dtype == theirs[key].dtype == torch.long
+            assert torch.equal(ours[key], theirs[key])
+        assert ours["input_ids"].shape[1] == enc.max_length
+
+
 def test_tokenize_is_picklable_without_the_weights():
     check_tokenize_is_picklable(build("tiny-bert"), TEXTS)
 
