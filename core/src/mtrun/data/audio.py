@@ -37,7 +37,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from mtrun.errors import MtrunError
 
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     import torch
 
     from mtrun.interfaces import Sample
+
+_T = TypeVar("_T")
 
 __all__ = [
     "CROP_POLICIES",
@@ -140,12 +142,28 @@ def decode(path: Any) -> tuple[torch.Tensor, int]:
     import torch
 
     name = describe_audio(path)
-    _precheck(path, name)
-    data, rate = _soundfile_or_pyav(name, lambda: _decode_soundfile(path), lambda: _decode_pyav(path))
+    data, rate = _diagnosed(path, name, lambda: _soundfile_or_pyav(name, lambda: _decode_soundfile(path), lambda: _decode_pyav(path)))
     wave = torch.from_numpy(data.T.copy())
     if wave.shape[-1] == 0:
         raise AudioDecodeError(f"audio file {name!r}: holds no audio frames", kind="empty", path=name)
     return wave, int(rate)
+
+
+def _diagnosed(path: Any, name: str, read: Callable[[], _T]) -> _T:
+    """``read()``, and when it fails on a path, the cause :func:`_precheck` can name (missing, a
+    folder, empty, unreadable) rather than a decoder's guess ("not audio").
+
+    Checked only after a failure: the check is four system calls per file, a tenth of the span
+    reads' non-decoding time in a loader worker, and a file that decodes needs none of it.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        _precheck(path, name)  # a reference without open(): refused before any decoder sees it
+        return read()
+    try:
+        return read()
+    except Exception:
+        _precheck(path, name)
+        raise
 
 
 def _precheck(path: Any, name: str) -> None:
@@ -391,13 +409,12 @@ def open_span(path: Any) -> AudioSpans:
         AudioDecodeError: As :func:`decode`, for what the header shows.
     """
     name = describe_audio(path)
-    _precheck(path, name)
 
     def whole() -> AudioSpans:
         data, rate = _decode_pyav(path)
         return _whole_spans(name, data, rate)
 
-    return _soundfile_or_pyav(name, lambda: _open_span_soundfile(path), whole)
+    return _diagnosed(path, name, lambda: _soundfile_or_pyav(name, lambda: _open_span_soundfile(path), whole))
 
 
 def _whole_spans(name: str, data: Any, rate: int) -> AudioSpans:
@@ -670,8 +687,7 @@ def open_stream(path: Any, block_frames: int = DEFAULT_BLOCK_FRAMES) -> tuple[in
         tensors that closes the file when exhausted.
     """
     name = describe_audio(path)
-    _precheck(path, name)
-    return _soundfile_or_pyav(name, lambda: _stream_soundfile(path, block_frames), lambda: _stream_pyav(path, block_frames))
+    return _diagnosed(path, name, lambda: _soundfile_or_pyav(name, lambda: _stream_soundfile(path, block_frames), lambda: _stream_pyav(path, block_frames)))
 
 
 def _sf_error(name: str, exc: Exception) -> AudioDecodeError:
