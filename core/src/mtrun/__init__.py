@@ -69,6 +69,9 @@ _PUBLIC: dict[str, str] = {
     # and the table reader behind it (the public-dataset adapters read metadata files with it)
     "ManifestSource": "mtrun.data.sources.manifest",
     "read_table": "mtrun.data.sources.manifest",
+    # split names and splits for datasets that publish none, as the manifest source decides them
+    "canonical_split": "mtrun.data.sources.manifest",
+    "hash_split": "mtrun.data.sources.manifest",
     "System": "mtrun.system",
     "WeightedObjective": "mtrun.system",
     "Run": "mtrun.run",

@@ -17,14 +17,13 @@ from typing import Any, ClassVar
 
 import attrs
 
-from mtrun import MtrunError, Sample, SplitSource
+from mtrun import MtrunError, Sample, SplitSource, canonical_split
 from mtrun_datasets.magnatagatune import categorise_mtt_tags
 from mtrun_datasets.published import audio_location, hold_out, parse_bool, parse_list, read_records
 
 __all__ = ["LPMusicCaps"]
 
 _SUFFIXES = (".parquet", ".json", ".jsonl")
-_SPLIT_NAMES = {"train": "train", "valid": "val", "validation": "val", "val": "val", "test": "test"}
 _ID_FIELDS = ("track_id", "ytid", "fname", "id")
 _TAG_FIELDS = ("tag", "aspect_list", "tag_top50", "tag_top188")
 _EXTRA_FIELDS = (
@@ -111,9 +110,9 @@ class LPMusicCaps(SplitSource):
         out: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
         for path, key in self._tables():
             records = read_records(path, source="lp-musiccaps", key=key)
-            file_split = _SPLIT_NAMES.get(path.name.split("-", 1)[0].split(".", 1)[0].lower())
+            file_split = _split_named(path.name.split("-", 1)[0].split(".", 1)[0])
             for row in records:
-                split = _SPLIT_NAMES.get(str(row.get("split", "")).lower(), file_split)
+                split = _split_named(str(row.get("split", ""))) or file_split
                 if split is None:
                     raise MtrunError(
                         f"lp-musiccaps: cannot tell the split of {path} (set by [data].{key}): its rows have no "
@@ -165,3 +164,9 @@ class LPMusicCaps(SplitSource):
             group=item_id,
             extra={f: _plain(row[f]) for f in _EXTRA_FIELDS if f in row},
         )
+
+
+def _split_named(name: str) -> str | None:
+    """``train``/``val``/``test`` for a published split name (``valid-…``, ``split: validation``), else ``None``."""
+    split = canonical_split(name) if name.strip() else None
+    return split if split in ("train", "val", "test") else None

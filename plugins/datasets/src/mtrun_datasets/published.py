@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import ast
 import csv
-import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from mtrun import MtrunError, Sample
+from mtrun import MtrunError, Sample, hash_split
 
 __all__ = [
     "audio_location",
@@ -189,7 +188,7 @@ def hold_out(samples: list[Sample], fraction: float) -> tuple[list[Sample], list
     if fraction <= 0:
         return samples, []
     kept, held = [], []
+    shares = {"held": fraction, "kept": 1.0 - fraction}
     for sample in samples:
-        key = sample.group or sample.id
-        (held if zlib.crc32(key.encode("utf-8")) / 2**32 < fraction else kept).append(sample)
+        (held if hash_split(sample.group or sample.id, shares) == "held" else kept).append(sample)
     return kept, held
