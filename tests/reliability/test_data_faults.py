@@ -12,8 +12,8 @@ Choices the tests make, so they stay cheap:
   8 kHz (the loader decodes the whole file, then crops before resampling);
 * tests may run as root, for whom ``chmod 000`` does not stop reads: there the refusal is
   simulated by making ``open`` of that one path raise ``PermissionError`` inside
-  :mod:`mtrun.data.audio` (what the kernel would do for another user); otherwise the real
-  ``chmod 000`` is used.
+  :mod:`mtrun.data.audio`, and libsndfile's own open of it fail with a system error (what the
+  kernel would do for another user); otherwise the real ``chmod 000`` is used.
 """
 
 from __future__ import annotations
@@ -111,6 +111,14 @@ def refuse_reading(monkeypatch, path):
         return open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(audio_module, "open", guarded_open, raising=False)
+    real_soundfile = soundfile.SoundFile
+
+    def guarded_soundfile(file, *args, **kwargs):  # libsndfile opens the path itself, in C
+        if isinstance(file, (str, os.PathLike)) and os.path.realpath(os.fspath(file)) == target:
+            raise soundfile.LibsndfileError(2, f"Error opening {file!r}: ")  # SF_ERR_SYSTEM, as for EACCES
+        return real_soundfile(file, *args, **kwargs)
+
+    monkeypatch.setattr(soundfile, "SoundFile", guarded_soundfile)
 
 
 def fault_manifest(root, monkeypatch, n_good=24):
