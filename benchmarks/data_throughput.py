@@ -241,9 +241,8 @@ def main(argv=None) -> int:
             frame_features = frame_features_for(system.audio_encoder, system.augmenters)
         except MtrunError:
             frame_features = None
-        waveform_features = {"preprocess": preprocess} if preprocess is not None else {}
         print(f"features: {'feature cache measured; ' if frame_features is not None else ''}"
-              f"{'the fbank in the loader worker for the waveform settings' if preprocess is not None else 'computed in the step'}")
+              f"{'the waveform settings without and with the fbank in the loader worker' if preprocess is not None else 'computed in the step'}")
         # Two step baselines: the step making its own features (as on a GPU, and the pipeline then
         # only reads, crops and tokenizes), and the step on features made beforehand (what the
         # feature cache, and a worker running the encoder's preprocess, leave to the step).
