@@ -179,6 +179,7 @@ def _fake_xformers(monkeypatch, kernel):
     monkeypatch.setitem(sys.modules, "xformers.ops", ops)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(attention_module, "_PROBE_DEVICE", "cpu")
+    monkeypatch.setattr(attention_module, "_probe_dtypes", lambda: (torch.float16, torch.bfloat16))
     monkeypatch.setattr(attention_module, "_xformers_ops", attention_module._UNTRIED)
     return ops
 
@@ -197,6 +198,30 @@ def test_an_xformers_build_whose_kernels_fail_is_not_used_and_the_warning_says_w
         assert attention_module._import_xformers() is None
     assert calls == [(1, 8, 1, 16)]
     assert attention_module._import_xformers() is None and len(calls) == 1  # checked once per process
+
+
+def test_an_xformers_build_whose_backward_or_bf16_kernels_fail_is_not_used(monkeypatch):
+    """A failing backward would surface inside autograd, past the per-call fallback; a failing
+    bf16 kernel only once training runs in bf16. The import check tries both."""
+
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q):
+            return q.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise NotImplementedError("No operator found for `memory_efficient_attention_backward`")
+
+    def no_bf16(q, k, v, attn_bias=None, p=0.0, scale=None):
+        if q.dtype == torch.bfloat16:
+            raise NotImplementedError("No operator found for bf16")
+        return q * 1
+
+    for kernel, words in ((lambda q, k, v, attn_bias=None, p=0.0, scale=None: NoBackward.apply(q), "backward"), (no_bf16, "bf16")):
+        _fake_xformers(monkeypatch, kernel)
+        with pytest.warns(RuntimeWarning, match=f"CUDA kernels do not run .*{words}"):
+            assert attention_module._import_xformers() is None
 
 
 def test_a_working_xformers_build_passes_the_import_check(monkeypatch):

@@ -60,9 +60,10 @@ def _import_xformers() -> ModuleType | None:
     """Import ``xformers.ops`` once, check that its CUDA kernels run, and remember the outcome.
 
     An xformers wheel built for another torch still imports, but without its CUDA kernels
-    (it prints "xFormers can't load C++/CUDA extensions") and every call then raises. So one
-    tiny call, with the dense bias this module passes, decides; if it fails, attention uses
-    SDPA and a warning says why, instead of the first training step crashing.
+    (it prints "xFormers can't load C++/CUDA extensions") and every call then raises. So tiny
+    calls, forward and backward with the dense bias this module passes, in each precision
+    training may use, decide; if one fails, attention uses SDPA and a warning says why, instead
+    of the first training step crashing.
     """
     global _xformers_ops
     if _xformers_ops is _UNTRIED:
@@ -72,8 +73,12 @@ def _import_xformers() -> ModuleType | None:
             ops = None
         if ops is not None and torch.cuda.is_available():
             try:
-                x = torch.zeros(1, 8, 1, 16, device=_PROBE_DEVICE, dtype=torch.float16)
-                ops.memory_efficient_attention(x, x, x, attn_bias=torch.zeros(1, 1, 8, 8, device=_PROBE_DEVICE, dtype=x.dtype))
+                for dtype in _probe_dtypes():
+                    # Forward and backward: a build can have one without the other, and a backward
+                    # that fails would do so inside autograd, past the per-call fallback.
+                    x = torch.zeros(1, 8, 1, 16, device=_PROBE_DEVICE, dtype=dtype, requires_grad=True)
+                    bias = torch.zeros(1, 1, 8, 8, device=_PROBE_DEVICE, dtype=dtype)
+                    ops.memory_efficient_attention(x, x, x, attn_bias=bias).sum().backward()
             except Exception as exc:  # noqa: BLE001 - any failure means: not usable here
                 warnings.warn(
                     f"xformers {getattr(importlib.import_module('xformers'), '__version__', '?')} is installed but its "
@@ -86,6 +91,11 @@ def _import_xformers() -> ModuleType | None:
                 ops = None
         _xformers_ops = ops
     return _xformers_ops  # type: ignore[return-value]
+
+
+def _probe_dtypes() -> tuple[torch.dtype, ...]:
+    """The precisions training may run attention in on this GPU: fp16, and bf16 where supported."""
+    return (torch.float16, torch.bfloat16) if torch.cuda.is_bf16_supported() else (torch.float16,)
 
 
 def _reset_xformers_cache() -> None:
