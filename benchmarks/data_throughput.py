@@ -2,8 +2,8 @@
 
 The pipeline is what the trainer runs per item, through :class:`mtrun.data.loader.BatchLoader`:
 read the audio, crop/pad, collate, tokenize, and (as the trainer arranges it) the audio
-encoder's features where the encoder lets the loader make them. It is measured up to four ways,
-in this run:
+encoder's features where the encoder lets the loader make them. It is measured in up to four
+settings, in this run (each waveform setting also with the fbank in the worker, below):
 
 * ``feature cache (warm)``: ``[loader] cache = "features"`` after the cache was built, for an
   encoder that declares ``frame_features`` (MAViL): each crop's frames are read, no fbank;

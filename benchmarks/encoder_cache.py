@@ -103,7 +103,7 @@ class Training:
         self.optimizer = cfg.optimizer.build(model=self.system) if model else None
         # auto, timed as the trainer times it, once (on the uncached run's System) for all runs
         self.precision = precision or settle_precision(cfg.precision, torch.device("cpu"), self.system,
-                                                       batch_size=cfg.batch_size // cfg.grad_accum, clip_samples=self.loader.clip_samples)
+                                                       batch_size=max(1, cfg.batch_size // cfg.grad_accum), clip_samples=self.loader.clip_samples)
 
     def epoch(self, epoch: int) -> float:
         """Seconds for one epoch (the model's steps, or only the batches without a model)."""

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         for name, block in (("one pass", 0), ("blocked (default)", None)):
             out = kaldi_fbank(x, banks, window, block_frames=block)
             error = (out - reference).abs().max().item()
-            times[f"{name}"] = timed(lambda: kaldi_fbank(x, banks, window, block_frames=block), args.repeats)
+            times[name] = timed(lambda: kaldi_fbank(x, banks, window, block_frames=block), args.repeats)
             print(f"{label}: {name} max |difference| from torchaudio {error:.2e}")
         base = times["torchaudio, per clip"]
         print(f"{label} ({clips} clips of {seconds:g} s):")

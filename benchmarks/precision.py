@@ -235,14 +235,14 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
     from mtrun.runner import usable_cores
-    from mtrun.train.trainer import cpu_has_fast_bf16
+    from mtrun.train.trainer import AUTO_BF16_MARGIN, cpu_has_fast_bf16
     from plain_loop import cpu_report
 
     torch.set_num_threads(args.threads or usable_cores())
     print(cpu_report())
     print("times are " + ("main-thread CPU time (one torch thread)" if torch.get_num_threads() == 1 else "wall time"))
     print('precision = "auto" on this CPU: ' + ("bf16 hardware, so the trainer times both precisions on the model at "
-          "start-up and keeps bf16 only below 0.9x fp32's time (the quickstart step below)" if cpu_has_fast_bf16() else "fp32 (no bf16 hardware)"))
+          f"start-up and keeps bf16 only below {AUTO_BF16_MARGIN}x fp32's time (the quickstart step below)" if cpu_has_fast_bf16() else "fp32 (no bf16 hardware)"))
 
     peaks = {}
     for _ in range(2):  # interleaved, best of both rounds

@@ -179,8 +179,9 @@ def _fake_xformers(monkeypatch, kernel):
     monkeypatch.setitem(sys.modules, "xformers.ops", ops)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(attention_module, "_PROBE_DEVICE", "cpu")
-    monkeypatch.setattr(attention_module, "_probe_dtypes", lambda: (torch.float16, torch.bfloat16))
+    monkeypatch.setattr(attention_module, "_probe_dtypes", lambda: (torch.float32, torch.float16, torch.bfloat16))
     monkeypatch.setattr(attention_module, "_xformers_ops", attention_module._UNTRIED)
+    monkeypatch.setattr(attention_module, "_xformers_refused", frozenset())
     return ops
 
 
@@ -196,13 +197,12 @@ def test_an_xformers_build_whose_kernels_fail_is_not_used_and_the_warning_says_w
     _fake_xformers(monkeypatch, broken)
     with pytest.warns(RuntimeWarning, match="xformers 0.0.0-fake is installed but its CUDA kernels do not run"):
         assert attention_module._import_xformers() is None
-    assert calls == [(1, 8, 1, 16)]
-    assert attention_module._import_xformers() is None and len(calls) == 1  # checked once per process
+    assert calls == [(1, 8, 1, 16)] * 3  # each precision tried
+    assert attention_module._import_xformers() is None and len(calls) == 3  # checked once per process
 
 
-def test_an_xformers_build_whose_backward_or_bf16_kernels_fail_is_not_used(monkeypatch):
-    """A failing backward would surface inside autograd, past the per-call fallback; a failing
-    bf16 kernel only once training runs in bf16. The import check tries both."""
+def test_an_xformers_build_whose_backward_fails_is_not_used(monkeypatch):
+    """A failing backward would surface inside autograd, past the per-call fallback."""
 
     class NoBackward(torch.autograd.Function):
         @staticmethod
@@ -213,15 +213,56 @@ def test_an_xformers_build_whose_backward_or_bf16_kernels_fail_is_not_used(monke
         def backward(ctx, grad):
             raise NotImplementedError("No operator found for `memory_efficient_attention_backward`")
 
+    _fake_xformers(monkeypatch, lambda q, k, v, attn_bias=None, p=0.0, scale=None: NoBackward.apply(q))
+    with pytest.warns(RuntimeWarning, match="its CUDA kernels do not run with .*memory_efficient_attention_backward"):
+        assert attention_module._import_xformers() is None
+
+
+def test_a_precision_whose_xformers_kernels_fail_uses_sdpa_and_the_others_keep_xformers(monkeypatch):
     def no_bf16(q, k, v, attn_bias=None, p=0.0, scale=None):
         if q.dtype == torch.bfloat16:
             raise NotImplementedError("No operator found for bf16")
         return q * 1
 
-    for kernel, words in ((lambda q, k, v, attn_bias=None, p=0.0, scale=None: NoBackward.apply(q), "backward"), (no_bf16, "bf16")):
-        _fake_xformers(monkeypatch, kernel)
-        with pytest.warns(RuntimeWarning, match=f"CUDA kernels do not run .*{words}"):
-            assert attention_module._import_xformers() is None
+    ops = _fake_xformers(monkeypatch, no_bf16)
+    with pytest.warns(RuntimeWarning, match=r"do not run in bfloat16 \(attention in those uses SDPA\)"):
+        assert attention_module._import_xformers() is ops
+    cuda = torch.device("cuda")
+    assert attention_module.resolve_backend(cuda, dtype=torch.float16) == "xformers"
+    assert attention_module.resolve_backend(cuda, dtype=torch.bfloat16) == "sdpa"
+    with pytest.raises(RuntimeError, match="bfloat16 kernels failed the import check"):
+        attention_module.resolve_backend(cuda, "xformers", dtype=torch.bfloat16)
+
+
+def test_the_import_check_runs_its_backward_even_when_first_reached_under_no_grad(monkeypatch):
+    """The first attention call is often a frozen encoder's or an evaluation's, under no_grad."""
+    ops = _fake_xformers(monkeypatch, lambda q, k, v, attn_bias=None, p=0.0, scale=None: q * 1)
+    with torch.no_grad():
+        assert attention_module._import_xformers() is ops
+    monkeypatch.setattr(attention_module, "_xformers_ops", attention_module._UNTRIED)
+    with torch.inference_mode():
+        assert attention_module._import_xformers() is ops
+
+
+def test_bf16_is_checked_only_where_the_gpu_has_it_natively(monkeypatch):
+    asked = []
+
+    def supported(answer):
+        def fake(including_emulation=True):
+            asked.append(including_emulation)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        return fake
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported(True))
+    assert attention_module._probe_dtypes() == (torch.float32, torch.float16, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported(False))
+    assert attention_module._probe_dtypes() == (torch.float32, torch.float16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported(RuntimeError("no driver")))
+    assert attention_module._probe_dtypes() == (torch.float32, torch.float16)
+    assert asked == [False, False, False]  # emulated bf16 (V100, T4) has no xformers kernels
 
 
 def test_a_working_xformers_build_passes_the_import_check(monkeypatch):
@@ -235,7 +276,7 @@ def test_auto_uses_sdpa_for_inputs_xformers_has_no_kernel_for_but_forcing_xforme
 
     monkeypatch.setattr(attention_module, "_warned", set())  # warned once per process: start afresh
     monkeypatch.setattr(attention_module, "_xformers_ops", types.SimpleNamespace(memory_efficient_attention=no_kernel))
-    monkeypatch.setattr(attention_module, "resolve_backend", lambda device, backend=None: "xformers")
+    monkeypatch.setattr(attention_module, "resolve_backend", lambda device, backend=None, dtype=None: "xformers")
     q, k, v = random_qkv(2, 2, 4, 6, 8)
     mask = random_padding_mask(2, 6)
     with pytest.warns(RuntimeWarning, match="xformers has no kernel for these inputs"):

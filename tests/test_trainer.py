@@ -519,6 +519,14 @@ def test_settle_precision_times_only_auto_on_a_fast_bf16_cpu(monkeypatch):
     monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: False)
     assert trainer.settle_precision("auto", cpu, "system", batch_size=4, clip_samples=800) == "fp32"
     assert len(calls) == 2  # nothing timed where the choice is fixed
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: True)
+    ratio = ValueError("an encoder that rejects synthetic inputs")
+
+    def failing(system, *, batch_size, clip_samples, repeats=2):
+        raise ratio
+
+    monkeypatch.setattr(trainer, "time_cpu_precisions", failing)
+    assert trainer.settle_precision("auto", cpu, "system", batch_size=4, clip_samples=800) == "bf16"  # as the trainer keeps it
 
 
 def test_the_log_window_averages_device_metrics_over_its_applied_steps_only():

@@ -151,6 +151,7 @@ def test_tokenize_equals_the_tokenizers_own_tensors():
             assert ours[key].dtype == theirs[key].dtype == torch.long
             assert torch.equal(ours[key], theirs[key])
         assert ours["input_ids"].shape[1] == enc.max_length
+        assert {key: tuple(t.shape) for key, t in enc.tokenize([]).items()} == {"input_ids": (0, 0), "attention_mask": (0, 0)}
 
 
 def test_tokenize_is_picklable_without_the_weights():

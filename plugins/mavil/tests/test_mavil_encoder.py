@@ -79,6 +79,21 @@ def test_fbank_blocks_do_not_change_the_numbers(block_frames, batch, seconds):
             clips[i : i + 1], htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10
         )
         assert (ours[i] - ref).abs().max().item() < 1e-4
+    assert torch.equal(ours, kaldi_fbank(clips, block_frames=0))  # blocks change no bit
+
+
+def test_fbank_is_float32_under_autocast_and_differentiable_where_asked():
+    clips = _clips()
+    plain = kaldi_fbank(clips)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(kaldi_fbank(clips), plain)
+    wave = clips.clone().requires_grad_(True)
+    out = kaldi_fbank(wave)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-6)
+    out[0].sum().backward()
+    assert torch.isfinite(wave.grad).all() and wave.grad[0].abs().sum() > 0 and wave.grad[1:].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        kaldi_fbank(clips[0])
 
 
 @pytest.mark.parametrize("seconds", [1.3, 4.0])  # padded (130 < 256 frames) and cropped (398 > 256)

@@ -19,7 +19,7 @@ import contextvars
 import importlib
 import warnings
 from types import ModuleType
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
@@ -47,6 +47,8 @@ _forced: contextvars.ContextVar[str] = contextvars.ContextVar("mtrun_attention_b
 # Importing xformers is slow and may print warnings, so it is tried at most once per process.
 _UNTRIED = object()
 _xformers_ops: object = _UNTRIED
+# Precisions whose xformers kernels failed the import check: those calls use SDPA.
+_xformers_refused: frozenset[torch.dtype] = frozenset()
 
 # xformers' kernels read the bias with 128-bit loads: every stride but the last must be a
 # multiple of 128 / bits (8 for half precision, 4 for float32). Padding to 8 satisfies all.
@@ -60,48 +62,73 @@ def _import_xformers() -> ModuleType | None:
     """Import ``xformers.ops`` once, check that its CUDA kernels run, and remember the outcome.
 
     An xformers wheel built for another torch still imports, but without its CUDA kernels
-    (it prints "xFormers can't load C++/CUDA extensions") and every call then raises. So tiny
-    calls, forward and backward with the dense bias this module passes, in each precision
-    training may use, decide; if one fails, attention uses SDPA and a warning says why, instead
-    of the first training step crashing.
+    (it prints "xFormers can't load C++/CUDA extensions") and every call then raises. So a tiny
+    forward and backward, with the dense bias this module passes, runs in each precision of
+    :func:`_probe_dtypes`. A precision that fails uses SDPA (:data:`_xformers_refused`); if all
+    fail, xformers is not used at all. A warning says why, instead of a training step crashing,
+    possibly inside autograd, where the per-call fallback cannot catch it.
     """
-    global _xformers_ops
+    global _xformers_ops, _xformers_refused
     if _xformers_ops is _UNTRIED:
         try:
             ops = importlib.import_module("xformers.ops")
         except Exception:  # noqa: BLE001 - a broken build (wrong torch ABI) counts as absent
             ops = None
         if ops is not None and torch.cuda.is_available():
-            try:
-                for dtype in _probe_dtypes():
-                    # Forward and backward: a build can have one without the other, and a backward
-                    # that fails would do so inside autograd, past the per-call fallback.
-                    x = torch.zeros(1, 8, 1, 16, device=_PROBE_DEVICE, dtype=dtype, requires_grad=True)
-                    bias = torch.zeros(1, 1, 8, 8, device=_PROBE_DEVICE, dtype=dtype)
-                    ops.memory_efficient_attention(x, x, x, attn_bias=bias).sum().backward()
-            except Exception as exc:  # noqa: BLE001 - any failure means: not usable here
+            dtypes = _probe_dtypes()
+            failures = _probe_xformers(ops, dtypes)
+            if failures:
+                version = getattr(importlib.import_module("xformers"), "__version__", "?")
+                reason = "; ".join(f"{str(dtype).removeprefix('torch.')}: {why}" for dtype, why in failures.items())
+                if len(failures) == len(dtypes):
+                    message = "its CUDA kernels do not run"
+                    ops = None
+                else:
+                    names = ", ".join(str(dtype).removeprefix("torch.") for dtype in failures)
+                    message = f"its CUDA kernels do not run in {names} (attention in those uses SDPA)"
                 warnings.warn(
-                    f"xformers {getattr(importlib.import_module('xformers'), '__version__', '?')} is installed but its "
-                    f"CUDA kernels do not run with torch {torch.__version__} ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}); attention uses PyTorch SDPA. "
-                    "Install the xformers build made for this torch (mtrun[xformers] pins the matching pair).",
+                    f"xformers {version} is installed but {message} with torch {torch.__version__} ({reason}); "
+                    + ("attention uses PyTorch SDPA. " if ops is None else "")
+                    + "Install the xformers build made for this torch (mtrun[xformers] pins the matching pair).",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                ops = None
+            _xformers_refused = frozenset(failures) if ops is not None else frozenset()
         _xformers_ops = ops
     return _xformers_ops  # type: ignore[return-value]
 
 
 def _probe_dtypes() -> tuple[torch.dtype, ...]:
-    """The precisions training may run attention in on this GPU: fp16, and bf16 where supported."""
-    return (torch.float16, torch.bfloat16) if torch.cuda.is_bf16_supported() else (torch.float16,)
+    """The precisions to check xformers in: float32 and float16, and bfloat16 where the GPU has
+    it natively (xformers has no bf16 kernels below sm80, which torch may still emulate)."""
+    try:
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except Exception:  # noqa: BLE001 - no answer: do not ask xformers for bf16
+        native_bf16 = False
+    return (torch.float32, torch.float16, torch.bfloat16) if native_bf16 else (torch.float32, torch.float16)
+
+
+def _probe_xformers(ops: Any, dtypes: tuple[torch.dtype, ...]) -> dict[torch.dtype, str]:
+    """Run one tiny forward + backward per dtype; the dtypes that failed, with why."""
+    failures: dict[torch.dtype, str] = {}
+    # The first attention call is often under no_grad (a frozen encoder, evaluation): the
+    # backward needs gradients whatever the caller's mode.
+    with torch.inference_mode(False), torch.enable_grad():
+        for dtype in dtypes:
+            try:
+                x = torch.zeros(1, 8, 1, 16, device=_PROBE_DEVICE, dtype=dtype, requires_grad=True)
+                bias = torch.zeros(1, 1, 8, 8, device=_PROBE_DEVICE, dtype=dtype)
+                ops.memory_efficient_attention(x, x, x, attn_bias=bias).sum().backward()
+            except Exception as exc:  # noqa: BLE001 - any failure means: not usable in this dtype
+                failures[dtype] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return failures
 
 
 def _reset_xformers_cache() -> None:
     """Forget the import attempt (tests that fake or hide xformers call this)."""
-    global _xformers_ops
+    global _xformers_ops, _xformers_refused
     _xformers_ops = _UNTRIED
+    _xformers_refused = frozenset()
 
 
 def xformers_available() -> bool:
@@ -126,12 +153,14 @@ def attention_backend(backend: Backend) -> Iterator[None]:
         _forced.reset(token)
 
 
-def resolve_backend(device: torch.device, backend: Backend | None = None) -> str:
+def resolve_backend(device: torch.device, backend: Backend | None = None, dtype: torch.dtype | None = None) -> str:
     """The kernel that a call on ``device`` would use: ``"sdpa"`` or ``"xformers"``.
 
     Args:
         device: Device of the query tensor.
         backend: Per-call choice; ``None`` defers to :func:`attention_backend` (default auto).
+        dtype: The query's dtype, when known: a precision whose xformers kernels failed the
+            import check uses SDPA.
 
     Raises:
         RuntimeError: ``"xformers"`` was forced but the tensors are not on CUDA or xformers
@@ -143,12 +172,16 @@ def resolve_backend(device: torch.device, backend: Backend | None = None) -> str
     if choice == "sdpa":
         return "sdpa"
     # Check the device first: on CPU xformers has no kernels, so it is not even imported.
-    usable = device.type == "cuda" and _import_xformers() is not None
+    usable = device.type == "cuda" and _import_xformers() is not None and dtype not in _xformers_refused
     if choice == "xformers" and not usable:
+        if device.type != "cuda":
+            why = "the tensors are not on a CUDA device"
+        elif _xformers_ops is None:
+            why = "xformers.ops does not import, or its kernels do not run"
+        else:
+            why = f"its {str(dtype).removeprefix('torch.')} kernels failed the import check"
         raise RuntimeError(
-            "attention backend 'xformers' was requested but "
-            + ("the tensors are not on a CUDA device" if device.type != "cuda" else "xformers.ops does not import")
-            + "; install mtrun[xformers] on a CUDA machine or use backend 'sdpa'"
+            f"attention backend 'xformers' was requested but {why}; install mtrun[xformers] on a CUDA machine or use backend 'sdpa'"
         )
     return "xformers" if usable else "sdpa"
 
@@ -209,7 +242,7 @@ def attention(
         key_padding_mask = key_padding_mask | empty_rows[:, None]
 
     out = None
-    if resolve_backend(q.device, backend) == "xformers":
+    if resolve_backend(q.device, backend, q.dtype) == "xformers":
         try:
             out = _xformers_attention(q, k, v, key_padding_mask, attn_bias, dropout_p, scale)
         except NotImplementedError as exc:  # no xformers kernel takes these inputs (a head width, a dtype)

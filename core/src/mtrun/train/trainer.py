@@ -200,10 +200,15 @@ def precision_for_ratio(ratio: float) -> str:
 def settle_precision(precision: str, device: torch.device, system: System, *, batch_size: int, clip_samples: int) -> str:
     """The precision the trainer would train ``system`` in: :func:`resolve_precision`, then, for
     ``auto`` on a fast-bf16 CPU, the timed choice (:func:`time_cpu_precisions`). For benchmarks
-    and tools that run a System outside the trainer; call it before training (it times steps)."""
+    and tools that run a System outside the trainer; call it before training (it times steps).
+    As in the trainer, encoders that cannot be timed on synthetic inputs keep the hardware's bf16."""
     chosen = resolve_precision(precision, device)
     if precision == "auto" and device.type == "cpu" and chosen == "bf16":
-        chosen = precision_for_ratio(time_cpu_precisions(system, batch_size=batch_size, clip_samples=clip_samples))
+        try:
+            ratio = time_cpu_precisions(system, batch_size=batch_size, clip_samples=clip_samples)
+        except Exception:  # noqa: BLE001 - as the trainer: keep the hardware's answer
+            return chosen
+        chosen = precision_for_ratio(ratio)
     return chosen
 
 

@@ -56,6 +56,9 @@ class HFTokenize:
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         # Lists, then one torch.tensor each: half the time of transformers' return_tensors="pt"
         # conversion for a batch of 32 captions (2.4 vs 1.1 ms), in every loader worker.
+        if not texts:
+            empty = torch.zeros(0, 0, dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone()}
         enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_length)
         return {"input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
                 "attention_mask": torch.tensor(enc["attention_mask"], dtype=torch.long)}

@@ -82,9 +82,15 @@ def kaldi_fbank(
             whole batch in one pass, as on a GPU).
 
     Returns:
-        ``[B, frames, num_mel_bins]`` float32; ``frames`` is :func:`num_frames` (0 for clips
-        shorter than one window).
+        ``[B, frames, num_mel_bins]`` float32, also under autocast; ``frames`` is
+        :func:`num_frames` (0 for clips shorter than one window). Waveforms that require grad
+        get a differentiable result, computed in one pass (autocast then applies to it).
+
+    Raises:
+        ValueError: ``waveforms`` is not ``[B, T]``.
     """
+    if waveforms.ndim != 2:
+        raise ValueError(f"kaldi_fbank expects waveforms [B, T], one clip per row (got shape {tuple(waveforms.shape)})")
     x = waveforms.float()
     size, shift, padded = _window_sizes(sample_rate)
     if banks is None:
@@ -95,12 +101,13 @@ def kaldi_fbank(
     if window is None:
         window = torch.hann_window(size, periodic=False, dtype=x.dtype, device=x.device)
     frames = x.unfold(-1, size, shift)  # [B, m, 400], a strided view like kaldi's _get_strided
+    if torch.is_grad_enabled() and x.requires_grad:  # out= writes have no gradient: out of place
+        return _log_mel(frames, banks, window, padded)
     rows, m = frames.shape[0], frames.shape[1]
     out = x.new_empty(rows, m, banks.shape[0])
     block_frames = _CPU_BLOCK_FRAMES if block_frames is None else block_frames
     if x.device.type != "cpu" or block_frames <= 0:  # a GPU has the bandwidth; launches are what cost
-        _log_mel(frames, banks, window, padded, out)
-        return out
+        return _log_mel(frames, banks, window, padded, out)
     # On a CPU, blocks of a few hundred frames keep each intermediate in cache and out of fresh
     # page-faulted allocations: 1.6x faster than one pass over a 32-clip batch of 2.56 s
     # (benchmarks/fbank.py). Every frame is independent of the others.
@@ -112,18 +119,26 @@ def kaldi_fbank(
     return out
 
 
-def _log_mel(frames: torch.Tensor, banks: torch.Tensor, window: torch.Tensor, padded: int, out: torch.Tensor) -> None:
-    """Kaldi's per-frame steps on ``frames [b, k, 400]``, the log-mels written into ``out [b, k, bins]``."""
+def _log_mel(
+    frames: torch.Tensor, banks: torch.Tensor, window: torch.Tensor, padded: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Kaldi's per-frame steps on ``frames [b, k, 400]``: log-mels ``[b, k, bins]``, written into
+    ``out`` when given (float32 even under autocast), else computed out of place (differentiable)."""
     frames = frames - frames.mean(dim=-1, keepdim=True)  # remove_dc_offset
-    # Pre-emphasis, kaldi's x[j] -= 0.97 * x[max(0, j - 1)], rounded as kaldi rounds it (no
-    # fused multiply-add), written into one fresh tensor.
-    emphasised = torch.empty_like(frames)
-    torch.mul(frames[..., :-1], FBANK["preemphasis"], out=emphasised[..., 1:])
-    emphasised[..., 1:].neg_().add_(frames[..., 1:])
-    emphasised[..., 0] = frames[..., 0] - FBANK["preemphasis"] * frames[..., 0]
-    emphasised.mul_(window)
+    # Pre-emphasis, kaldi's x[j] -= 0.97 * x[max(0, j - 1)]: the product rounded, then subtracted.
+    coefficient = FBANK["preemphasis"]
+    if out is None:
+        emphasised = torch.cat([frames[..., :1] - coefficient * frames[..., :1], frames[..., 1:] - coefficient * frames[..., :-1]], dim=-1)
+    else:  # into one fresh tensor; -(0.97·a) + b is b - 0.97·a to the bit
+        emphasised = torch.empty_like(frames)
+        torch.mul(frames[..., :-1], coefficient, out=emphasised[..., 1:])
+        emphasised[..., 1:].neg_().add_(frames[..., 1:])
+        emphasised[..., 0] = frames[..., 0] - coefficient * frames[..., 0]
+    emphasised.mul_(window)  # a fresh tensor in both branches
     # rfft zero-pads to n itself, and |z|² as re² + im² avoids the complex abs's square root.
     spec = torch.fft.rfft(emphasised, n=padded)  # [b, k, 257]
     power = spec.real.square() + spec.imag.square()
+    if out is None:
+        return torch.matmul(power, banks.T).clamp_min(_EPSILON).log()
     torch.matmul(power, banks.T, out=out)
-    out.clamp_min_(_EPSILON).log_()
+    return out.clamp_min_(_EPSILON).log_()
