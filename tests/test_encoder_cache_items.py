@@ -357,3 +357,22 @@ def test_a_store_emptied_during_the_run_forgets_its_rows_and_a_lost_file_is_a_cl
     assert "was emptied during the run" in said[-1]
     assert store.index == {"c": 0}  # a and b are no longer served from rows that now hold c
     assert torch.equal(store.read([0])["x"], torch.full((1, 4), 9.0))
+
+
+def test_the_memory_store_never_holds_more_than_its_budget_and_serves_what_it_took():
+    """Rows past the budget are not stored; growing the slabs never allocates past it either."""
+    row_bytes = 4 * 10 + 2 * 3  # a float32 [10] leaf and a bfloat16 [3] leaf
+    store = ItemStore("m", None, memory_bytes=100 * row_bytes)
+    generator = torch.Generator().manual_seed(0)
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for batch in range(8):  # 8 x 30 rows offered, 100 fit
+        keys = [f"item{batch}-{i}" for i in range(30)]
+        a, b = torch.randn(30, 10, generator=generator), torch.randn(30, 3, generator=generator).bfloat16()
+        store.add(keys, {"a": a, "b": b})
+        kept.update({k: (a[i], b[i]) for i, k in enumerate(keys) if k in store.index})
+        assert sum(slab.numel() * slab.element_size() for slab in store._slabs.values()) <= store.memory_bytes
+    assert len(kept) == 100 and sorted(store.index.values()) == list(range(100))
+    keys = sorted(kept)
+    served = store.read(store.rows(keys))
+    assert torch.equal(served["a"], torch.stack([kept[k][0] for k in keys]))
+    assert torch.equal(served["b"], torch.stack([kept[k][1] for k in keys]))

@@ -668,10 +668,13 @@ class ItemStore:
         if not keys:
             return
         n = len(keys)
+        budget_rows = self.memory_bytes // max(per_row, 1)  # >= self._rows + n: the room check above
         for name, t in rows.items():
             slab = self._slabs.get(name)
             if slab is None or slab.shape[0] < self._rows + n:
-                grown = t.new_empty((max(2 * (slab.shape[0] if slab is not None else 0), self._rows + n, 64), *t.shape[1:]))
+                # Doubling, but never past the budget (a doubled slab could be 2x it).
+                capacity = min(max(2 * (slab.shape[0] if slab is not None else 0), self._rows + n, 64), budget_rows)
+                grown = t.new_empty((capacity, *t.shape[1:]))
                 if slab is not None:
                     grown[: self._rows] = slab[: self._rows]
                 self._slabs[name] = slab = grown
