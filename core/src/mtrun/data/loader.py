@@ -108,6 +108,15 @@ _PART_KINDS = ("truncated", "corrupt", "non-finite")
 one of them is not remembered as bad (another crop may read fine; see :class:`BatchLoader`)."""
 
 
+def _lookup(cache: Any, sample: Sample) -> Any:
+    """``cache.lookup`` of the sample's audio (waveform or feature cache); a file the build found
+    unusable is raised as that sample's error."""
+    try:
+        return cache.lookup(sample.audio)
+    except AudioDecodeError as exc:
+        raise AudioDecodeError(f"sample {sample.id!r}: {exc}", kind=exc.kind, path=exc.path) from None
+
+
 def _decode_checked(sample: Sample) -> tuple[torch.Tensor, int]:
     """Mono waveform at the file's own rate, checked; errors name the sample and the file."""
     wave, rate = decode_or_raise(sample)
@@ -610,10 +619,7 @@ class BatchLoader:
             rate = int(sample.sample_rate)
             return self._clip_from_native(load_waveform(sample, rate), rate, crop_gen)  # checked, mono
         if self.waveform_cache is not None:
-            try:
-                cached = self.waveform_cache.lookup(sample.audio)
-            except AudioDecodeError as exc:
-                raise AudioDecodeError(f"sample {sample.id!r}: {exc}", kind=exc.kind, path=exc.path) from None
+            cached = _lookup(self.waveform_cache, sample)
             if cached is not None:
                 try:
                     return self._clip_from_cache(cached, crop_gen)
@@ -687,10 +693,7 @@ class BatchLoader:
         or not cached, the frames of the waveform clip :meth:`_prepare` gives."""
         cache = self.feature_cache
         if cache is not None and not torch.is_tensor(sample.audio):
-            try:
-                cached = cache.lookup(sample.audio)
-            except AudioDecodeError as exc:
-                raise AudioDecodeError(f"sample {sample.id!r}: {exc}", kind=exc.kind, path=exc.path) from None
+            cached = _lookup(cache, sample)
             n = cache.frames_per_phase(cached) if cached is not None else 0
             if n >= self.clip_frames:
                 crop_gen = torch.Generator().manual_seed(derive_seed(self.seed, "crop", epoch, index))
