@@ -359,6 +359,42 @@ def test_a_store_emptied_during_the_run_forgets_its_rows_and_a_lost_file_is_a_cl
     assert torch.equal(store.read([0])["x"], torch.full((1, 4), 9.0))
 
 
+def test_a_folder_another_process_emptied_and_refilled_is_an_error_for_every_store_on_it(tmp_path):
+    """DDP ranks share a store: the rank that did not write after the deletion must not serve the
+    other rank's new rows under its old keys, nor an index error."""
+    import shutil
+
+    from mtrun.errors import TrainingError
+
+    reader = ItemStore("ns", tmp_path / "ns", say=lambda text: None)
+    reader.add(["a", "b", "c"], {"x": torch.arange(12.0).reshape(3, 4)})
+    assert torch.equal(reader.read([2])["x"], torch.arange(8.0, 12.0)[None])
+    shutil.rmtree(tmp_path / "ns")
+    writer = ItemStore("ns", tmp_path / "ns", say=lambda text: None)  # another rank, after the deletion
+    writer.add(["d", "e", "f", "g"], {"x": torch.full((4, 4), 7.0)})
+    reader._maps.clear()  # a fresh map of the file, as a later, longer read makes
+    with pytest.raises(TrainingError, match="can no longer be read.*replaced"):
+        reader.read([2])
+    said: list[str] = []
+    reader._say = said.append
+    reader.add(["h"], {"x": torch.full((1, 4), 5.0)})  # its own next write notices it too
+    assert "was emptied during the run" in said[-1] and reader.index == {"h": 4}
+    assert torch.equal(reader.read([4])["x"], torch.full((1, 4), 5.0))
+
+
+def test_an_unreadable_layout_is_reported_and_nothing_is_appended_to_it(tmp_path):
+    said: list[str] = []
+    folder = tmp_path / "ns"
+    folder.mkdir()
+    (folder / "layout.json").write_text("{not json")
+    (folder / "index.tsv").write_text("")
+    store = ItemStore("ns", folder, say=said.append)
+    assert "this store is not used" in said[-1] and store.folder is None
+    store.add(["a"], {"x": torch.ones(1, 4)})
+    assert torch.equal(store.read(store.rows(["a"]))["x"], torch.ones(1, 4))  # kept in memory
+    assert sorted(f.name for f in folder.iterdir()) == ["index.tsv", "layout.json"]
+
+
 def test_the_memory_store_never_holds_more_than_its_budget_and_serves_what_it_took():
     """Rows past the budget are not stored; growing the slabs never allocates past it either."""
     row_bytes = 4 * 10 + 2 * 3  # a float32 [10] leaf and a bfloat16 [3] leaf

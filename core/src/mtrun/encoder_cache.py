@@ -595,6 +595,7 @@ class ItemStore:
         self._maps: dict[str, Any] = {}
         self._rows = 0
         self._disk_rows = 0  # rows this process knows the files to hold; fewer later = emptied under us
+        self._identity: dict[str, tuple[int, int]] = {}  # leaf -> (device, inode) of the file our rows are in
         if folder is not None:
             self._open()
 
@@ -614,7 +615,8 @@ class ItemStore:
         except FileNotFoundError:
             return  # a new store
         except (OSError, ValueError) as exc:
-            self._say(f"encoder cache: cannot read {self.folder} ({exc}); its entries are computed again")
+            self._say(f"encoder cache: cannot read {self.folder} ({exc}); this store is not used, its entries are computed again")
+            self.folder = None  # kept in memory: nothing is appended to a store no run can read
             return
         try:
             layout = {name: (getattr(torch, dtype), tuple(shape)) for name, (dtype, shape) in meta.items()}
@@ -626,6 +628,7 @@ class ItemStore:
             return
         self.layout = layout
         rows = min(self._file_rows(name) for name in self.layout)
+        self._identity = {name: ident for name in self.layout if (ident := self._file_identity(name)) is not None}
         for line in lines:
             key, _, row = line.partition("\t")
             if row.isdigit() and int(row) < rows:
@@ -635,6 +638,18 @@ class ItemStore:
     def _file(self, name: str) -> Path:
         assert self.folder is not None and self.layout is not None
         return self.folder / f"{sorted(self.layout).index(name)}.bin"
+
+    def _file_identity(self, name: str) -> tuple[int, int] | None:
+        """The leaf file's (device, inode): a folder emptied and refilled by another process (a
+        DDP rank, a concurrent run) holds new files under the old names, with other rows."""
+        try:
+            info = self._file(name).stat()
+        except OSError:
+            return None
+        return info.st_dev, info.st_ino
+
+    def _replaced(self) -> bool:
+        return any(self._file_identity(name) != ident for name, ident in self._identity.items())
 
     def _file_rows(self, name: str) -> int:
         try:
@@ -672,7 +687,8 @@ class ItemStore:
         for name, t in rows.items():
             slab = self._slabs.get(name)
             if slab is None or slab.shape[0] < self._rows + n:
-                # Doubling, but never past the budget (a doubled slab could be 2x it).
+                # Doubling, but never past the budget (a doubled slab could be 2x it; while the
+                # old slab is copied, both are alive for that moment).
                 capacity = min(max(2 * (slab.shape[0] if slab is not None else 0), self._rows + n, 64), budget_rows)
                 grown = t.new_empty((capacity, *t.shape[1:]))
                 if slab is not None:
@@ -697,14 +713,16 @@ class ItemStore:
                         meta = {name: [str(dtype).removeprefix("torch."), list(shape)] for name, (dtype, shape) in self.layout.items()}
                         write_atomic(layout_file, lambda f: f.write(json.dumps(meta).encode()))
                     start = min(self._file_rows(name) for name in self.layout)  # other runs may have appended
-                    if start < self._disk_rows:  # the folder was emptied during the run: our rows are gone
+                    if start < self._disk_rows or self._replaced():  # emptied during the run: our rows are gone
                         self.index.clear()
                         self._maps.clear()
+                        self._identity.clear()
                         self._say(f"encoder cache: {self.folder} was emptied during the run; its entries are computed again")
                     for name, t in rows.items():
                         with open(self._file(name), "r+b" if self._file(name).exists() else "wb") as f:
                             f.seek(start * self._row_bytes(name))
                             f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                        self._identity.setdefault(name, self._file_identity(name))
                     with open(self.folder / "index.tsv", "a") as f:
                         f.write("".join(f"{key}\t{start + j}\n" for j, key in enumerate(keys)))
                 finally:
@@ -731,6 +749,9 @@ class ItemStore:
             if mapped is None or mapped.shape[0] < needed:
                 size = self._row_bytes(name)
                 try:
+                    identity = self._file_identity(name)
+                    if identity != self._identity.setdefault(name, identity) or self._file_rows(name) < needed:
+                        raise ValueError("the file was replaced: its rows are no longer the ones this run listed")
                     mapped = self._maps[name] = np.memmap(self._file(name), dtype=np.uint8, mode="r", shape=(self._file_rows(name), size))
                 except (OSError, ValueError) as exc:
                     raise TrainingError(
