@@ -391,6 +391,21 @@ def test_a_cache_cleared_mid_run_falls_back_to_reading_the_files(tmp_path, cache
     assert_same(batches(loader, 1), batches(make(samples), 1))
 
 
+def test_a_damaged_entry_is_decoded_instead_and_the_next_build_makes_it_again(tmp_path, monkeypatch):
+    samples = write_chords(tmp_path / "audio")
+    loader = make(samples, cache="waveforms")
+    before = batches(loader, 0)
+    cache = loader.waveform_cache
+    path = cache.entry_path(cache.key(samples[0].audio))
+    path.write_bytes(path.read_bytes()[:-100])  # cut short under us (disk damage)
+    fresh = make(samples, cache="waveforms")  # a new loader remembers no header: it reads this one
+    assert fresh.waveform_cache.lookup(samples[0].audio) is None and not path.exists()
+    counting = CountingDecode(monkeypatch)
+    rebuilt = make(samples, cache="waveforms")  # the next run's build
+    assert counting.calls == 1 and rebuilt.waveform_cache.lookup(samples[0].audio) is not None
+    assert_same(batches(rebuilt, 0), before)  # the same clips as from the first build
+
+
 def test_a_member_of_a_tar_shard_is_keyed_by_the_shard_and_its_byte_range(tmp_path):
     import io
     import tarfile

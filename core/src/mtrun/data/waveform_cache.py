@@ -23,6 +23,7 @@ the build stops with one warning naming the folder and training goes on without 
 from __future__ import annotations
 
 import copy
+import contextlib
 import errno
 import json
 import logging
@@ -263,6 +264,11 @@ class WaveformCache:
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as exc:  # damaged on disk: decode the file instead
+            if isinstance(exc, ValueError):
+                # Not a whole entry (writes are atomic: disk damage, or not ours). Removed, so the
+                # next build makes it again instead of every epoch decoding this file.
+                with contextlib.suppress(OSError):
+                    self.entry_path(key).unlink()
             if not self._warned_unreadable:
                 self._warned_unreadable = True
                 _log.warning("%s entry %s is unreadable (%s); decoding the file instead", self.NAME, self.entry_path(key), exc)
