@@ -197,3 +197,29 @@ def test_an_output_folder_that_cannot_be_written_is_a_message_not_a_traceback(tm
     err = capsys.readouterr().err
     assert status != 0 and "Traceback" not in err
     assert f"mtrun ablate: cannot write in {blocker / 'quickstart-ablation'}" in err and "--output-dir" in err
+
+
+def test_metrics_with_a_damaged_line_are_read_and_an_unreadable_file_is_named(tmp_path, monkeypatch):
+    """A line of non-UTF-8 bytes (a disk error) is skipped like a line cut short; a file that
+    cannot be read at all is an MtrunError naming it, and leaves its ablation cell empty."""
+    from pathlib import Path
+
+    from mtrun.ablation.sweep import training_throughput
+    from mtrun.errors import MtrunError
+    from mtrun.run_report import read_metrics
+
+    good = '{"step": 10, "samples_per_s": 100.0}\n'
+    (tmp_path / "metrics.jsonl").write_bytes(good.encode() + b"\xff\xfe{broken\n" + good.replace("10", "20").encode())
+    assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20]
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "metrics.jsonl").write_text(good + good.replace("10", "20"))
+    assert training_throughput(tmp_path) == training_throughput(clean) is not None  # the damaged line changes nothing
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(MtrunError, match=r"cannot read .*metrics\.jsonl \(Permission denied\)"):
+        read_metrics(tmp_path)
+    assert training_throughput(tmp_path) is None

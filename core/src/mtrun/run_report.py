@@ -57,12 +57,22 @@ _MAX_VALIDATION_LINES = 8
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of ``RUN/metrics.jsonl`` (a line cut short by a kill is skipped)."""
+    """The records of ``RUN/metrics.jsonl`` (a line cut short by a kill is skipped).
+
+    Raises:
+        MtrunError: The file exists but cannot be read (permissions, I/O error), naming it.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     records = []
     if not path.is_file():
         return records
-    for line in path.read_text(encoding="utf-8").splitlines():
+    from mtrun.errors import MtrunError
+
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")  # a damaged line is skipped below
+    except OSError as exc:
+        raise MtrunError(f"cannot read {path} ({exc.strerror or exc})") from None
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:

@@ -64,11 +64,16 @@ def training_throughput(run_dir: Path) -> float | None:
     """Samples per second over the whole training run, from ``metrics.jsonl``'s log records:
     all steps over all time (each window's steps over its rate, summed), so a slow window counts
     for the time it took. ``None`` without records (a run that logged nothing)."""
+    from mtrun.errors import MtrunError
     from mtrun.run_report import read_metrics
 
+    try:
+        records = read_metrics(run_dir)  # lines cut by a crash, and non-records, are skipped
+    except MtrunError:
+        return None  # an unreadable file: that cell of the table stays empty, the others are kept
     steps = seconds = 0.0
     previous = 0
-    for record in read_metrics(run_dir):  # lines cut by a crash, and non-records, are skipped
+    for record in records:
         rate, step = record.get("samples_per_s"), record.get("step")
         if not (isinstance(rate, (int, float)) and isinstance(step, int) and rate > 0 and step > previous):
             continue  # evaluation records carry no rate
