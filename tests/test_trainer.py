@@ -583,9 +583,17 @@ def test_timing_the_precisions_leaves_the_rngs_gradients_and_mode_as_they_were(t
 
     system = toy_trainer(tmp_path / "run").system
     system.train()
+    draws = []
+    forward = system.audio_encoder.forward
+
+    def drawing(*args, **kwargs):  # an encoder that draws from the global RNG (noise, dropout)
+        draws.append(float(torch.rand(())))
+        return forward(*args, **kwargs)
+
+    system.audio_encoder.forward = drawing
     before = torch.get_rng_state()
     ratio = time_cpu_precisions(system, batch_size=4, clip_samples=4000)
-    assert ratio > 0 and torch.equal(before, torch.get_rng_state())
+    assert draws and ratio > 0 and torch.equal(before, torch.get_rng_state())
     assert system.training and all(p.grad is None for p in system.parameters())
 
 

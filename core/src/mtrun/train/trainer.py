@@ -38,7 +38,7 @@ import random
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import attrs
 import numpy as np
@@ -86,6 +86,7 @@ __all__ = [
     "resolve_precision",
     "settle_precision",
     "time_cpu_precisions",
+    "timed_auto_precision",
 ]
 
 def cpu_has_fast_bf16() -> bool:
@@ -199,17 +200,31 @@ def precision_for_ratio(ratio: float) -> str:
 
 def settle_precision(precision: str, device: torch.device, system: System, *, batch_size: int, clip_samples: int) -> str:
     """The precision the trainer would train ``system`` in: :func:`resolve_precision`, then, for
-    ``auto`` on a fast-bf16 CPU, the timed choice (:func:`time_cpu_precisions`). For benchmarks
-    and tools that run a System outside the trainer; call it before training (it times steps).
-    As in the trainer, encoders that cannot be timed on synthetic inputs keep the hardware's bf16."""
+    ``auto`` on a fast-bf16 CPU, the timed choice (:func:`timed_auto_precision`). For benchmarks
+    and tools that run a System outside the trainer; call it before training (it times steps)."""
     chosen = resolve_precision(precision, device)
     if precision == "auto" and device.type == "cpu" and chosen == "bf16":
-        try:
-            ratio = time_cpu_precisions(system, batch_size=batch_size, clip_samples=clip_samples)
-        except Exception:  # noqa: BLE001 - as the trainer: keep the hardware's answer
-            return chosen
-        chosen = precision_for_ratio(ratio)
+        chosen, _ = timed_auto_precision(system, batch_size=batch_size, clip_samples=clip_samples)
     return chosen
+
+
+def timed_auto_precision(
+    system: System, *, batch_size: int, clip_samples: int, reduce: Callable[[float], float] = float
+) -> tuple[str, str]:
+    """``auto``'s choice on a CPU whose hardware does bf16, and why: bf16 only where the timed
+    forward + backward (:func:`time_cpu_precisions`) takes under :data:`AUTO_BF16_MARGIN` of
+    fp32's time. ``reduce`` combines the ranks' ratios (the trainer's mean over ranks); an
+    encoder that cannot be timed on synthetic inputs, on any rank, keeps the hardware's bf16."""
+    why = ""
+    try:
+        ratio = time_cpu_precisions(system, batch_size=batch_size, clip_samples=clip_samples)
+    except Exception as exc:  # noqa: BLE001 - an encoder that rejects synthetic inputs: keep the hardware's answer
+        ratio = math.nan
+        why = f", as the hardware suggests: timing the encoders failed ({type(exc).__name__}: {exc})"
+    ratio = float(reduce(ratio))  # NaN if any rank failed: then all keep bf16
+    if math.isnan(ratio):
+        return "bf16", why or ", as the hardware suggests: another rank could not time the encoders"
+    return precision_for_ratio(ratio), f": bf16 took {ratio:.2f}x fp32's time for the encoders' forward + backward here"
 
 
 def _seed_step(seed: int) -> None:
@@ -812,21 +827,25 @@ class DefaultTrainer:
         if improved and fit.manager is not None:
             fit.manager.mark_best(folder)
 
+    def _save_unsaved(self, fit: _Fit) -> Path | None:
+        """Checkpoint ``state.step`` unless it is already saved (or nothing was trained since the
+        start): the folder written, else ``None``."""
+        step = self.state.step
+        return self._save(fit) if step > fit.start_step and fit.saved_at != step else None
+
     def _save_before_failing(self, fit: _Fit, what: str) -> None:
         """Keep the steps trained so far when ``what`` fails after them (a misspelt evaluation
-        setting found at the last step must not cost the run): saved unless already saved."""
-        step = self.state.step
-        if step > fit.start_step and fit.saved_at != step:
-            folder = self._save(fit)
-            fit.progress.message(f"{what} failed after step {step}; saved {folder} first (continue with --resume latest)")
+        setting found at the last step must not cost the run)."""
+        folder = self._save_unsaved(fit)
+        if folder is not None:
+            fit.progress.message(f"{what} failed after step {self.state.step}; saved {folder} first (continue with --resume latest)")
 
     def _save_on_stop(self, fit: _Fit, stop: StopRequests) -> None:
         """After Ctrl-C or SIGTERM: the weights are those after ``state.step`` (the optimizer
         only runs at the end of a step), so that step is saved unless it already was."""
-        step = self.state.step
-        if step > fit.start_step and fit.saved_at != step:
-            folder = self._save(fit)
-            fit.progress.message(f"{stop.signal_name} after step {step}: saved {folder}")
+        folder = self._save_unsaved(fit)
+        if folder is not None:
+            fit.progress.message(f"{stop.signal_name} after step {self.state.step}: saved {folder}")
 
     def _save(self, fit: _Fit) -> Path:
         """Checkpoint the current step (rank 0 writes; every rank remembers the folder).
@@ -965,17 +984,9 @@ class DefaultTrainer:
                 self._precision_note = ", as before the resume (the checkpoint predates timed auto)"
             return
         micro = max(1, self.config.batch_size // (self.config.grad_accum * world))
-        try:
-            ratio = time_cpu_precisions(system, batch_size=micro, clip_samples=loader.clip_samples)
-        except Exception as exc:  # noqa: BLE001 - an encoder that rejects synthetic inputs: keep the hardware's answer
-            ratio = math.nan
-            self._precision_note = f", as the hardware suggests: timing the encoders failed ({type(exc).__name__}: {exc})"
-        ratio = float(distributed.all_reduce_mean(ratio))  # NaN if any rank failed: then all keep bf16
-        if math.isnan(ratio):
-            self._precision_note = self._precision_note or ", as the hardware suggests: another rank could not time the encoders"
-            return
-        self._precision = precision_for_ratio(ratio)
-        self._precision_note = f": bf16 took {ratio:.2f}x fp32's time for the encoders' forward + backward here"
+        self._precision, self._precision_note = timed_auto_precision(
+            system, batch_size=micro, clip_samples=loader.clip_samples, reduce=lambda r: float(distributed.all_reduce_mean(r))
+        )
 
     @property
     def precision(self) -> str:
