@@ -271,10 +271,14 @@ def test_a_working_xformers_build_passes_the_import_check(monkeypatch):
 
 
 def test_auto_uses_sdpa_for_inputs_xformers_has_no_kernel_for_but_forcing_xformers_raises(monkeypatch):
+    calls = []
+
     def no_kernel(*args, **kwargs):
+        calls.append(args[0].shape)
         raise NotImplementedError("No operator found for these inputs")
 
     monkeypatch.setattr(attention_module, "_warned", set())  # warned once per process: start afresh
+    monkeypatch.setattr(attention_module, "_xformers_no_kernel", set())
     monkeypatch.setattr(attention_module, "_xformers_ops", types.SimpleNamespace(memory_efficient_attention=no_kernel))
     monkeypatch.setattr(attention_module, "resolve_backend", lambda device, backend=None, dtype=None: "xformers")
     q, k, v = random_qkv(2, 2, 4, 6, 8)
@@ -282,8 +286,11 @@ def test_auto_uses_sdpa_for_inputs_xformers_has_no_kernel_for_but_forcing_xforme
     with pytest.warns(RuntimeWarning, match="xformers has no kernel for these inputs"):
         out = attention(q, k, v, key_padding_mask=mask)
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention(q, k, v, key_padding_mask=mask), out)
+    assert len(calls) == 1  # the next call like it goes to SDPA without trying xformers again
     with pytest.raises(NotImplementedError):
         attention(q, k, v, key_padding_mask=mask, backend="xformers")
+    assert len(calls) == 2  # forcing xformers still tries it
 
 
 def test_cpu_tensors_never_reach_xformers_even_when_it_imports(exploding_xformers):

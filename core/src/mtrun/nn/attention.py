@@ -49,6 +49,9 @@ _UNTRIED = object()
 _xformers_ops: object = _UNTRIED
 # Precisions whose xformers kernels failed the import check: those calls use SDPA.
 _xformers_refused: frozenset[torch.dtype] = frozenset()
+# Inputs (dtype, head widths, bias) that xformers turned down at a call: those go to SDPA at once,
+# without building xformers' bias and failing in its dispatch again on every call.
+_xformers_no_kernel: set[tuple[Any, ...]] = set()
 
 # xformers' kernels read the bias with 128-bit loads: every stride but the last must be a
 # multiple of 128 / bits (8 for half precision, 4 for float32). Padding to 8 satisfies all.
@@ -111,9 +114,9 @@ def _probe_dtypes() -> tuple[torch.dtype, ...]:
 def _probe_xformers(ops: Any, dtypes: tuple[torch.dtype, ...]) -> dict[torch.dtype, str]:
     """Run one tiny forward + backward per dtype; the dtypes that failed, with why."""
     failures: dict[torch.dtype, str] = {}
-    # The first attention call is often under no_grad (a frozen encoder, evaluation): the
-    # backward needs gradients whatever the caller's mode.
-    with torch.inference_mode(False), torch.enable_grad():
+    # The first attention call is often under no_grad (a frozen encoder, evaluation) and inside
+    # the step's autocast: the check needs gradients, and each dtype as it is named.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cuda", enabled=False):
         for dtype in dtypes:
             try:
                 x = torch.zeros(1, 8, 1, 16, device=_PROBE_DEVICE, dtype=dtype, requires_grad=True)
@@ -129,6 +132,7 @@ def _reset_xformers_cache() -> None:
     global _xformers_ops, _xformers_refused
     _xformers_ops = _UNTRIED
     _xformers_refused = frozenset()
+    _xformers_no_kernel.clear()
 
 
 def xformers_available() -> bool:
@@ -242,13 +246,16 @@ def attention(
         key_padding_mask = key_padding_mask | empty_rows[:, None]
 
     out = None
-    if resolve_backend(q.device, backend, q.dtype) == "xformers":
+    forced = (backend if backend is not None else _forced.get()) == "xformers"
+    signature = (q.dtype, head_dim, v.shape[-1], attn_bias is not None or key_padding_mask is not None, dropout_p > 0)
+    if resolve_backend(q.device, backend, q.dtype) == "xformers" and (forced or signature not in _xformers_no_kernel):
         try:
             out = _xformers_attention(q, k, v, key_padding_mask, attn_bias, dropout_p, scale)
         except NotImplementedError as exc:  # no xformers kernel takes these inputs (a head width, a dtype)
-            if (backend if backend is not None else _forced.get()) == "xformers":
+            if forced:
                 raise
-            _warn_once(f"xformers has no kernel for these inputs, so this attention call uses SDPA: {str(exc).splitlines()[0]}")
+            _xformers_no_kernel.add(signature)
+            _warn_once(f"xformers has no kernel for these inputs, so attention calls like it use SDPA: {str(exc).splitlines()[0]}")
     if out is None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # PyTorch's CPU SDPA backward is 3-5x slower in bf16 than in float32 (measured with
         # torch 2.10, benchmarks/precision.py), which made bf16 training of small ViTs slower
