@@ -246,10 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (1: steady on shared cores)")
     parser.add_argument("--child", choices=sorted(CONFIGS) + ["timing"], help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the device's peak allocation instead of host memory")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu, or cuda: the device's peak allocation instead of host memory")
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = args.device
+    if DEVICE == "cuda" and not args.child:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible here")
     if args.child == "timing":
         print(json.dumps(timing_child(args.repeats, args.threads)))
         return 0
@@ -290,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peak device memory, batch 512 with the gradient cache vs batch 64 (target <= 1.2x): "
               f"{cache['device_peak_mib'] / base['device_peak_mib']:.2f}x (the step's own: "
               f"{cache['device_step_mib'] / base['device_step_mib']:.2f}x)")
+        if args.json:
+            args.json.write_text(json.dumps({"cpu": cpu_line(), "device": torch.cuda.get_device_name(), "results": results}, indent=2))
         return 0
     print()
     print("| step | items | micro-batch | inputs MiB | tensors peak MiB | × plain-64 | RSS rise MiB | × plain-64 | step s | × plain-64 |")

@@ -11,7 +11,7 @@ import torch
 
 from mtrun.data.audio import AudioDecodeError, check_waveform, crop_or_pad, decode, load_waveform, open_span, open_stream, sliding_windows
 from mtrun.interfaces import Sample
-from audiofiles import write_aac
+from audiofiles import refuse_reading, write_aac
 
 FORMATS = [("wav", "WAV", "PCM_16", 1e-4), ("flac", "FLAC", "PCM_16", 1e-4), ("ogg", "OGG", "VORBIS", None), ("mp3", "MP3", "MPEG_LAYER_III", None)]
 
@@ -78,32 +78,10 @@ def test_broken_files_raise_with_the_file_and_the_reason(tmp_path, make, kind, w
 def test_an_unreadable_file_is_named_as_such_by_each_reader(tmp_path, monkeypatch, reader):
     """chmod 000; as root, where that stops no read, both opens of the path are refused as the
     kernel would refuse them for another user (Python's, and libsndfile's own in C)."""
-    import errno
-    import os
-
-    import mtrun.data.audio as audio_module
-
     path = tmp_path / "locked.wav"
     soundfile.write(path, np.full(8000, 0.1, dtype="float32"), 16000)
     path.chmod(0)
-    if os.geteuid() == 0:
-        real_open, real_soundfile = open, soundfile.SoundFile
-
-        def refused(file):
-            return isinstance(file, (str, os.PathLike)) and os.path.realpath(os.fspath(file)) == os.path.realpath(path)
-
-        def guarded_open(file, *args, **kwargs):
-            if refused(file):
-                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
-            return real_open(file, *args, **kwargs)
-
-        def guarded_soundfile(file, *args, **kwargs):
-            if refused(file):
-                raise soundfile.LibsndfileError(2, f"Error opening {file!r}: ")
-            return real_soundfile(file, *args, **kwargs)
-
-        monkeypatch.setattr(audio_module, "open", guarded_open, raising=False)
-        monkeypatch.setattr(soundfile, "SoundFile", guarded_soundfile)
+    refuse_reading(monkeypatch, path)
     read = {"decode": decode, "open_span": open_span, "open_stream": lambda p: open_stream(p, block_frames=4000)}[reader]
     with pytest.raises(AudioDecodeError, match=r"locked\.wav.*unreadable \(permission denied\)") as info:
         read(path)

@@ -11,7 +11,7 @@ Choices the tests make, so they stay cheap:
   in milliseconds, but 2,400 clips' worth of audio for the 0.25 s crop at the toy encoder's
   8 kHz (the loader decodes the whole file, then crops before resampling);
 * tests may run as root, for whom ``chmod 000`` does not stop reads: there the refusal is
-  simulated by making ``open`` of that one path raise ``PermissionError`` inside
+  simulated (``audiofiles.refuse_reading``) by making ``open`` of that one path raise ``PermissionError`` inside
   :mod:`mtrun.data.audio`, and libsndfile's own open of it fail with a system error (what the
   kernel would do for another user); otherwise the real ``chmod 000`` is used.
 """
@@ -27,12 +27,12 @@ import numpy as np
 import pytest
 import soundfile
 
-import mtrun.data.audio as audio_module
 import mtrun.data.loader as loader_module
 from mtrun.data.loader import SkipLog
 from mtrun.data.sources.manifest import ManifestSource
 from mtrun.errors import MtrunError
 from mtrun.runner import train
+from audiofiles import refuse_reading
 from toyrecipes import TOY_MODEL
 
 RATE = 8000
@@ -97,28 +97,6 @@ def write_faults(audio):
     (audio / "locked.wav").chmod(0)
     bad["no-permission"] = ("locked.wav", "unreadable")
     return good, bad
-
-
-def refuse_reading(monkeypatch, path):
-    """Make ``path`` unreadable for mtrun's audio module, even for root (see the docstring)."""
-    if os.geteuid() != 0:
-        return  # chmod 000 already does it
-    target = os.path.realpath(path)
-
-    def guarded_open(file, mode="r", *args, **kwargs):
-        if os.path.realpath(os.fspath(file)) == target:
-            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
-        return open(file, mode, *args, **kwargs)
-
-    monkeypatch.setattr(audio_module, "open", guarded_open, raising=False)
-    real_soundfile = soundfile.SoundFile
-
-    def guarded_soundfile(file, *args, **kwargs):  # libsndfile opens the path itself, in C
-        if isinstance(file, (str, os.PathLike)) and os.path.realpath(os.fspath(file)) == target:
-            raise soundfile.LibsndfileError(2, f"Error opening {file!r}: ")  # SF_ERR_SYSTEM, as for EACCES
-        return real_soundfile(file, *args, **kwargs)
-
-    monkeypatch.setattr(soundfile, "SoundFile", guarded_soundfile)
 
 
 def fault_manifest(root, monkeypatch, n_good=24):

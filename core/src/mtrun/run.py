@@ -81,7 +81,7 @@ class LoaderConfig:
         validator=attrs.validators.ge(1),
         metadata={"help": "with cache = 'features': each file's features are computed this many times, each copy "
                   "started hop / feature_phases samples later, so crops start every 2.5 ms (MAViL, 4) instead of every "
-                  "10 ms; 1 (the 10 ms grid alone) cost the quickstart 6.5 points of test R@10 against waveforms (3 seeds), "
+                  "10 ms; 1 (the 10 ms grid alone) cost the quickstart 8.6 points of test R@10 against waveforms (3 seeds), "
                   "4 cost it 3.8 (6 seeds). Each phase adds one copy of the corpus' features to the cache's build time "
                   "and disk"},
     )

@@ -9,7 +9,7 @@ computes its frames ``[n, ...]`` and stores them as one float32 ``.npy`` under
 decoding nor the features are computed again, in any epoch or any later run.
 
 A crop's frames are exact only where the crop starts on the hop (10 ms for MAViL), and crops
-that start only there cost the quickstart 6.5 points of test R@10 on average against crops that
+that start only there cost the quickstart 8.6 points of test R@10 on average against crops that
 start on any sample (the waveform path's own crops rounded to the 10 ms grid lost as much;
 rounded to 2.5 ms they lost nothing: docs/performance.md). So an entry holds the frames of ``phases``
 copies of the file, each started ``hop / phases`` samples later than the one before (4 phases:
