@@ -14,17 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-
-
-def cpu_line() -> str:
-    import torch
-
-    from mtrun.train.trainer import cpu_bf16_hardware
-
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown CPU")
-    return f"cpu: {name}; bf16 hardware: {cpu_bf16_hardware()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def timed(fn, repeats: int) -> float:
@@ -48,9 +37,10 @@ def main(argv=None) -> int:
     import torch
     import torchaudio
     from mtrun_mavil.fbank import kaldi_fbank, mel_banks
+    from plain_loop import cpu_report
 
     torch.set_num_threads(args.threads)
-    print(cpu_line())
+    print(cpu_report())
     banks, window = mel_banks(), torch.hann_window(400, periodic=False)
     generator = torch.Generator().manual_seed(0)
     for label, clips, seconds in (("quickstart batch", 32, 2.56), ("ViT-B batch", 8, 10.24)):

@@ -182,5 +182,9 @@ def test_more_processes_than_gpus_on_a_node_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(TrainingError, match=r"LOCAL_RANK=1 on a machine with 1 CUDA device.*--nproc_per_node 1.*run.device"):
+    with pytest.raises(TrainingError, match=r"LOCAL_RANK=1, but 1 CUDA device\(s\) are visible.*--nproc_per_node 1.*CUDA_VISIBLE_DEVICES.*run.device"):
         distributed.init_from_env("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # e.g. an empty CUDA_VISIBLE_DEVICES
+    with pytest.raises(TrainingError, match=r"no CUDA device is visible to it \(check CUDA_VISIBLE_DEVICES\)") as info:
+        distributed.init_from_env("cuda")
+    assert "--nproc_per_node 0" not in str(info.value)

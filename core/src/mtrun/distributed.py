@@ -87,10 +87,15 @@ def init_from_env(device: torch.device | str) -> torch.device:
         if local_rank() >= torch.cuda.device_count():
             from mtrun.errors import TrainingError
 
+            visible = torch.cuda.device_count()
+            advice = (
+                "no CUDA device is visible to it (check CUDA_VISIBLE_DEVICES)" if visible == 0
+                else f"{visible} CUDA device(s) are visible to it: start one process per visible GPU "
+                f"(--nproc_per_node {visible}, or a CUDA_VISIBLE_DEVICES that shows each process its own)"
+            )
             raise TrainingError(
-                f"torchrun started process LOCAL_RANK={local_rank()} on a machine with "
-                f"{torch.cuda.device_count()} CUDA device(s): start one process per GPU "
-                f"(--nproc_per_node {torch.cuda.device_count()}), or train on the CPU with run.device=\"cpu\""
+                f"torchrun started process LOCAL_RANK={local_rank()}, but {advice}; "
+                "or train on the CPU with run.device=\"cpu\""
             )
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)

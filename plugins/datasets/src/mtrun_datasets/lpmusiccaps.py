@@ -111,6 +111,7 @@ class LPMusicCaps(SplitSource):
         for path, key in self._tables():
             records = read_records(path, source="lp-musiccaps", key=key)
             file_split = _split_named(path.name.split("-", 1)[0].split(".", 1)[0])
+            kept = 0
             for row in records:
                 split = _split_named(str(row.get("split", ""))) or file_split
                 if split is None:
@@ -121,9 +122,13 @@ class LPMusicCaps(SplitSource):
                 sample = self._sample(row, path, key)
                 if sample is not None:
                     out[split].append(sample)
+                    kept += 1
+            if kept or not records:
+                continue
+            # Nothing kept: a misspelled field drops every row silently; look at the fields only now.
             fields = {f for row in records for f in row}
             tag_fields = [cfg.tag_field] if cfg.tag_field else list(_TAG_FIELDS)
-            if records and not fields & {*cfg.caption_fields, *tag_fields}:  # misspelled: every row dropped silently
+            if not fields & {*cfg.caption_fields, *tag_fields}:
                 raise MtrunError(
                     f"lp-musiccaps: no row of {path} (set by [data].{key}) has a caption in [data].caption_fields = "
                     f"{list(cfg.caption_fields)} or tags in [data].tag_field = {cfg.tag_field!r}; its rows have: "

@@ -19,8 +19,8 @@ Columns (one row per audio item):
 Every other column is kept in ``Sample.extra`` (licence, bpm, renderer, ...). An item needs
 some text: at least one caption or one tag column must exist.
 
-The module also holds its table helpers: :func:`read_table` (public, ``mtrun.read_table``),
-:func:`canonical_split`, :func:`split_map`, :func:`hash_split`.
+The module also holds its table helpers: :func:`read_table`, :func:`canonical_split` and
+:func:`hash_split` (public, as ``mtrun.read_table`` and so on), and :func:`split_map`.
 """
 
 from __future__ import annotations
