@@ -359,6 +359,7 @@ class AudioSpans:
             AudioDecodeError: The span cannot be decoded, or the file ends well before the end
                 its header promised; ``scope`` is ``part`` (other spans may read fine).
         """
+        import numpy as np
         import soundfile
         import torch
 
@@ -370,7 +371,7 @@ class AudioSpans:
                 self._handle, self._stack = self._reopen()
             self._used = True
             self._handle.seek(start)
-            data = self._handle.read(frames=count, dtype="float32", always_2d=True)
+            data = _read_once(self._handle, count)
         except soundfile.LibsndfileError as exc:
             error = _sf_error(self.name, exc)
             raise AudioDecodeError(str(error), kind=error.kind, path=self.name, scope="part") from None
@@ -385,7 +386,7 @@ class AudioSpans:
                 path=self.name,
                 scope="part",
             )
-        return torch.from_numpy(data.T.copy())
+        return torch.from_numpy(np.ascontiguousarray(data.T))  # mono: a view, no copy
 
     def close(self) -> None:
         if self._stack is not None:
@@ -397,6 +398,38 @@ class AudioSpans:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _libsndfile_binding() -> tuple[Any, Any] | None:
+    """soundfile's libsndfile library and cffi handle, where this soundfile release has them."""
+    import soundfile
+
+    lib, ffi = getattr(soundfile, "_snd", None), getattr(soundfile, "_ffi", None)
+    return (lib, ffi) if hasattr(lib, "sf_readf_float") and hasattr(ffi, "cast") else None
+
+
+def _read_once(handle: Any, count: int) -> Any:
+    """Up to ``count`` float32 frames ``[n, channels]`` from where a read-only ``handle`` stands.
+
+    soundfile's ``read`` seeks to where each read ended (which a file open for reading and
+    writing needs), and on FLAC that is a real seek: about a tenth of a 2.56 s span's read
+    (``benchmarks/span_reads.py``). So call libsndfile's reader directly through soundfile's
+    binding, and fall back to ``read`` where a soundfile release does not expose it.
+    """
+    import numpy as np
+    import soundfile
+
+    binding, file = _libsndfile_binding(), getattr(handle, "_file", None)
+    if binding is None or file is None:
+        return handle.read(frames=count, dtype="float32", always_2d=True)
+    lib, ffi = binding
+    count = max(0, min(count, handle.frames - handle.tell()))
+    data = np.empty((count, handle.channels), dtype=np.float32)
+    got = lib.sf_readf_float(file, ffi.cast("float *", data.ctypes.data), count)
+    code = lib.sf_error(file)
+    if code:
+        raise soundfile.LibsndfileError(code)
+    return data[:got]
 
 
 def open_span(path: Any) -> AudioSpans:
