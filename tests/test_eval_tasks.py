@@ -393,3 +393,26 @@ def test_probe_on_a_category_no_item_has_names_the_key_and_the_categories_there_
     probe = Probe(Probe.Config(clip_seconds=1.0, category="mood"))
     with pytest.raises(MtrunError, match=f"category = 'mood' labels none of the 8 items; their tag categories are: {', '.join(present)}"):
         probe.evaluate(KnownSystem(), samples)
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "message"),
+    [
+        ("probe", {"category": "mood"}, r"category = 'mood' labels none of the 12 items; their tag categories are: pitch"),
+        ("probe", {"regression_key": "bpm"}, r"regression_key = 'bpm' is a number in none of the 12 items"),
+        ("zero-shot", {"category": "mood"}, r"category = 'mood' labels none of the 12 items; their tag categories are: pitch"),
+        ("zero-shot", {"category": "pitch", "classes": ("jazz", "rock")}, r"none of the 12 items has any of classes = \['jazz', 'rock'\].*class-0"),
+    ],
+)
+def test_a_setting_the_items_cannot_serve_is_refused_by_the_tasks_check(registry, name, settings, message):
+    """``check`` is what the trainer and the runner call at set-up; a setting that fits the
+    items passes it."""
+    import mtrun_testkit as tk
+
+    from mtrun.errors import MtrunError
+
+    samples = tk.ToyTones(tk.ToyTones.Config(n_items=12)).load("val")
+    cls = registry.get("eval", name).cls
+    with pytest.raises(MtrunError, match=message):
+        cls(cls.Config(clip_seconds=0.25, **settings)).check(samples)
+    cls(cls.Config(clip_seconds=0.25, category="pitch")).check(samples)

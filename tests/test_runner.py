@@ -63,3 +63,20 @@ def test_fresh_run_refuses_folder_with_checkpoints_and_resume_continues(recipe, 
     assert len(kept) == 1
     first = tomllib.loads((tmp_path / "runs" / "toy" / kept[0]).read_text())
     assert first["trainer"]["max_steps"] == 3
+
+
+@pytest.mark.parametrize("entry", ['type = "probe"\ncategory = "mood"', 'type = "zero-shot"\ncategory = "mood"'])
+def test_an_evaluation_setting_the_data_cannot_serve_fails_before_training(tmp_path, registry, entry):
+    """Found at set-up, naming the recipe, the key and the split; nothing is trained first
+    (before, a probe found it at the first validation and a zero-shot task reported counts only)."""
+    from mtrun.eval.run import EvalError
+
+    path = tmp_path / "toy.toml"
+    path.write_text(RECIPE + "\n[[eval]]\n" + entry + "\n")
+    out = tmp_path / "runs"
+    with pytest.raises(EvalError) as info:
+        train(path, overrides=[f'run.output_dir="{out}"'], registry=registry)
+    message = str(info.value)
+    assert message.startswith(f"{path}: [eval] ") and "category = 'mood' labels none of the" in message
+    assert message.endswith("(evaluating split 'test' of the data source ([data]))")  # the runner checks the test split first
+    assert not (out / "toy" / "checkpoints").exists() or not any((out / "toy" / "checkpoints").iterdir())

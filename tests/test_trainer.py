@@ -684,3 +684,13 @@ def test_timing_the_precisions_bypasses_the_encoder_cache_and_leaves_it_attached
     time_cpu_precisions(system, batch_size=4, clip_samples=4000)
     assert cache.stats == {} and not list((tmp_path / "cache").rglob("*.*"))
     assert isinstance(system.audio_encoder.__dict__.get("forward"), _CachedForward)  # wrapped again
+
+
+def test_a_validation_task_the_val_split_cannot_serve_stops_the_run_before_its_first_step(tmp_path, toy_trainer):
+    from mtrun.eval.probe import Probe
+    from mtrun.eval.run import EvalError
+
+    trainer = toy_trainer(tmp_path / "run", steps=3, evals=[Probe(Probe.Config(clip_seconds=0.25, category="mood"))])
+    with pytest.raises(EvalError, match=r"category = 'mood' labels none of the \d+ items.*\(evaluating split 'val' of the data source"):
+        trainer.fit()
+    assert not list((tmp_path / "run").rglob("step-*"))

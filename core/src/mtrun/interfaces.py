@@ -633,6 +633,10 @@ class EvalTask(Protocol):
     (``retrieval/t2a/R@10``). ``cache`` is an :class:`mtrun.eval.embed.EvalCache` shared by
     the tasks of one evaluation round so that they embed the samples once; a task must accept
     the keyword and may ignore it.
+
+    Optionally ``check(samples) -> None`` raises :class:`mtrun.errors.MtrunError` for settings
+    that cannot work on the samples it will evaluate (a tag category none of them has). It is
+    called at set-up (:func:`mtrun.eval.run.check_tasks`), so a run stops before training.
     """
 
     def evaluate(self, system: Any, samples: Sequence[Sample], *, cache: Any = None) -> dict[str, float]: ...

@@ -219,7 +219,7 @@ class Probe(EmbeddingTask):
         cfg = self.config
         if cfg.regression_key:
             values = [s.extra.get(cfg.regression_key) for s in samples]
-            usable = np.array([isinstance(v, (int, float, list, tuple)) and not isinstance(v, bool) for v in values])
+            usable = _numbers(samples, cfg.regression_key)
             y = np.array([np.atleast_1d(np.asarray(v, dtype=np.float64)) if u else np.zeros(1) for v, u in zip(values, usable)])
             return "regression", y, usable, []
         tags = [list(s.tags.get(cfg.category, [])) for s in samples]
@@ -236,6 +236,31 @@ class Probe(EmbeddingTask):
             return "multi", labels.astype(np.float64), labels.any(1), classes
         return "single", labels.argmax(1), labels.sum(1) == 1, classes
 
+    def check(self, samples: Sequence[Any]) -> None:
+        """Raise now, before training or embedding, when the target labels none of ``samples``
+        (with ``train_split``: none of them and that split's items) or that split is missing."""
+        cfg = self.config
+        self._check_train_split()
+        rows = list(samples)
+        if cfg.train_split and self._data is not None:
+            rows += list(self._data.load(cfg.train_split))
+        if cfg.regression_key:
+            if not _numbers(rows, cfg.regression_key).any():
+                present = sorted({key for s in rows for key in s.extra})
+                raise MtrunError(
+                    f"[eval] probe: regression_key = {cfg.regression_key!r} is a number in none of the {len(rows)} items; "
+                    f"their extra keys are: {', '.join(present) or 'none'}"
+                )
+        else:
+            self._targets(rows, None)  # raises when the category labels none of them
+
+    def _check_train_split(self) -> None:
+        cfg = self.config
+        if cfg.train_split and self._data is not None:
+            splits = list(self._data.splits())
+            if cfg.train_split not in splits:
+                raise MtrunError(f"[eval] probe: train_split {cfg.train_split!r} is not a split of the data source (it has: {', '.join(splits)})")
+
     def _features(self, emb: Any) -> np.ndarray:
         return emb.audio if self.config.features == "embedding" else emb.audio_features
 
@@ -246,10 +271,7 @@ class Probe(EmbeddingTask):
         cfg = self.config
         target = cfg.regression_key or cfg.category
         prefix = f"probe/{target}"
-        if cfg.train_split and self._data is not None:  # checked before any embedding work
-            splits = list(self._data.splits())
-            if cfg.train_split not in splits:
-                raise MtrunError(f"[eval] probe: train_split {cfg.train_split!r} is not a split of the data source (it has: {', '.join(splits)})")
+        self._check_train_split()  # before any embedding work
         emb = self.embeddings(system, samples, cache)
         x = self._features(emb)
         rows = emb.samples(samples)
@@ -300,6 +322,12 @@ class Probe(EmbeddingTask):
             out[f"{prefix}/{key}"] = float(np.mean(values))
             out[f"{prefix}/{key}:std"] = float(np.std(values))
         return out
+
+
+def _numbers(samples: Sequence[Any], key: str) -> np.ndarray:
+    """Per sample: whether ``extra[key]`` is a number (or a vector of them) to regress on."""
+    values = [s.extra.get(key) for s in samples]
+    return np.array([isinstance(v, (int, float, list, tuple)) and not isinstance(v, bool) for v in values], dtype=bool)
 
 
 def _pad_columns(probs: np.ndarray, n: int) -> np.ndarray:

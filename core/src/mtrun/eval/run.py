@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from mtrun.errors import MtrunError
 
-__all__ = ["EvalError", "default_out_dir", "evaluate_run", "evaluate_trained"]
+__all__ = ["EvalError", "check_evaluation", "check_tasks", "default_out_dir", "evaluate_run", "evaluate_trained"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,45 @@ def _check_captions(labelled: Sequence[tuple[str, Any]], samples: Sequence[Any],
                 f"{label} on split {split!r} of {where}: its items have no captions, so there is nothing to rank. "
                 "Evaluate retrieval on a captioned set: an [[eval]] entry with its own [eval.data] table (docs/evaluation.md)"
             )
+
+
+def check_tasks(
+    tasks: Sequence[Any] | Mapping[str, Any], samples: Sequence[Any], split: str, where: str, *, recipe: str | None = None
+) -> None:
+    """Run each task's ``check(samples)``, where it has one, on the samples it will evaluate.
+
+    A setting that cannot work on them (a probe's category that labels no item) then fails
+    before any embedding, and before training when the trainer and the runner call this at
+    set-up, not at the first evaluation. The message gains the split, the source and the
+    ``recipe`` file, when given.
+
+    Raises:
+        EvalError: A task's check refused the samples.
+    """
+    for _, task in _labelled(tasks):
+        check = getattr(task, "check", None)
+        if check is None:
+            continue
+        try:
+            check(samples)
+        except MtrunError as exc:
+            raise EvalError(f"{recipe + ': ' if recipe else ''}{exc} (evaluating split {split!r} of {where})") from None
+
+
+def check_evaluation(assembly: Any, *, split: str = "test", recipe: str | None = None) -> None:
+    """Check the evaluation that follows training (:func:`evaluate_trained`) before it starts:
+    the tasks on the training source's ``split`` (when it has one) and on each evaluation set.
+
+    Raises:
+        EvalError: As :func:`check_tasks`, or an evaluation set's split is missing or empty.
+    """
+    bound = getattr(assembly, "eval_sets", None)
+    tasks = dict(bound.training_tasks) if bound is not None else assembly.evals
+    if tasks and split in list(assembly.data.splits()):
+        check_tasks(tasks, assembly.data.load(split), split, "the data source ([data])", recipe=recipe)
+    for s in bound.sets if bound is not None else ():
+        samples = _samples(s.source, s.split, f"evaluation set {s.name!r} ({s.where}, type {s.type!r})", s.where)
+        check_tasks(s.tasks, samples, s.split, f"evaluation set {s.name!r} ({s.where})", recipe=recipe)
 
 
 def _run_tasks(
@@ -146,6 +185,7 @@ def evaluate_run(
             else:
                 log.warning("split %r of the data source has no captions: no retrieval to evaluate", split)
         _check_captions(labelled, samples, split, "the data source ([data])")
+        check_tasks(labelled, samples, split, "the data source ([data])")
         metrics, per_task = _run_tasks(system, labelled, samples, cache)
         embedded = cache.all()
         for emb in embedded:
@@ -159,6 +199,7 @@ def evaluate_run(
     for s in sets:
         samples = _samples(s.source, s.split, f"evaluation set {s.name!r} ({s.where}, type {s.type!r})", s.where)
         _check_captions(s.tasks, samples, s.split, f"evaluation set {s.name!r} ({s.where})")
+        check_tasks(s.tasks, samples, s.split, f"evaluation set {s.name!r} ({s.where})")
         before = len(cache.all())
         found, found_tasks = _run_tasks(system, s.tasks, samples, cache, prefix=f"{s.name}/")
         metrics.update(found)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import attrs
 import numpy as np
 
+from mtrun.errors import MtrunError
 from mtrun.eval import metrics
 from mtrun.eval.embed import EmbeddingTask, EmbedSettings, EvalCache
 
@@ -161,6 +162,23 @@ class ZeroShot(EmbeddingTask):
         def aggregation(self) -> str:
             """``"ensemble"`` or ``"best-of"``: ``aggregate``, or ``template_set``'s when ``"auto"``."""
             return TEMPLATE_SETS[self.template_set][1] if self.aggregate == "auto" else self.aggregate
+
+    def check(self, samples: Sequence[Any]) -> None:
+        """Raise now, before training or embedding, when no item has a tag of ``category`` (or,
+        with ``classes``, none of those): evaluation would report only counts."""
+        cfg = self.config
+        found = {t for s in samples for t in s.tags.get(cfg.category, [])}
+        if not found:
+            present = sorted({key for s in samples for key in s.tags})
+            raise MtrunError(
+                f"[eval] zero-shot: category = {cfg.category!r} labels none of the {len(samples)} items; their tag "
+                f"categories are: {', '.join(present) or 'none'}"
+            )
+        if cfg.classes and not found & set(cfg.classes):
+            raise MtrunError(
+                f"[eval] zero-shot: none of the {len(samples)} items has any of classes = {list(cfg.classes)!r} "
+                f"in category {cfg.category!r}; its tags there include: {', '.join(sorted(found)[:12])}"
+            )
 
     def evaluate(self, system: Any, samples: Sequence[Any], *, cache: EvalCache | None = None) -> dict[str, float]:
         """Score every clip against every class prompt; items without a tag of the category are

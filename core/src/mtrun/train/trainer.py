@@ -1004,6 +1004,10 @@ class DefaultTrainer:
             raise TrainingError(f"the data source has no split {cfg.train_split!r} to train on (it has: {', '.join(splits)})")
         train_samples = self.data.load(cfg.train_split)
         val_samples = self.data.load(cfg.val_split) if cfg.val_split in splits else None
+        if val_samples and self.evals:  # a setting the validation rounds cannot use fails now
+            from mtrun.eval.run import check_tasks
+
+            check_tasks(self.evals, val_samples, cfg.val_split, "the data source ([data])", recipe=run.recipe_path)
         if cfg.batch_size % (cfg.grad_accum * world) != 0:
             raise TrainingError(
                 f"[trainer].batch_size = {cfg.batch_size} must be divisible by grad_accum × ranks = "
