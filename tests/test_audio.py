@@ -161,3 +161,13 @@ def test_sliding_windows_cover_the_file_end_aligned_and_are_deterministic():
     assert sliding_windows(torch.arange(20.0), 10).shape == (2, 10)  # exact fit: no extra window
     short = sliding_windows(torch.tensor([1.0, 2.0, 3.0]), 7, 7)
     assert short.tolist() == [[1, 2, 3, 1, 2, 3, 1]]
+
+
+def test_a_decode_error_is_led_by_its_sample_once_and_keeps_what_it_knew():
+    error = AudioDecodeError("audio file 'a.flac': truncated", kind="truncated", path="a.flac", scope="part")
+    named = error.of_sample("track-7")
+    assert str(named) == "sample 'track-7': audio file 'a.flac': truncated"
+    assert (named.kind, named.path, named.scope) == ("truncated", "a.flac", "part")
+    assert str(named.of_sample("track-7")) == str(named)  # raised again higher up: not led twice
+    assert AudioDecodeError("silent", kind="silent").of_sample("x", path="b.wav").path == "b.wav"
+    assert named.of_sample("x", path="b.wav").path == "a.flac"  # its own path wins

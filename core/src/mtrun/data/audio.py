@@ -105,6 +105,14 @@ class AudioDecodeError(MtrunError):
         self.path = path
         self.scope = scope
 
+    def of_sample(self, sample_id: str, *, path: str | None = None) -> AudioDecodeError:
+        """This error with its message led by ``sample {sample_id!r}: `` (once), for raising
+        where the sample is known; kind, scope and path (or ``path`` where it has none) kept."""
+        message, lead = str(self), f"sample {sample_id!r}"
+        if not message.startswith(lead):
+            message = f"{lead}: {message}"
+        return AudioDecodeError(message, kind=self.kind, path=self.path or path, scope=self.scope)
+
     def __reduce__(self):  # keep kind, path and scope when raised inside a DataLoader worker
         return (_rebuild_decode_error, (str(self), self.kind, self.path, self.scope))
 
@@ -599,10 +607,7 @@ def load_waveform(sample: Sample, sample_rate: int, *, check: bool = True) -> to
         if check:
             check_waveform(wave, where)
     except AudioDecodeError as exc:
-        message = str(exc)
-        if not message.startswith(f"sample {sample.id!r}"):
-            message = f"sample {sample.id!r}: {message}"
-        raise AudioDecodeError(message, kind=exc.kind, path=exc.path or _path_of(audio)) from None
+        raise exc.of_sample(sample.id, path=_path_of(audio)) from None
     return resample(wave, rate, sample_rate).contiguous()
 
 

@@ -114,7 +114,7 @@ def _lookup(cache: Any, sample: Sample) -> Any:
     try:
         return cache.lookup(sample.audio)
     except AudioDecodeError as exc:
-        raise AudioDecodeError(f"sample {sample.id!r}: {exc}", kind=exc.kind, path=exc.path) from None
+        raise exc.of_sample(sample.id) from None
 
 
 def _decode_checked(sample: Sample) -> tuple[torch.Tensor, int]:
@@ -129,7 +129,7 @@ def decode_or_raise(sample: Sample) -> tuple[torch.Tensor, int]:
     try:
         return decode(sample.audio)
     except AudioDecodeError as exc:
-        raise AudioDecodeError(f"sample {sample.id!r}: {exc}", kind=exc.kind, path=exc.path) from None
+        raise exc.of_sample(sample.id) from None
 
 
 class SkipLog:
@@ -436,17 +436,17 @@ class BatchLoader:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = total_steps
         self.crop = config.crop if training else ("center" if config.crop == "random" else config.crop)
-        self.pad = getattr(config, "pad", "repeat")
+        self.pad = config.pad
         self.split = split
         self.preprocess = preprocess
         self.skip_log = SkipLog(Path(run_dir) / SKIPPED_FILE if run_dir is not None else None)
-        self.span_reads = getattr(config, "read", "whole") == "span"
+        self.span_reads = config.read == "span"
         self._known_bad: set[str] = self.skip_log.remembered_ids()
         self._order_cache: tuple[int, list[int]] | None = None
         self._split_ids: set[str] | None = None
         self.waveform_cache = None
         self.feature_cache = None
-        cache = getattr(config, "cache", "off")
+        cache = config.cache
         self.frame_features = frame_features if cache == "features" else None
         self.clip_frames = 0
         if cache == "features":
@@ -457,14 +457,14 @@ class BatchLoader:
                 )
             from mtrun.data.feature_cache import check_phases
 
-            check_phases(getattr(config, "feature_phases", 1), frame_features)  # before any file is probed
+            check_phases(config.feature_phases, frame_features)  # before any file is probed
             self.clip_frames = int(frame_features.num_frames(self.clip_samples))
             if self.clip_frames < 1:
                 raise MtrunError(
                     f"[loader].clip_seconds = {config.clip_seconds:g} is shorter than one frame of the "
                     "audio encoder's features"
                 )
-        if getattr(config, "probe_items", 0) > 0 and len(samples) > 0:
+        if config.probe_items > 0 and len(samples) > 0:
             self.probe()
         if cache in ("waveforms", "features") and len(samples) > 0:
             self.build_cache()
@@ -672,8 +672,7 @@ class BatchLoader:
                 offset = crop_offset(total, needed, self.crop, crop_gen)
                 span = to_mono(source.read(offset, min(needed, total)))
         except AudioDecodeError as exc:
-            message = str(exc) if str(exc).startswith("sample ") else f"sample {sample.id!r}: {exc}"
-            raise AudioDecodeError(message, kind=exc.kind, path=exc.path, scope=exc.scope) from None
+            raise exc.of_sample(sample.id) from None
         try:
             check_waveform(span, f"{where}, frames {offset}..{offset + span.shape[-1]}")
         except AudioDecodeError as exc:
@@ -730,7 +729,7 @@ class BatchLoader:
             from mtrun.data.feature_cache import FeatureCache
 
             cache = self.feature_cache = FeatureCache(
-                self.sample_rate, self.frame_features, phases=getattr(self.config, "feature_phases", 1)
+                self.sample_rate, self.frame_features, phases=self.config.feature_phases
             )
         else:
             from mtrun.data.waveform_cache import WaveformCache
@@ -867,7 +866,7 @@ class BatchLoader:
         except OSError:
             return None  # decoding reports it
         what = [os.path.abspath(sample.audio), stat.st_size, stat.st_mtime_ns, self.sample_rate, self.clip_samples, self.crop,
-                self.pad, getattr(self.config, "cache", "off"), self.span_reads]
+                self.pad, self.config.cache, self.span_reads]
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
 
     def _prepare_or_serve(self, sample: Sample, epoch: int, index: int, keys: list[tuple[str, bool] | None]) -> torch.Tensor:
