@@ -694,3 +694,26 @@ def test_a_validation_task_the_val_split_cannot_serve_stops_the_run_before_its_f
     with pytest.raises(EvalError, match=r"category = 'mood' labels none of the \d+ items.*\(evaluating split 'val' of the data source"):
         trainer.fit()
     assert not list((tmp_path / "run").rglob("step-*"))
+
+
+@pytest.mark.parametrize("fast_here", [True, False])
+def test_ranks_whose_cpus_differ_all_join_the_precision_vote_and_train_in_fp32(tmp_path, toy_trainer, monkeypatch, fast_here):
+    """Two ranks, one CPU without fast bf16: both ranks take part in the same all-reduce (before,
+    that rank skipped it and the other waited forever) and both settle on fp32, timing nothing."""
+    from mtrun import distributed
+    from mtrun.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: fast_here)
+    monkeypatch.setattr(trainer_module, "time_cpu_precisions", lambda *a, **k: pytest.fail("timed with a rank lacking bf16"))
+    votes = []
+
+    def all_reduce_mean(x):  # this rank's vote, averaged with the other rank's (which lacks bf16 when this one has it)
+        votes.append(float(x))
+        return torch.tensor((float(x) + (1.0 if fast_here else 0.0)) / 2)
+
+    monkeypatch.setattr(distributed, "all_reduce_mean", all_reduce_mean)
+    trainer = toy_trainer(tmp_path / "run", precision="auto")
+    trainer._precision = trainer_module.resolve_precision("auto", torch.device("cpu"))
+    trainer._settle_auto_precision(None, None, torch.device("cpu"), 2, None)
+    assert votes == [0.0 if fast_here else 1.0]
+    assert trainer.precision == "fp32" and "1 of 2 ranks' CPUs lack fast bf16" in trainer._precision_note

@@ -971,10 +971,21 @@ class DefaultTrainer:
         """``auto`` on a CPU with fast bf16 hardware: keep bf16 only where it measures faster.
 
         A resumed run keeps its checkpoint's choice (a run never switches precision midway); all
-        ranks decide on the mean of their measurements, so they agree.
+        ranks decide on the mean of their measurements, so they agree. With several ranks, every
+        rank first says whether its CPU does bf16 fast: where one does not, all train in fp32
+        (a rank that skipped the timing would otherwise leave the others waiting in its
+        all-reduce, and ranks would train in different precisions).
         """
         self._precision_note = ""
-        if self.config.precision != "auto" or device.type != "cpu" or self._precision != "bf16":
+        if self.config.precision != "auto" or device.type != "cpu":
+            return
+        if world > 1:
+            lacking = float(distributed.all_reduce_mean(0.0 if self._precision == "bf16" else 1.0))
+            if lacking > 0:
+                self._precision = "fp32"
+                self._precision_note = f": {lacking * world:.0f} of {world} ranks' CPUs lack fast bf16, so all train in fp32"
+                return
+        if self._precision != "bf16":
             return
         if checkpoint is not None:  # a run never switches precision midway
             saved = checkpoint.trainer_state.get("precision")
