@@ -717,3 +717,55 @@ def test_ranks_whose_cpus_differ_all_join_the_precision_vote_and_train_in_fp32(t
     trainer._settle_auto_precision(None, None, torch.device("cpu"), 2, None)
     assert votes == [0.0 if fast_here else 1.0]
     assert trainer.precision == "fp32" and "1 of 2 ranks' CPUs lack fast bf16" in trainer._precision_note
+
+
+def _records(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("failing_step", [2, 4])
+def test_a_resumed_run_evaluates_the_step_whose_evaluation_failed_then_trains_on_as_if_it_had_not(tmp_path, toy_trainer, failing_step):
+    """Evaluation every 2 of 4 steps fails once, at step 2 (mid-run) or 4 (the last); --resume
+    evaluates that step first. The log, the best checkpoint and the losses then equal those of
+    a run whose evaluation never failed (before, the resumed run went on without that step's
+    evaluation: no val record, and the best checkpoint never considered it)."""
+    from mtrun.errors import MtrunError
+    from mtrun.train.checkpoint import read_checkpoint
+
+    class Fine:
+        def evaluate(self, system, samples, *, cache=None):
+            return {"calls": 1.0}
+
+    class FailsAt:
+        def __init__(self, step):
+            self.step, self.trainer = step, None
+
+        def evaluate(self, system, samples, *, cache=None):
+            if self.trainer.state.step == self.step:
+                raise MtrunError("the evaluation server went away")
+            return {"calls": 1.0}
+
+    knobs = dict(steps=4, eval_every=2, checkpoint_every=0, grad_accum=1)
+    toy_trainer(tmp_path / "reference", evals=[Fine()], **knobs).fit()
+    failing = FailsAt(failing_step)
+    trainer = toy_trainer(tmp_path / "run", evals=[failing], **knobs)
+    failing.trainer = trainer
+    with pytest.raises(MtrunError, match="went away"):
+        trainer.fit()
+    saved = tmp_path / "run" / "checkpoints" / f"step-{failing_step:06d}"
+    assert read_checkpoint(saved).trainer_state["evaluation_due"] is True
+    toy_trainer(tmp_path / "run", evals=[Fine()], resume="latest", **knobs).fit()
+
+    reference, resumed = _records(tmp_path / "reference"), _records(tmp_path / "run")
+    drop = ("samples_per_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in reference
+    ]
+    assert [r["step"] for r in resumed if "val/loss" in r] == [2, 4]
+    assert read_checkpoint(saved).trainer_state["evaluation_due"] is False
+    for run in ("reference", "run"):
+        assert (tmp_path / run / "checkpoints" / "best").read_text().strip() == (
+            (tmp_path / "reference" / "checkpoints" / "best").read_text().strip()
+        )

@@ -300,6 +300,8 @@ class TrainState:
         nonfinite_skipped: Steps skipped so far for a non-finite loss or gradient
             (``[trainer].nonfinite = "skip"``); checkpoints written before this field existed
             load with 0.
+        evaluation_due: The evaluation due at ``step`` failed, and the step was saved before
+            the error reached the user: a resumed run evaluates it first.
     """
 
     step: int = 0
@@ -310,6 +312,7 @@ class TrainState:
     evals_since_best: int = 0
     stopped_early: bool = False
     nonfinite_skipped: int = 0
+    evaluation_due: bool = False
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -609,6 +612,8 @@ class DefaultTrainer:
         stop = StopRequests(enabled=fit.world == 1)
         try:
             stop.install()
+            if self.state.evaluation_due:
+                self._evaluate_resumed_step(fit)
             try:
                 self._loop(fit, stop)
             except RuntimeError as exc:
@@ -650,12 +655,25 @@ class DefaultTrainer:
                 try:
                     improved = self._evaluate_if_due(fit, epoch, done)
                 except Exception:
+                    state.evaluation_due = True  # saved with the step: --resume evaluates it first
                     self._save_before_failing(fit, "the evaluation")
                     raise
                 self._stop_early_if_due(fit, done)
                 self._checkpoint_if_due(fit, improved, last=done or state.stopped_early)
                 if self._finished(fit) or stop.requested:
                     break
+
+    def _evaluate_resumed_step(self, fit: _Fit) -> None:
+        """The checkpoint resumed from was saved when its step's evaluation failed: evaluate
+        that step now, then stop early or save it again (now as the best, if it is), in the
+        loop's order, so its metrics, the best checkpoint and early stopping count it."""
+        state = self.state
+        epoch = state.epoch - 1 if state.batch == 0 and state.epoch > 0 else state.epoch  # the step's own epoch
+        done = state.step >= fit.total
+        improved = self._evaluate_if_due(fit, epoch, True)
+        state.evaluation_due = False
+        self._stop_early_if_due(fit, done)
+        self._checkpoint_if_due(fit, improved, last=True)
 
     def _finished(self, fit: _Fit) -> bool:
         return self.state.step >= fit.total or self.state.stopped_early
@@ -1103,6 +1121,7 @@ class DefaultTrainer:
             evals_since_best=int(saved.get("evals_since_best", 0)),
             stopped_early=bool(saved.get("stopped_early", False)),
             nonfinite_skipped=int(saved.get("nonfinite_skipped", 0)),
+            evaluation_due=bool(saved.get("evaluation_due", False)),
         )
         return resume_from, checkpoint
 
