@@ -6,7 +6,7 @@ seek. Both read the same random 2.56 s spans of the same files, rounds alternati
 frames are compared. The files are the demo corpus' FLACs when it has been built, else 10 s
 noisy chords written in the format asked for.
 
-    python benchmarks/span_reads.py [--files 640] [--seconds 2.56] [--format flac]
+    python benchmarks/span_reads.py [--files 640] [--seconds 2.56] [--format flac] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--files", type=int, default=640)
     parser.add_argument("--seconds", type=float, default=2.56, help="span length")
     parser.add_argument("--format", default="flac", help="of the written files, when the demo corpus is not there")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
 
     import numpy as np

@@ -414,5 +414,26 @@ def test_a_setting_the_items_cannot_serve_is_refused_by_the_tasks_check(registry
     samples = tk.ToyTones(tk.ToyTones.Config(n_items=12)).load("val")
     cls = registry.get("eval", name).cls
     with pytest.raises(MtrunError, match=message):
-        cls(cls.Config(clip_seconds=0.25, **settings)).check(samples)
-    cls(cls.Config(clip_seconds=0.25, category="pitch")).check(samples)
+        cls(cls.Config(clip_seconds=0.25, **settings)).check_samples(samples)
+    cls(cls.Config(clip_seconds=0.25, category="pitch")).check_samples(samples)
+
+
+def test_evaluate_run_checks_every_evaluation_set_before_it_embeds_anything():
+    """The second set's setting is wrong: refused before the first set is embedded (the system
+    here cannot embed at all, so any embedding would fail with another error)."""
+    import mtrun_testkit as tk
+
+    from mtrun.eval.run import EvalError, evaluate_run
+    from mtrun.eval.sets import EvalSet
+    from mtrun.eval.zeroshot import ZeroShot
+
+    source = tk.ToyTones(tk.ToyTones.Config(n_items=12))
+
+    def zero_shot_set(name, category, index):
+        task = ZeroShot(ZeroShot.Config(clip_seconds=0.25, category=category))
+        return EvalSet(name=name, source=source, type="toy-tones", split="val", where=f"[[eval]][{index}].data",
+                       tasks=(("zero-shot", task),))
+
+    sets = [zero_shot_set("fine", "pitch", 0), zero_shot_set("wrong", "mood", 1)]
+    with pytest.raises(EvalError, match=r"category = 'mood'.*\(evaluating split 'val' of evaluation set 'wrong' \(\[\[eval\]\]\[1\]\.data\)\)"):
+        evaluate_run(object(), source, {}, sets=sets)

@@ -634,9 +634,10 @@ class EvalTask(Protocol):
     the tasks of one evaluation round so that they embed the samples once; a task must accept
     the keyword and may ignore it.
 
-    Optionally ``check(samples) -> None`` raises :class:`mtrun.errors.MtrunError` for settings
-    that cannot work on the samples it will evaluate (a tag category none of them has). It is
-    called at set-up (:func:`mtrun.eval.run.check_tasks`), so a run stops before training.
+    Optionally ``check_samples(samples) -> None`` raises :class:`mtrun.errors.MtrunError` for
+    settings that cannot work on the samples it will evaluate (a tag category none of them
+    has). The runner calls it on the test split and the evaluation sets before training, and
+    ``mtrun eval`` before embedding (:func:`mtrun.eval.run.check_tasks`).
     """
 
     def evaluate(self, system: Any, samples: Sequence[Sample], *, cache: Any = None) -> dict[str, float]: ...

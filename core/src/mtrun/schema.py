@@ -140,7 +140,7 @@ KINDS: tuple[Kind, ...] = (
         (Attribute("stage", "one of " + ", ".join(interfaces.AUGMENT_STAGES), lambda v: v in interfaces.AUGMENT_STAGES, on_class=True),),
         help="changes the input of one pipeline stage",
     ),
-    Kind("eval", interfaces.EvalTask, ("evaluate",), help="an evaluation over one split (an optional `check(samples)` refuses settings at set-up)"),
+    Kind("eval", interfaces.EvalTask, ("evaluate",), help="an evaluation over one split (an optional `check_samples(samples)` refuses settings at set-up)"),
     Kind("trainer", interfaces.Trainer, ("fit",), help="runs training"),
     Kind(
         "optimizer",

@@ -236,7 +236,7 @@ class Probe(EmbeddingTask):
             return "multi", labels.astype(np.float64), labels.any(1), classes
         return "single", labels.argmax(1), labels.sum(1) == 1, classes
 
-    def check(self, samples: Sequence[Any]) -> None:
+    def check_samples(self, samples: Sequence[Any]) -> None:
         """Raise now, before training or embedding, when the target labels none of ``samples``
         (with ``train_split``: none of them and that split's items) or that split is missing."""
         cfg = self.config

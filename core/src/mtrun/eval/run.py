@@ -38,8 +38,13 @@ def unused_dir(path: Path) -> Path:
 
 
 def _labelled(tasks: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(label, task)`` pairs of tasks given as ``{label: task}``, as such pairs already (an
+    evaluation set's), or as bare tasks (labelled by their ``name`` or class)."""
     if isinstance(tasks, Mapping):
         return list(tasks.items())
+    tasks = list(tasks)
+    if all(isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], str) for t in tasks):
+        return tasks
     out, seen = [], {}
     for task in tasks:
         name = getattr(task, "name", None) or type(task).__name__.lower()
@@ -79,43 +84,56 @@ def _check_captions(labelled: Sequence[tuple[str, Any]], samples: Sequence[Any],
             )
 
 
-def check_tasks(
-    tasks: Sequence[Any] | Mapping[str, Any], samples: Sequence[Any], split: str, where: str, *, recipe: str | None = None
-) -> None:
-    """Run each task's ``check(samples)``, where it has one, on the samples it will evaluate.
+def check_tasks(tasks: Sequence[Any] | Mapping[str, Any], samples: Sequence[Any], split: str, where: str) -> None:
+    """Run each task's ``check_samples(samples)``, where it has one, on the samples it will evaluate.
 
     A setting that cannot work on them (a probe's category that labels no item) then fails
-    before any embedding, and before training when the trainer and the runner call this at
-    set-up, not at the first evaluation. The message gains the split, the source and the
-    ``recipe`` file, when given.
+    before any embedding, and before training when the runner calls this at set-up, not after
+    it. The message gains the split and the source.
 
     Raises:
         EvalError: A task's check refused the samples.
     """
     for _, task in _labelled(tasks):
-        check = getattr(task, "check", None)
+        check = getattr(task, "check_samples", None)
         if check is None:
             continue
         try:
             check(samples)
         except MtrunError as exc:
-            raise EvalError(f"{recipe + ': ' if recipe else ''}{exc} (evaluating split {split!r} of {where})") from None
+            raise EvalError(f"{exc} (evaluating split {split!r} of {where})") from None
 
 
 def check_evaluation(assembly: Any, *, split: str = "test", recipe: str | None = None) -> None:
     """Check the evaluation that follows training (:func:`evaluate_trained`) before it starts:
-    the tasks on the training source's ``split`` (when it has one) and on each evaluation set.
+    the tasks on the training source's ``split`` (when it has one) and on each evaluation set,
+    as :func:`evaluate_run` checks them. Messages start with the ``recipe`` file, when given.
 
     Raises:
-        EvalError: As :func:`check_tasks`, or an evaluation set's split is missing or empty.
+        EvalError: As :func:`check_tasks`; a split without captions for a task that ranks
+            them; an evaluation set's split missing or empty.
     """
     bound = getattr(assembly, "eval_sets", None)
-    tasks = dict(bound.training_tasks) if bound is not None else assembly.evals
-    if tasks and split in list(assembly.data.splits()):
-        check_tasks(tasks, assembly.data.load(split), split, "the data source ([data])", recipe=recipe)
-    for s in bound.sets if bound is not None else ():
+    labelled = _labelled(dict(bound.training_tasks) if bound is not None else assembly.evals)
+    try:
+        if labelled and split in list(assembly.data.splits()):
+            samples = assembly.data.load(split)
+            _check_captions(labelled, samples, split, "the data source ([data])")
+            check_tasks(labelled, samples, split, "the data source ([data])")
+        _checked_sets(bound.sets if bound is not None else ())
+    except EvalError as exc:
+        raise EvalError(f"{recipe}: {exc}" if recipe else str(exc)) from None
+
+
+def _checked_sets(sets: Sequence[Any]) -> list[Sequence[Any]]:
+    """Each evaluation set's samples, loaded and checked (:func:`_check_captions`, :func:`check_tasks`)."""
+    loaded = []
+    for s in sets:
         samples = _samples(s.source, s.split, f"evaluation set {s.name!r} ({s.where}, type {s.type!r})", s.where)
-        check_tasks(s.tasks, samples, s.split, f"evaluation set {s.name!r} ({s.where})", recipe=recipe)
+        _check_captions(s.tasks, samples, s.split, f"evaluation set {s.name!r} ({s.where})")
+        check_tasks(s.tasks, samples, s.split, f"evaluation set {s.name!r} ({s.where})")
+        loaded.append(samples)
+    return loaded
 
 
 def _run_tasks(
@@ -175,7 +193,8 @@ def evaluate_run(
     skipped: dict[str, str] = {}
     result: dict[str, Any] = {**dict(info or {})}
     first_embedded: Any = None
-    if labelled or not sets:
+    own = bool(labelled) or not sets  # whether the training source's split is evaluated
+    if own:
         samples = _samples(data, split, "the data source")
         if not labelled:
             from mtrun.eval.retrieval import Retrieval
@@ -186,6 +205,8 @@ def evaluate_run(
                 log.warning("split %r of the data source has no captions: no retrieval to evaluate", split)
         _check_captions(labelled, samples, split, "the data source ([data])")
         check_tasks(labelled, samples, split, "the data source ([data])")
+    set_samples = _checked_sets(sets)  # every set loaded and checked before anything is embedded
+    if own:
         metrics, per_task = _run_tasks(system, labelled, samples, cache)
         embedded = cache.all()
         for emb in embedded:
@@ -196,10 +217,7 @@ def evaluate_run(
             result["n_captions"] = len(embedded[0].texts)
             first_embedded = embedded[0]
     described: dict[str, Any] = {}
-    for s in sets:
-        samples = _samples(s.source, s.split, f"evaluation set {s.name!r} ({s.where}, type {s.type!r})", s.where)
-        _check_captions(s.tasks, samples, s.split, f"evaluation set {s.name!r} ({s.where})")
-        check_tasks(s.tasks, samples, s.split, f"evaluation set {s.name!r} ({s.where})")
+    for s, samples in zip(sets, set_samples):
         before = len(cache.all())
         found, found_tasks = _run_tasks(system, s.tasks, samples, cache, prefix=f"{s.name}/")
         metrics.update(found)

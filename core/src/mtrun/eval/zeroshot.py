@@ -163,7 +163,7 @@ class ZeroShot(EmbeddingTask):
             """``"ensemble"`` or ``"best-of"``: ``aggregate``, or ``template_set``'s when ``"auto"``."""
             return TEMPLATE_SETS[self.template_set][1] if self.aggregate == "auto" else self.aggregate
 
-    def check(self, samples: Sequence[Any]) -> None:
+    def check_samples(self, samples: Sequence[Any]) -> None:
         """Raise now, before training or embedding, when no item has a tag of ``category`` (or,
         with ``classes``, none of those): evaluation would report only counts."""
         cfg = self.config

@@ -988,11 +988,12 @@ class DefaultTrainer:
     def _settle_auto_precision(self, system: System, loader: BatchLoader, device: torch.device, world: int, checkpoint: Any) -> None:
         """``auto`` on a CPU with fast bf16 hardware: keep bf16 only where it measures faster.
 
-        A resumed run keeps its checkpoint's choice (a run never switches precision midway); all
+        A resumed run keeps its checkpoint's choice (a run does not switch precision midway); all
         ranks decide on the mean of their measurements, so they agree. With several ranks, every
-        rank first says whether its CPU does bf16 fast: where one does not, all train in fp32
-        (a rank that skipped the timing would otherwise leave the others waiting in its
-        all-reduce, and ranks would train in different precisions).
+        rank first says whether its CPU does bf16 fast: where one does not, all train in fp32,
+        even a resumed bf16 run, now on CPUs that would emulate it (a rank that skipped the
+        timing would otherwise leave the others waiting in its all-reduce, and ranks would train
+        in different precisions).
         """
         self._precision_note = ""
         if self.config.precision != "auto" or device.type != "cpu":
@@ -1033,10 +1034,8 @@ class DefaultTrainer:
             raise TrainingError(f"the data source has no split {cfg.train_split!r} to train on (it has: {', '.join(splits)})")
         train_samples = self.data.load(cfg.train_split)
         val_samples = self.data.load(cfg.val_split) if cfg.val_split in splits else None
-        if val_samples and self.evals:  # a setting the validation rounds cannot use fails now
-            from mtrun.eval.run import check_tasks
-
-            check_tasks(self.evals, val_samples, cfg.val_split, "the data source ([data])", recipe=run.recipe_path)
+        if val_samples and self.evals:
+            self._warn_unservable_evals(val_samples)
         if cfg.batch_size % (cfg.grad_accum * world) != 0:
             raise TrainingError(
                 f"[trainer].batch_size = {cfg.batch_size} must be divisible by grad_accum × ranks = "
@@ -1085,6 +1084,19 @@ class DefaultTrainer:
                 **common,
             )
         return loader, val_loader, val_samples
+
+    def _warn_unservable_evals(self, val_samples: Sequence[Any]) -> None:
+        """Say at set-up which validation tasks the val split cannot serve. A warning, not an
+        error: the test split (checked by the runner) may serve them, a small val split may
+        simply lack a rare tag, and a task that cannot run stops the run at its first round."""
+        from mtrun.eval.run import EvalError, check_tasks
+
+        for task in self.evals:
+            try:
+                check_tasks([task], val_samples, self.config.val_split, "the data source ([data])")
+            except EvalError as exc:
+                if distributed.rank() == 0:
+                    warnings.warn(f"{self.run.recipe_path}: {exc}; its validation rounds will fail or report no metric", RuntimeWarning, stacklevel=2)
 
     def _resume(self, system: System, run_dir: Path) -> tuple[Path | None, Checkpoint | None]:
         """Read the checkpoint ``run.config.resume`` points at, load its weights (before DDP
