@@ -10,7 +10,9 @@ from pathlib import Path
 
 
 def _synthetic_manifest(folder: Path, n: int = 24) -> Path:
-    """Two-second tones with captions naming their pitch: a stand-in when no demo corpus is cached."""
+    """Two-second tones with captions naming their pitch: a stand-in when no demo corpus is cached.
+    Tagged, like the demo corpus, with a genre and an instrument in every split, so the recipes'
+    zero-shot and probe evaluations (checked before training) have tags to score."""
     import numpy as np
     import soundfile as sf
 
@@ -23,7 +25,8 @@ def _synthetic_manifest(folder: Path, n: int = 24) -> Path:
         sf.write(folder / "audio" / f"t{i}.flac", wave.astype("float32"), 16000)
         split = "train" if i < 16 else ("val" if i < 20 else "test")
         rows.append({"id": f"t{i}", "audio": f"audio/t{i}.flac", "captions": [f"A {pitch} tone."],
-                     "tags": {"pitch": [pitch]}, "split": split})
+                     "tags": {"pitch": [pitch], "genre": [["baroque", "folk"][i % 2]], "instrument": [["piano", "organ"][(i // 2) % 2]]},
+                     "split": split})
     path = folder / "manifest.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
