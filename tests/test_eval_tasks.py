@@ -437,3 +437,24 @@ def test_evaluate_run_checks_every_evaluation_set_before_it_embeds_anything():
     sets = [zero_shot_set("fine", "pitch", 0), zero_shot_set("wrong", "mood", 1)]
     with pytest.raises(EvalError, match=r"category = 'mood'.*\(evaluating split 'val' of evaluation set 'wrong' \(\[\[eval\]\]\[1\]\.data\)\)"):
         evaluate_run(object(), source, {}, sets=sets)
+
+
+def test_a_probe_with_a_train_split_loads_it_once_for_its_check_and_every_round():
+    from mtrun.eval.probe import Probe
+
+    loads = []
+
+    class Splits:
+        def splits(self):
+            return ["train", "test"]
+
+        def load(self, split):
+            loads.append(split)
+            return known_samples([0, 1, 2, 3] * 6)
+
+    probe = Probe(Probe.Config(clip_seconds=1.0, train_split="train", max_epochs=10, seeds=1), data=Splits())
+    test = known_samples([0, 1, 2, 3] * 2)
+    probe.check_samples(test)
+    first, second = (probe.evaluate(KnownSystem(), test) for _ in range(2))
+    assert loads == ["train"]
+    assert first == second and first["probe/genre/n_train"] > 0 and first["probe/genre/n_test"] == 8

@@ -211,6 +211,7 @@ class Probe(EmbeddingTask):
     def __init__(self, config: Config, *, run: Any = None, data: Any = None) -> None:
         super().__init__(config, run=run)
         self._data = data
+        self._train_samples: Sequence[Any] | None = None
 
     # ------------------------------------------------------------------ targets
 
@@ -243,7 +244,7 @@ class Probe(EmbeddingTask):
         self._check_train_split()
         rows = list(samples)
         if cfg.train_split and self._data is not None:
-            rows += list(self._data.load(cfg.train_split))
+            rows += list(self._fit_samples())
         if cfg.regression_key:
             if not _numbers(rows, cfg.regression_key).any():
                 present = sorted({key for s in rows for key in s.extra})
@@ -253,6 +254,12 @@ class Probe(EmbeddingTask):
                 )
         else:
             self._targets(rows, None)  # raises when the category labels none of them
+
+    def _fit_samples(self) -> Sequence[Any]:
+        """``train_split``'s items, loaded once (the set-up check and every validation round use them)."""
+        if self._train_samples is None:
+            self._train_samples = self._data.load(self.config.train_split)
+        return self._train_samples
 
     def _check_train_split(self) -> None:
         cfg = self.config
@@ -276,7 +283,7 @@ class Probe(EmbeddingTask):
         x = self._features(emb)
         rows = emb.samples(samples)
         if cfg.train_split and self._data is not None:
-            train_samples = self._data.load(cfg.train_split)
+            train_samples = self._fit_samples()
             train_emb = self.embeddings(system, train_samples, cache)
             train_rows = train_emb.samples(train_samples)
             # One class list for both sets, so a class index means the same in train and test.
