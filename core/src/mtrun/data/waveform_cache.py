@@ -22,8 +22,8 @@ the build stops with one warning naming the folder and training goes on without 
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 import errno
 import json
 import logging

@@ -113,14 +113,14 @@ def check_evaluation(assembly: Any, *, split: str = "test", recipe: str | None =
         EvalError: As :func:`check_tasks`; a split without captions for a task that ranks
             them; an evaluation set's split missing or empty.
     """
-    bound = getattr(assembly, "eval_sets", None)
-    labelled = _labelled(dict(bound.training_tasks) if bound is not None else assembly.evals)
+    tasks, sets = _after_training(assembly, split)
+    labelled = _labelled(tasks)
     try:
-        if labelled and split in list(assembly.data.splits()):
+        if labelled:
             samples = assembly.data.load(split)
             _check_captions(labelled, samples, split, "the data source ([data])")
             check_tasks(labelled, samples, split, "the data source ([data])")
-        _checked_sets(bound.sets if bound is not None else ())
+        _checked_sets(sets)
     except EvalError as exc:
         raise EvalError(f"{recipe}: {exc}" if recipe else str(exc)) from None
 
@@ -249,6 +249,17 @@ def evaluate_run(
     return result
 
 
+def _after_training(assembly: Any, split: str) -> tuple[Any, Sequence[Any]]:
+    """What :func:`evaluate_trained` evaluates: the tasks on the training source's ``split``
+    (none when the source lacks it) and the evaluation sets. :func:`check_evaluation` checks
+    the same."""
+    bound = getattr(assembly, "eval_sets", None)
+    tasks = dict(bound.training_tasks) if bound is not None else assembly.evals
+    if split not in list(assembly.data.splits()):
+        tasks = {}
+    return tasks, (bound.sets if bound is not None else ())
+
+
 def evaluate_trained(assembly: Any, run: Any, *, split: str = "test", step: int | None = None) -> dict[str, Any] | None:
     """After training: evaluate the assembled system on ``split`` and on the evaluation sets,
     into ``RUN/eval-SPLIT-STEP``.
@@ -258,15 +269,13 @@ def evaluate_trained(assembly: Any, run: Any, *, split: str = "test", step: int 
     split does not fail a finished training run (the evaluation sets are still evaluated).
     Returns ``None`` when nothing is left to evaluate. Call it on rank 0 only.
     """
-    bound = getattr(assembly, "eval_sets", None)
-    tasks = dict(bound.training_tasks) if bound is not None else assembly.evals
-    sets = bound.sets if bound is not None else ()
+    tasks, sets = _after_training(assembly, split)
     if split not in list(assembly.data.splits()):
         log.warning("no %r split in the data source; skipping its evaluation after training", split)
         if not sets:
             return None
-        tasks = {}
     # With sets and no task on the training source, evaluate_run leaves its split alone.
+    bound = getattr(assembly, "eval_sets", None)
     info: dict[str, Any] = {"step": step, "source": run.recipe_path}
     leakage = bound.leakage() if bound is not None else None
     if leakage is not None:
