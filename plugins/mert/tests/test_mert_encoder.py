@@ -104,6 +104,19 @@ def test_preprocess_matches_wav2vec2_feature_extractor_normalisation():
     assert torch.equal(_tiny(normalize=False).preprocess(waves), waves)
 
 
+def test_preprocess_is_differentiable_as_the_variance_formula():
+    """A waveform that needs gradients (a learned augmenter before the encoder) gets those of
+    (x - mean) / sqrt(var + 1e-7), not an autograd error from an in-place write."""
+    waves = _waves(batch=2, seconds=0.25).double().requires_grad_()
+    weights = torch.randn(2, waves.shape[-1], dtype=torch.float64)
+    (_tiny().preprocess(waves.float()).double() * weights).sum().backward()
+    got = waves.grad
+    reference = waves.detach().clone().requires_grad_()
+    centred = reference - reference.mean(-1, keepdim=True)
+    ((centred / torch.sqrt(centred.var(-1, unbiased=False, keepdim=True) + 1e-7)) * weights).sum().backward()
+    torch.testing.assert_close(got, reference.grad, atol=1e-3, rtol=1e-3)
+
+
 def _assert_same_outputs(enc: MertEncoder, source) -> None:
     waves = _waves(batch=2)
     features = enc.preprocess(waves)
