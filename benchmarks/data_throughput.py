@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from plain_loop import cpu_report  # noqa: E402 - benchmarks/ is the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,26 +69,6 @@ def synthetic_manifest(folder: Path, n: int, seconds: float) -> Path:
     path = folder / "manifest.csv"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def cpu_line() -> str:
-    """The CPU, the cores this process may use, and whether bf16 matmuls are native."""
-    import platform
-
-    import torch
-
-    from mtrun.train.trainer import cpu_has_fast_bf16
-
-    name, flags = platform.processor() or "unknown CPU", ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), name)
-        flags = ", ".join(f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {f}" in text)
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"cpu: {name}; {cores} usable cores; flags: {flags or 'n/a'}; fast bf16 (AMX/AVX512-BF16): "
-            f"{cpu_has_fast_bf16()}; torch {torch.__version__}")
 
 
 def toy_setup(args):
@@ -219,7 +200,7 @@ def main(argv=None) -> int:
     from mtrun.train.trainer import loader_preprocess
 
     torch.manual_seed(0)
-    print(cpu_line())
+    print(cpu_report())
     system, loader_config, batch_size, precision, data = recipe_setup(args) if args.recipe else toy_setup(args)
     clip = loader_config.clip_seconds
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,32 +28,14 @@ import argparse
 import contextlib
 import copy
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from plain_loop import cpu_report  # noqa: E402 - benchmarks/ is the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_line() -> str:
-    import torch
-
-    from mtrun.train.trainer import cpu_has_fast_bf16
-
-    model, flags = platform.processor() or platform.machine(), ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), model)
-        flags = ", ".join(f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {f}" in text)
-    except OSError:
-        pass
-    return (
-        f"{model}; {os.cpu_count()} CPUs visible, torch threads {torch.get_num_threads()}; "
-        f"flags: {flags or 'n/a'}; fast bf16: {cpu_has_fast_bf16()}; torch {torch.__version__}"
-    )
 
 
 def overrides(args: argparse.Namespace, out: Path, name: str) -> list[str]:
@@ -188,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.mean(uncached)
     steps = runs["uncached"].steps
     print()
-    print(f"CPU: {cpu_line()}")
+    print(cpu_report())
     text = "locked" if args.lock_text else "trains (tiny profile)"
     print(
         f"{Path(args.recipe).name} --profile {args.profile} {' '.join(args.override)}: crop={args.crop}, "

@@ -37,13 +37,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from plain_loop import cpu_report  # noqa: E402 - benchmarks/ is the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # name: (items per step, micro-batch, mode)
@@ -227,19 +227,6 @@ def timing_child(repeats: int, threads: int) -> dict[str, float]:
 # ------------------------------------------------------------------------------ parent
 
 
-def cpu_line() -> str:
-    import torch
-
-    from mtrun.train.trainer import cpu_bf16_hardware, cpu_has_fast_bf16
-
-    hardware = cpu_bf16_hardware() or {}
-    amx, avx512bf16 = hardware.get("amx", False), hardware.get("avx512_bf16", False)
-    return (
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-        f"AMX {amx}, AVX512-BF16 {avx512bf16}, cpu_has_fast_bf16 {cpu_has_fast_bf16()}; torch {torch.__version__}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration (median)")
@@ -262,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_child(args.child, args.threads)))
         return 0
 
-    print(cpu_line())
+    print(cpu_report())
     print(f"model: recipes/quickstart.toml (random weights), fp32, {args.threads} torch thread(s) per child")
     results = {}
     for name in [*CONFIGS, "timing"]:
@@ -296,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{cache['device_peak_mib'] / base['device_peak_mib']:.2f}x (the step's own: "
               f"{cache['device_step_mib'] / base['device_step_mib']:.2f}x)")
         if args.json:
-            args.json.write_text(json.dumps({"cpu": cpu_line(), "device": torch.cuda.get_device_name(), "results": results}, indent=2))
+            args.json.write_text(json.dumps({"cpu": cpu_report(), "device": torch.cuda.get_device_name(), "results": results}, indent=2))
         return 0
     print()
     print("| step | items | micro-batch | inputs MiB | tensors peak MiB | × plain-64 | RSS rise MiB | × plain-64 | step s | × plain-64 |")
@@ -317,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"time per step: cache-512 / accum-512 {cache['step_s'] / accum['step_s']:.2f}x, "
           f"cache-512 / full-512 {cache['step_s'] / full['step_s']:.2f}x, cache-512 / plain-64 {cache['step_s'] / base['step_s']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_line(), "results": results}, indent=2))
+        args.json.write_text(json.dumps({"cpu": cpu_report(), "results": results}, indent=2))
     return 0
 
 

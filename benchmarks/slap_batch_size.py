@@ -30,12 +30,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from plain_loop import cpu_report  # noqa: E402 - benchmarks/ is the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -47,18 +47,6 @@ MAVIL = [
     "loader.clip_seconds=2.56",
     'augmenter=[{type="specaugment", time_mask_width=48, freq_mask_width=48}]',
 ]
-
-
-def cpu_line() -> str:
-    import torch
-
-    from mtrun.train.trainer import cpu_has_fast_bf16
-
-    model = platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        model = next((l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")), model)
-    return f"CPU: {model}, {os.cpu_count()} cores, fast bf16 (AMX/AVX512-BF16): {cpu_has_fast_bf16()}"
 
 
 def overrides(method: str, batch: int, seed: int, args: argparse.Namespace, out: Path) -> list[str]:
@@ -230,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", default="tiny", choices=("tiny", "paper"), help="--memory: the tiny profiles or paper-size models")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
-    print(cpu_line(), flush=True)
+    print(cpu_report(), flush=True)
     if args.memory:
         memory(args)
         return 0

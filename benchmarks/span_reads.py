@@ -60,10 +60,10 @@ def main(argv=None) -> int:
         paths, where = [str(p) for p in demo[: args.files]], "the demo corpus' FLACs"
     else:
         paths, where = chords(Path(tmp.name), args.files, args.format), f"written 10 s {args.format} chords at 16 kHz"
-    with soundfile.SoundFile(paths[0]) as f:
-        rate, frames = f.samplerate, f.frames
-    count = round(args.seconds * rate)
-    starts = [random.Random(i).randrange(max(1, frames - count)) for i in range(len(paths))]
+    infos = [soundfile.info(p) for p in paths]
+    rate = infos[0].samplerate
+    count = round(args.seconds * rate)  # frames at the first file's rate, the same for every file
+    starts = [random.Random(i).randrange(max(1, info.frames - count)) for i, info in enumerate(infos)]
 
     # Timed, each span is dropped once read, as a loader drops it into its batch; compared after.
     def through_soundfile(keep: list | None = None) -> None:

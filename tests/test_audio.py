@@ -53,7 +53,11 @@ def test_a_format_libsndfile_does_not_know_falls_back_to_ffmpeg(tmp_path):
     assert abs(dominant_frequency(wave[0], rate) - 440) < 5
 
 
-@pytest.mark.parametrize("reader", ["decode", "open_span", "open_stream"])
+# The three ways to read a file, each of which must name a broken file's cause.
+READERS = {"decode": decode, "open_span": open_span, "open_stream": lambda p: open_stream(p, block_frames=4000)}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
 @pytest.mark.parametrize(
     ("make", "kind", "words"),
     [
@@ -65,7 +69,7 @@ def test_a_format_libsndfile_does_not_know_falls_back_to_ffmpeg(tmp_path):
 )
 def test_broken_files_raise_with_the_file_and_the_reason(tmp_path, make, kind, words, reader):
     """Each way in names the cause (checked only once a decoder failed: not on the hot path)."""
-    read = {"decode": decode, "open_span": open_span, "open_stream": lambda p: open_stream(p, block_frames=4000)}[reader]
+    read = READERS[reader]
     path = tmp_path / "bad.wav"
     make(path)
     with pytest.raises(AudioDecodeError, match="bad.wav") as info:
@@ -74,7 +78,7 @@ def test_broken_files_raise_with_the_file_and_the_reason(tmp_path, make, kind, w
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize("reader", ["decode", "open_span", "open_stream"])
+@pytest.mark.parametrize("reader", sorted(READERS))
 def test_an_unreadable_file_is_named_as_such_by_each_reader(tmp_path, monkeypatch, reader):
     """chmod 000; as root, where that stops no read, both opens of the path are refused as the
     kernel would refuse them for another user (Python's, and libsndfile's own in C)."""
@@ -82,7 +86,7 @@ def test_an_unreadable_file_is_named_as_such_by_each_reader(tmp_path, monkeypatc
     soundfile.write(path, np.full(8000, 0.1, dtype="float32"), 16000)
     path.chmod(0)
     refuse_reading(monkeypatch, path)
-    read = {"decode": decode, "open_span": open_span, "open_stream": lambda p: open_stream(p, block_frames=4000)}[reader]
+    read = READERS[reader]
     with pytest.raises(AudioDecodeError, match=r"locked\.wav.*unreadable \(permission denied\)") as info:
         read(path)
     assert info.value.kind == "unreadable" and info.value.__suppress_context__

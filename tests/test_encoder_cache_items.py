@@ -366,17 +366,16 @@ def test_a_folder_another_process_emptied_and_refilled_is_an_error_for_every_sto
 
     from mtrun.errors import TrainingError
 
-    reader = ItemStore("ns", tmp_path / "ns", say=lambda text: None)
+    said: list[str] = []
+    reader = ItemStore("ns", tmp_path / "ns", say=said.append)
     reader.add(["a", "b", "c"], {"x": torch.arange(12.0).reshape(3, 4)})
-    assert torch.equal(reader.read([2])["x"], torch.arange(8.0, 12.0)[None])
+    assert torch.equal(reader.read([2])["x"], torch.arange(8.0, 12.0)[None]) and not said
     shutil.rmtree(tmp_path / "ns")
     writer = ItemStore("ns", tmp_path / "ns", say=lambda text: None)  # another rank, after the deletion
     writer.add(["d", "e", "f", "g"], {"x": torch.full((4, 4), 7.0)})
     reader._maps.clear()  # a fresh map of the file, as a later, longer read makes
     with pytest.raises(TrainingError, match="can no longer be read.*replaced"):
         reader.read([2])
-    said: list[str] = []
-    reader._say = said.append
     reader.add(["h"], {"x": torch.full((1, 4), 5.0)})  # its own next write notices it too
     assert "was emptied during the run" in said[-1] and reader.index == {"h": 4}
     assert torch.equal(reader.read([4])["x"], torch.full((1, 4), 5.0))
