@@ -114,6 +114,29 @@ def test_read_table_reads_tsv_json_and_reports_bad_lines(tmp_path):
         read_table(tmp_path / "missing.csv")
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # a quote never closed: every later row would be one long caption
+        ('id,audio,caption\nx,a.wav,"12 inch\ny,b.wav,world\nz,c.wav,third\n', r"record that starts on line 2 is not valid CSV"),
+        # closed by the next quoted field, rows between swallowed
+        ('id,audio,caption\nx,a.wav,"12 inch\ny,b.wav,world\nz,c.wav,"third"\n', r"record that starts on line 2 is not valid CSV"),
+        # closed cleanly at a row's end: the inner line is a row of its own
+        ('id,audio,caption\nw,a.wav,ok\nx,a.wav,"12 inch\ny,b.wav,world"\nz,c.wav,third\n', r"t\.csv: line 3: a quoted field runs over 2 lines that look like rows"),
+    ],
+)
+def test_a_stray_quote_is_refused_not_swallowing_rows(tmp_path, text, message):
+    (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(MtrunError, match=message):
+        read_table(tmp_path / "t.csv")
+
+
+def test_a_quoted_caption_may_span_lines(tmp_path):
+    (tmp_path / "t.csv").write_text('id,audio,caption\nx,a.wav,"two\nlines, fine"\ny,b.wav,"say ""hi"""\n')
+    assert read_table(tmp_path / "t.csv") == [{"id": "x", "audio": "a.wav", "caption": "two\nlines, fine"},
+                                              {"id": "y", "audio": "b.wav", "caption": 'say "hi"'}]
+
+
 def test_split_helpers_normalise_names_and_refuse_leaks():
     assert [canonical_split(s) for s in ("Training", "valid", "evaluation", "development", "fold1")] == ["train", "val", "test", "train", "fold1"]
     assert split_map({"train": ["a", "b"], "validation": ["c"]}) == {"a": "train", "b": "train", "c": "val"}

@@ -120,19 +120,26 @@ def read_table(path: str | Path, *, format: str = "auto") -> list[dict[str, Any]
     fmt = _format_of(file, format)
     if fmt in ("csv", "tsv"):
         text = _read_utf8(file)
+        delimiter = "," if fmt == "csv" else "\t"
         # restval: a row with fewer fields than the header reads its missing ones as "".
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t", restval="")
+        # strict: a quote left open to the end of the file is an error, not one long last field.
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, restval="", strict=True)
         try:
-            rows = []
+            rows, last_line = [], 1
             for row in reader:
                 if None in row:
                     raise MtrunError(
                         f"{file}: line {reader.line_num} has more fields than the header "
                         f"({len(reader.fieldnames or [])} columns)"
                     )
+                _check_quoted_lines(file, row, delimiter, len(reader.fieldnames or []), last_line + 1)
+                last_line = reader.line_num
                 rows.append({(k or "").strip(): v for k, v in row.items()})
         except csv.Error as exc:
-            raise MtrunError(f"{file}: line {reader.line_num}: not a valid {fmt.upper()} file: {exc}") from None
+            raise MtrunError(
+                f"{file}: the record that starts on line {last_line + 1} is not valid {fmt.upper()}: {exc} "
+                "(a quote left open? Close it, or double a quote that is part of the text: \"\")"
+            ) from None
         return rows
     if fmt == "parquet":
         try:
@@ -166,6 +173,20 @@ def read_table(path: str | Path, *, format: str = "auto") -> list[dict[str, Any]
             raise MtrunError(f"{file}: line {number} is not a JSON object")
         rows.append(row)
     return rows
+
+
+def _check_quoted_lines(file: Path, row: dict[Any, Any], delimiter: str, columns: int, line: int) -> None:
+    """Refuse a quoted field whose inner lines look like rows of their own: a stray quote (``"12
+    inch``) makes the reader take every line up to the next quote into one field, silently."""
+    for value in row.values():
+        if not isinstance(value, str) or "\n" not in value:
+            continue
+        inner = value.split("\n")[1:]
+        if columns > 1 and any(part.count(delimiter) >= columns - 1 for part in inner):
+            raise MtrunError(
+                f"{file}: line {line}: a quoted field runs over {len(inner) + 1} lines that look like rows of their own "
+                f"(an unbalanced quote?): {value[:60]!r}... Close the quote, or double a quote that is part of the text (\"\")"
+            )
 
 
 def _read_utf8(file: Path) -> str:
