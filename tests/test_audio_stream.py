@@ -11,7 +11,7 @@ import pytest
 import soundfile
 import torch
 
-from mtrun.data.audio import AudioDecodeError, StreamResampler, load_waveform, open_stream, resample, sliding_windows, stream_windows
+from mtrun.data.audio import AudioDecodeError, StreamResampler, as_waveform, load_waveform, open_stream, resample, sliding_windows, stream_windows
 from mtrun.interfaces import Sample
 from audiofiles import write_aac
 
@@ -60,6 +60,39 @@ def test_a_waveform_streams_like_a_file_and_needs_its_rate(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(from_file, from_wave)) and len(from_file) == len(from_wave) == 5
     with pytest.raises(AudioDecodeError, match="sample rate"):
         list(stream_windows(torch.zeros(100), 8000, 800))
+
+
+def test_integer_pcm_is_scaled_as_a_decoder_scales_it(tmp_path):
+    """int16/int32 arrays (soundfile.read(dtype=...), scipy) give the windows the file gives."""
+    path = _stereo_file(tmp_path, 2.0, fmt="WAV")
+    from_file = torch.stack([w for _, w in stream_windows(path, 8000, 8000, 4000)])
+    for dtype in ("int16", "int32"):
+        data, rate = soundfile.read(path, dtype=dtype, always_2d=True)
+        got = torch.stack([w for _, w in stream_windows(data.T.copy(), 8000, 8000, 4000, source_rate=rate)])
+        assert torch.allclose(got, from_file, atol=1e-6, rtol=0), dtype
+    as_uint8 = (np.array([[0, 128, 255]], dtype=np.uint8), 3)
+    wave, _ = as_waveform(*as_uint8, "w")
+    assert wave.tolist() == [[-1.0, 0.0, 127 / 128]]
+
+
+@pytest.mark.parametrize(
+    ("wave", "rate", "message"),
+    [
+        (np.zeros((44100, 2), np.float32), 44100, r"shape \(44100, 2\) has more channels than samples.*wave\.T"),
+        (np.zeros(100, np.int64), 8000, "samples of type int64 have no agreed full scale"),
+        (np.zeros(100, bool), 8000, "samples of type bool"),
+        (np.ones(100, np.float32), 0, r"sample rate must be a positive whole number .*got 0\)"),
+        (np.ones(100, np.float32), -5, "got -5"),
+        (np.ones(100, np.float32), 22050.5, "got 22050.5"),
+        (np.ones(100, np.float32), "44100", "got '44100'"),
+        (np.ones(100, np.float32), None, "needs its sample rate"),
+    ],
+)
+def test_a_waveform_in_the_wrong_layout_dtype_or_rate_is_refused(wave, rate, message):
+    with pytest.raises(AudioDecodeError, match=message):
+        list(stream_windows(wave, 8000, 800, source_rate=rate))
+    with pytest.raises(AudioDecodeError, match=message):
+        load_waveform(Sample(id="w", audio=wave, sample_rate=rate), 8000)
 
 
 def test_silent_nan_broken_and_truncated_audio_raise_naming_the_file(tmp_path):

@@ -578,6 +578,47 @@ def _resampler(orig_rate: int, new_rate: int):
     return torchaudio.transforms.Resample(orig_freq=orig_rate, new_freq=new_rate)
 
 
+#: Full scale of integer PCM samples, by dtype name: what soundfile and scipy hand back.
+_PCM_FULL_SCALE = {"int8": 128.0, "int16": 32768.0, "int32": 2147483648.0}
+
+
+def as_waveform(audio: Any, sample_rate: Any, where: str) -> tuple[torch.Tensor, int]:
+    """An in-memory waveform as float32 ``[C, T]`` or ``[T]`` on the CPU, with its rate.
+
+    Integer PCM (int8, int16, int32; uint8 centred on 128) is scaled to [-1, 1] as a decoder
+    would; other integer types have no agreed full scale and are refused. A 2-D array with more
+    rows than columns is refused too: it is almost surely ``[time, channels]`` (soundfile's and
+    scipy's layout), which read as ``[channels, time]`` would embed silently wrong audio.
+
+    Raises:
+        AudioDecodeError: ``bad-shape``: no or no usable rate, an unusable dtype or layout.
+    """
+    import numbers
+
+    import torch
+
+    if sample_rate is None:
+        raise AudioDecodeError(f"{where}: a waveform needs its sample rate (sample_rate=...)", kind="bad-shape")
+    if (isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not math.isfinite(sample_rate)
+            or sample_rate <= 0 or sample_rate != int(sample_rate)):
+        raise AudioDecodeError(f"{where}: the sample rate must be a positive whole number of samples a second (got {sample_rate!r})",
+                               kind="bad-shape")
+    wave = torch.as_tensor(audio).detach().cpu()
+    name = str(wave.dtype).removeprefix("torch.")
+    if name == "uint8":
+        wave = (wave.float() - 128.0) / 128.0
+    elif name in _PCM_FULL_SCALE:
+        wave = wave.float() / _PCM_FULL_SCALE[name]
+    elif not wave.is_floating_point():
+        raise AudioDecodeError(f"{where}: samples of type {name} have no agreed full scale; pass floats in [-1, 1], "
+                               "or int16/int32 PCM", kind="bad-shape")
+    if wave.dim() == 2 and wave.shape[0] > wave.shape[1]:
+        raise AudioDecodeError(
+            f"{where}: a waveform of shape {tuple(wave.shape)} has more channels than samples; waveforms are "
+            "[channels, time] (pass wave.T for the [time, channels] of soundfile.read)", kind="bad-shape")
+    return wave.float(), int(sample_rate)
+
+
 def load_waveform(sample: Sample, sample_rate: int, *, check: bool = True) -> torch.Tensor:
     """The whole of a sample's audio as mono float32 ``[T]`` at ``sample_rate``.
 
@@ -597,9 +638,7 @@ def load_waveform(sample: Sample, sample_rate: int, *, check: bool = True) -> to
     where = f"sample {sample.id!r}"
     try:
         if torch.is_tensor(audio) or hasattr(audio, "__array__") and not isinstance(audio, (str, os.PathLike)):
-            if sample.sample_rate is None:
-                raise AudioDecodeError(f"{where} holds a waveform but no sample_rate", kind="bad-shape")
-            wave, rate = torch.as_tensor(audio), int(sample.sample_rate)
+            wave, rate = as_waveform(audio, sample.sample_rate, f"{where}'s waveform")
         else:
             wave, rate = decode(audio)
             where = f"{where} ({describe_audio(audio)})"
@@ -956,11 +995,8 @@ def stream_windows(
         raise ValueError(f"length and hop must be positive (got {length}, {hop})")
     where = describe_audio(audio)
     if torch.is_tensor(audio) or (hasattr(audio, "__array__") and not isinstance(audio, (str, os.PathLike))):
-        if source_rate is None:
-            raise AudioDecodeError("a waveform needs its sample rate (sample_rate=...)", kind="bad-shape")
-        wave = torch.as_tensor(audio).detach().float().cpu()
+        wave, rate = as_waveform(audio, source_rate, "a waveform")
         wave = wave if wave.dim() == 2 else to_mono(wave)[None]
-        rate = int(source_rate)
         blocks: Iterator[torch.Tensor] = (wave[:, i : i + block_frames] for i in range(0, wave.shape[-1], block_frames))
     else:
         rate, blocks = open_stream(audio, block_frames)

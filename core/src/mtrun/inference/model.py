@@ -530,7 +530,8 @@ class Model:
 
         Args:
             audio: A path, or a waveform (``torch.Tensor`` or ``np.ndarray``, ``[T]`` mono or
-                ``[C, T]``), or a list of them (a list is always a batch).
+                ``[C, T]``, float in [-1, 1] or integer PCM, scaled: see
+                :func:`mtrun.data.audio.as_waveform`), or a list of them (a list is always a batch).
             sample_rate: The rate of waveforms (files carry their own).
             windows: Return :class:`AudioEmbedding` objects with the per-window vectors and
                 their start times instead of the bare vectors.
@@ -540,8 +541,8 @@ class Model:
             :class:`AudioEmbedding` or a list of them.
 
         Raises:
-            mtrun.data.audio.AudioDecodeError: A file cannot be decoded or is silent; the
-                message names the file.
+            mtrun.data.audio.AudioDecodeError: A file cannot be decoded or is silent (the
+                message names the file), or a waveform's layout, dtype or rate is unusable.
         """
         single = not isinstance(audio, (list, tuple))
         items = [audio] if single else list(audio)
