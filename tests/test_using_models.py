@@ -24,6 +24,7 @@ import pytest
 import mtrun
 import mtrun.plugins
 from mtrun.cli import main
+from mtrun.errors import MtrunError
 from toyrecipes import TOY_MODEL
 
 TESTS = Path(__file__).resolve().parent
@@ -314,6 +315,21 @@ def test_load_names_the_path_for_anything_that_is_not_a_model(tmp_path):
     with pytest.raises(ModelLoadError, match="neither a run folder"):
         mtrun.load(tmp_path / "empty")
     assert main(["embed", str(tmp_path / "nope"), str(tmp_path), "-o", str(tmp_path / "x.parquet")]) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--hop-seconds", "-1"], "--hop-seconds: must be more than 0 (got -1)"), (["--clip-seconds", "0"], "--clip-seconds: must be more than 0"),
+     (["--batch-size", "x"], "--batch-size: 'x' is not a number"), (["--workers", "-1"], "--workers: must be at least 0")],
+)
+def test_embed_refuses_a_window_policy_or_worker_count_that_is_not_positive(tmp_path, capsys, option, message):
+    assert main(["embed", str(tmp_path), str(tmp_path), "-o", str(tmp_path / "x.parquet"), *option]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_window_policy_that_is_not_positive_is_an_error_naming_it(trained, isolated):
+    with pytest.raises(MtrunError, match=r"positive numbers: hop_seconds = -1\.0"):
+        mtrun.load(trained.run_dir, device="cpu", hop_seconds=-1)
 
 
 # ------------------------------------------------------------------------ the Python API

@@ -435,6 +435,21 @@ def _write_skipped(out: Path, skipped: list[dict[str, str]]) -> None:
 # ------------------------------------------------------------------------------------ CLI
 
 
+def _number(kind: type, *, least: float, strict: bool) -> Any:
+    """An argparse ``type`` that parses ``kind`` and refuses values below ``least`` (or equal, if strict)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value > least if strict else value >= least):
+            raise argparse.ArgumentTypeError(f"must be {'more than' if strict else 'at least'} {least:g} (got {text})")
+        return value
+
+    return parse
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare ``mtrun embed``'s arguments."""
     parser.description = (
@@ -444,15 +459,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a run folder, a checkpoint folder or an exported model")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files, folders, or manifests (CSV/TSV/JSONL/JSON/Parquet with an 'audio' column)")
     parser.add_argument("-o", "--out", required=True, metavar="OUT", help="NAME.parquet, or NAME.npy (+ NAME.ids.json)")
-    parser.add_argument("--workers", type=int, default=2, help="decoding processes (default 2; 0 = decode in the main process)")
+    parser.add_argument("--workers", type=_number(int, least=0, strict=False), default=2, help="decoding processes (default 2; 0 = decode in the main process)")
     parser.add_argument("--windows", action="store_true", help="also keep every window's vector (for `mtrun search --windows`)")
     parser.add_argument("--split", help="manifests: only rows of this split")
     parser.add_argument("--audio-root", metavar="DIR", help="manifests: folder their relative audio paths start from (default: the manifest's folder)")
-    parser.add_argument("--batch-size", type=int, default=None, help="windows per encoder call (default 16)")
-    parser.add_argument("--clip-seconds", type=float, default=None, help="window length (default: what the model was trained on)")
-    parser.add_argument("--hop-seconds", type=float, default=None, help="hop between windows (default: half a window)")
+    parser.add_argument("--batch-size", type=_number(int, least=0, strict=True), default=None, help="windows per encoder call (default 16)")
+    parser.add_argument("--clip-seconds", type=_number(float, least=0, strict=True), default=None, help="window length (default: what the model was trained on)")
+    parser.add_argument("--hop-seconds", type=_number(float, least=0, strict=True), default=None, help="hop between windows (default: half a window)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    parser.add_argument("--threads", type=int, default=0, help="PyTorch threads for the model (0 = PyTorch's default)")
+    parser.add_argument("--threads", type=_number(int, least=0, strict=False), default=0, help="PyTorch threads for the model (0 = PyTorch's default)")
     parser.add_argument("--overwrite", action="store_true", help="replace an output made by another model or with other settings")
 
 

@@ -431,8 +431,10 @@ class Model:
         batch_size: int = DEFAULT_BATCH_SIZE,
         fingerprint: str = "",
     ):
-        if clip_seconds <= 0 or (hop_seconds is not None and hop_seconds <= 0) or batch_size < 1:
-            raise ValueError("clip_seconds, hop_seconds and batch_size must be positive")
+        bad = [f"{name} = {value!r}" for name, value in (("clip_seconds", clip_seconds), ("hop_seconds", hop_seconds), ("batch_size", batch_size))
+               if value is not None and not value > 0]
+        if bad:
+            raise MtrunError(f"the window policy needs positive numbers: {', '.join(bad)}")
         self.system = system.eval()  # inference: no dropout, batch norm on its running statistics
         self.source = source
         self.recipe = recipe or {}
