@@ -33,6 +33,19 @@ def test_nothing_is_ever_overwritten(tmp_path):
         write_plugin("my-loss", "trainer", tmp_path / "other")
 
 
+def test_a_name_this_environment_uses_is_refused_before_anything_is_written(tmp_path):
+    # The whole plugin (distribution, package, entry point, component) is installed here.
+    with pytest.raises(MtrunError, match=r"'infonce' is taken here: the distribution mtrun-infonce .* is installed; "
+                       r"the package mtrun_infonce is importable; a plugin registers the mtrun entry point 'infonce'; "
+                       r"an installed plugin provides the objective 'infonce'.*choose another name \(e\.g\. my-infonce\)"):
+        write_plugin("infonce", "objective", tmp_path)
+    # Only the component name: the projectors plugin provides 'linear'.
+    with pytest.raises(MtrunError, match=r"'linear' is taken here: an installed plugin provides the projector 'linear'\. "):
+        write_plugin("linear", "projector", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert write_plugin("linear", "objective", tmp_path).name == "mtrun-linear"  # another kind's name is free
+
+
 @pytest.mark.slow
 def test_every_kind_passes_its_own_tests_as_generated(tmp_path):
     folders = [write_plugin(f"my-{kind.replace('_', '-')}", kind, tmp_path) for kind in KINDS]

@@ -52,6 +52,7 @@ def write_plugin(name: str, kind: str, parent: str | Path) -> Path:
     if kind not in KINDS:
         raise MtrunError(f"new-plugin: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     names = {**names_for(name), "kind": kind}
+    _refuse_installed_names(names, kind)
     target = Path(parent) / names["dist"]
     if target.exists() and any(target.iterdir()):
         raise MtrunError(f"new-plugin: {target} exists and is not empty; choose another name or folder")
@@ -73,6 +74,37 @@ def write_plugin(name: str, kind: str, parent: str | Path) -> Path:
         except OSError as exc:
             raise MtrunError(f"new-plugin: cannot write {path} ({exc.strerror or exc}); choose another folder with --dir") from None
     return target
+
+
+def _refuse_installed_names(names: dict[str, str], kind: str) -> None:
+    """Refuse a name this environment already uses: installed, the new distribution would
+    replace that one (same distribution or import package), or stop every mtrun command (the
+    same entry point or component name twice is a plugin error)."""
+    import importlib.util
+    from importlib import metadata
+
+    from mtrun.plugins import ENTRY_POINT_GROUP, PluginError, get_plugins
+
+    taken = []
+    try:
+        dist = metadata.distribution(names["dist"])
+        taken.append(f"the distribution {names['dist']} {dist.version} is installed")
+    except metadata.PackageNotFoundError:
+        pass
+    if importlib.util.find_spec(names["package"]) is not None:
+        taken.append(f"the package {names['package']} is importable")
+    if any(ep.name == names["name"] for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)):
+        taken.append(f"a plugin registers the mtrun entry point {names['name']!r}")
+    try:
+        if (kind, names["name"]) in get_plugins().registry:
+            taken.append(f"an installed plugin provides the {kind} {names['name']!r}")
+    except PluginError:
+        pass  # a broken plugin elsewhere: the checks above still hold
+    if taken:
+        raise MtrunError(
+            f"new-plugin: {names['name']!r} is taken here: {'; '.join(taken)}. Installed beside it, the new plugin would "
+            f"replace it or stop mtrun from loading its plugins; choose another name (e.g. my-{names['name']})"
+        )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
