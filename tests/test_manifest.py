@@ -137,6 +137,20 @@ def test_a_quoted_caption_may_span_lines(tmp_path):
                                               {"id": "y", "audio": "b.wav", "caption": 'say "hi"'}]
 
 
+def test_a_misspelled_split_is_warned_of_and_a_split_named_on_purpose_is_not(tmp_path, caplog):
+    rows = ["id,audio,caption,split", "a,a.wav,x,trian", "b,b.wav,y,train", "c,c.wav,z,valdation", "d,d.wav,w,train2",
+            "e,e.wav,v,fold1", "f,f.wav,u,trian"]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    source = ManifestSource(ManifestSource.Config(path=str(tmp_path / "m.csv")))
+    with caplog.at_level("WARNING"):
+        splits = source.build()
+    assert sorted(splits) == ["fold1", "train", "train2", "trian", "valdation"]  # kept, as before
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("2 rows have the split 'trian', which is not a split name mtrun knows; did you mean 'train'?" in m for m in warned)
+    assert any("1 row has the split 'valdation'" in m and "did you mean 'validation'?" in m for m in warned)
+    assert not any("train2" in m or "fold1" in m for m in warned) and len(warned) == 2
+
+
 def test_split_helpers_normalise_names_and_refuse_leaks():
     assert [canonical_split(s) for s in ("Training", "valid", "evaluation", "development", "fold1")] == ["train", "val", "test", "train", "fold1"]
     assert split_map({"train": ["a", "b"], "validation": ["c"]}) == {"a": "train", "b": "train", "c": "val"}

@@ -11,8 +11,9 @@ Columns (one row per audio item):
 ``tags``           an object ``{category: [values]}`` (JSONL/Parquet) or its JSON text (CSV)
 ``tag_<category>`` one column per category, several values separated by ``;``
 ``split``          ``train``/``val``/``test`` (aliases such as ``valid``, ``validation``,
-                   ``development``, ``evaluation`` are normalised); optional, see
-                   ``default_split``
+                   ``development``, ``evaluation`` are normalised; other names are
+                   splits of their own, and a near miss such as ``trian`` is warned of);
+                   optional, see ``default_split``
 ``group``          optional; items of one group (clips of one track) are never negatives
 =================  ========================================================================
 
@@ -30,6 +31,7 @@ import io
 import json
 import logging
 import os
+import re
 import zlib
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
@@ -533,6 +535,7 @@ class ManifestSource(SplitSource):
             splits.setdefault(split, []).append(sample)
         if problems:
             raise MtrunError(_refusal(file, problems, outside=outside))
+        _warn_misspelled_splits(file, splits)
         if self.rejected:
             shown = self.rejected[:MAX_LISTED_PROBLEMS]
             _log.warning(
@@ -542,6 +545,25 @@ class ManifestSource(SplitSource):
                 f"\n  ... and {len(self.rejected) - len(shown)} more" if len(self.rejected) > len(shown) else "",
             )
         return splits
+
+
+def _warn_misspelled_splits(file: Path, splits: Mapping[str, list[Sample]]) -> None:
+    """Warn of a split name that is a near miss of one mtrun knows (``trian``): its rows form a
+    split of their own, which a recipe asking for ``train`` never reads."""
+    import difflib
+
+    for name, samples in splits.items():
+        # train2, test_b, eval-a: a known name and a suffix are a split named on purpose
+        if name in SPLIT_ALIASES or re.match(rf"({'|'.join(SPLIT_ALIASES)})[^a-z]", name):
+            continue
+        close = difflib.get_close_matches(name, list(SPLIT_ALIASES), n=1, cutoff=0.75)
+        if close:
+            n = len(samples)
+            _log.warning(
+                "%s: %d row%s %s the split %r, which is not a split name mtrun knows; did you mean %r? "
+                "Rows with that name form a split of their own, which a recipe reads only if it asks for %r.",
+                file, n, "" if n == 1 else "s", "has" if n == 1 else "have", name, close[0], name,
+            )
 
 
 def _has_text(sample: Sample) -> bool:
