@@ -90,6 +90,7 @@ def test_audio_root_relative_to_the_manifest_and_absolute(tmp_path):
     [
         ("audio,caption\nx.wav,hi\n", r"m\.csv: manifest lacks the required column 'id'; it has: audio, caption"),
         ("id,caption\n1,hi\n", r"lacks the required column 'audio'"),
+        ("id\taudio\tcaption\n1\tx.wav\thi\n", r"lacks the required column 'id'; it has: 'id\\taudio\\tcaption' \(it looks tab-separated: set the manifest's format = 'tsv'"),
         ("id,audio,licence\n1,x.wav,CC0\n", r"no text column"),
         ("id,audio,caption\n1,x.wav,hi\n1,y.wav,ho\n", r"m\.csv:3: id '1' already used on line 2"),
         ("id,audio,caption\n1,,hi\n", r"m\.csv:2: item '1' has an empty 'audio' path"),

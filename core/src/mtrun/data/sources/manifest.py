@@ -390,10 +390,13 @@ def check_columns(columns: Sequence[str], file: str | Path) -> None:
     Raises:
         MtrunError: Naming the file, the missing column and the columns it has.
     """
-    have = ", ".join(columns) or "none"
+    have = ", ".join(repr(c) if any(ch in c for ch in "\t,;|") else c for c in columns) or "none"
+    # One header cell holding the columns: the file is split by another delimiter than its extension says.
+    hint = next((f" (it looks {name}-separated: set the manifest's format = {fmt!r}, or rename the file)"
+                 for sep, name, fmt in (("\t", "tab", "tsv"), (",", "comma", "csv")) if len(columns) == 1 and sep in columns[0]), "")
     for required in ("id", "audio"):
         if required not in columns:
-            raise MtrunError(f"{file}: manifest lacks the required column {required!r}; it has: {have}")
+            raise MtrunError(f"{file}: manifest lacks the required column {required!r}; it has: {have}{hint}")
     texty = [c for c in columns if c in ("caption", "captions", "tags") or c.startswith(("caption_", "tag_"))]
     if not texty:
         raise MtrunError(
