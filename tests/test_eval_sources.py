@@ -83,6 +83,14 @@ def test_leakage_filter_leaves_the_evaluation_sets_tracks_out_of_training_and_co
     assert "2 of 6 'train' items" in filtered.describe() and "1 of 2 'val' items" in filtered.describe()
 
 
+def test_an_evaluation_set_split_the_source_lacks_is_an_error_naming_its_key():
+    from mtrun.errors import MtrunError
+
+    sets = [EvalSet(name="song_describer", source=song_describer(), type="song-describer", split="tset", where="[[eval]][1].data", tasks=())]
+    with pytest.raises(MtrunError, match=r"^\[\[eval\]\]\[1\]\.split = 'tset': the set's data source has no such split \(it has: test\)"):
+        LeakageFilter(jamendo(), "mtg-jamendo", sets, ("train", "val")).load("train")
+
+
 def test_sources_without_a_track_key_match_only_their_own_type_by_group():
     a = Sample(id="x1", audio="a.wav", group="piece-7")
     assert track_key(a, "demo") == "demo:piece-7"

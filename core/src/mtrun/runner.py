@@ -91,11 +91,11 @@ def train(
     built = assemble(resolved, run, encoder_cache=make_encoder_cache(run))
     if int(os.environ.get("RANK", "0")) == 0 and built.system.cached_modules:
         print(f"encoder cache ({run.config.encoder_cache}): {', '.join(built.system.cached_modules)}", flush=True)
-    if int(os.environ.get("RANK", "0")) == 0 and built.eval_sets is not None and built.eval_sets.sets:
-        print(built.eval_sets.describe_leakage(), flush=True)  # reads the training split's metadata: the trainer reuses it
     from mtrun.eval.run import check_evaluation
 
     check_evaluation(built, recipe=run.recipe_path)  # the evaluation after training: fail before it, not after
+    if int(os.environ.get("RANK", "0")) == 0 and built.eval_sets is not None and built.eval_sets.sets:
+        print(built.eval_sets.describe_leakage(), flush=True)  # reads the training split's metadata: the trainer reuses it
     metrics = built.trainer.fit()
     if int(os.environ.get("RANK", "0")) == 0:
         report, checkpoint = _evaluate_best(built, run, int(metrics.get("step", 0)))

@@ -64,9 +64,16 @@ def set_errors(where: str) -> Iterator[None]:
 
 
 def load_set(source: Any, split: str, where: str) -> Sequence[Sample]:
-    """``source.load(split)`` with :func:`set_errors`."""
+    """``source.load(split)`` with :func:`set_errors`; a split the source lacks (the data source
+    contract's ``KeyError``) is an error naming the set's ``split`` key."""
+    from mtrun.errors import MtrunError
+
     with set_errors(where):
-        return source.load(split)
+        try:
+            return source.load(split)
+        except KeyError:
+            have = ", ".join(source.splits()) or "none"
+            raise MtrunError(f"{where.removesuffix('.data')}.split = {split!r}: the set's data source has no such split (it has: {have})") from None
 
 
 @attrs.frozen
