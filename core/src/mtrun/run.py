@@ -7,6 +7,8 @@ from typing import Any
 
 import attrs
 
+from mtrun.devices import DEVICE_NAMES, check_device_name
+
 __all__ = ["LoaderConfig", "Run", "RunConfig"]
 
 
@@ -21,7 +23,7 @@ class RunConfig:
         default="",
         metadata={"help": "'' starts fresh, 'latest' continues from the run folder's latest checkpoint, or a checkpoint path"},
     )
-    device: str = attrs.field(default="auto", metadata={"help": "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'"})
+    device: str = attrs.field(default="auto", validator=lambda _i, _a, value: check_device_name(value), metadata={"help": DEVICE_NAMES})
     threads: int = attrs.field(
         default=0,
         validator=attrs.validators.ge(0),

@@ -214,8 +214,8 @@ def evaluate_target(
     from mtrun.eval.run import default_out_dir, evaluate_run, unused_dir
     from mtrun.recipe import resolve_recipe
     from mtrun.run import Run
+    from mtrun.devices import pick_device
     from mtrun.train.checkpoint import read_model_state
-    from mtrun.train.trainer import pick_device
 
     if registry is None:
         from mtrun import plugins
@@ -263,7 +263,7 @@ def evaluate_target(
             "(randomly initialised weights; the numbers are a chance baseline)"
         )
         print(f"WARNING: {warning}", file=sys.stderr)
-    system.to(pick_device(device or resolved.run.device))
+    system.to(pick_device(device or resolved.run.device, key="--device" if device else f"{recipe_path}: [run].device"))
     out_dir = Path(out) if out is not None else unused_dir(default_out_dir(run_dir, split, step))
     info = {
         "source": str(target),

@@ -31,6 +31,7 @@ import attrs
 import numpy as np
 
 from mtrun import schema
+from mtrun.devices import pick_device
 from mtrun.errors import MtrunError
 
 if TYPE_CHECKING:
@@ -191,14 +192,6 @@ def _fingerprint(folder: Path) -> str:
         return digest.hexdigest()
 
 
-def _pick_device(device: str | None) -> Any:
-    import torch
-
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load(
     path: str | os.PathLike[str],
     *,
@@ -269,7 +262,7 @@ def load(
     preprocessing = (located.export or {}).get("preprocessing") or {}
     clip = float(clip_seconds or preprocessing.get("clip_seconds") or resolved.loader.clip_seconds)
     hop = float(hop_seconds or preprocessing.get("hop_seconds") or clip / 2)
-    system.eval().to(_pick_device(device))
+    system.eval().to(pick_device(device, key="mtrun.load: device"))
     return Model(
         system,
         source=located,

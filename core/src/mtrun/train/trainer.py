@@ -48,6 +48,7 @@ from torch import nn
 from mtrun import distributed
 from mtrun.config import non_negative, positive
 from mtrun.data.loader import BatchLoader
+from mtrun.devices import pick_device
 from mtrun.errors import TrainingError
 from mtrun.interfaces import AugmentContext, Batch, DataSource, EvalTask
 from mtrun.run import Run
@@ -81,7 +82,7 @@ __all__ = [
     "TrainState",
     "cpu_bf16_hardware",
     "cpu_has_fast_bf16",
-    "pick_device",
+    "pick_device",  # re-exported from mtrun.devices
     "precision_for_ratio",
     "resolve_precision",
     "settle_precision",
@@ -276,13 +277,6 @@ def loader_preprocess(system: System, device: torch.device | str) -> Any:
     if any(a.stage == "waveform" for a in system.augmenters):
         return None
     return encoder.preprocess
-
-
-def pick_device(name: str) -> torch.device:
-    """``'auto'`` → CUDA when available, else CPU; anything else as torch spells it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @attrs.define
@@ -600,7 +594,7 @@ class DefaultTrainer:
             KeyboardInterrupt: Ctrl-C or SIGTERM, after the step in progress was checkpointed.
         """
         joined = distributed.launched_by_torchrun() and not torch.distributed.is_initialized()
-        device = distributed.init_from_env(pick_device(self.run.config.device))
+        device = distributed.init_from_env(pick_device(self.run.config.device, key=f"{self.run.recipe_path}: [run].device"))
         try:
             return self._fit(device)
         finally:
