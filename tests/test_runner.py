@@ -65,6 +65,26 @@ def test_fresh_run_refuses_folder_with_checkpoints_and_resume_continues(recipe, 
     assert first["trainer"]["max_steps"] == 3
 
 
+def test_the_resume_hint_repeats_the_profile_and_overrides(recipe, tmp_path, registry):
+    out = f'run.output_dir="{tmp_path / "runs"}"'
+    train(recipe, overrides=[out], profile="longer", registry=registry)
+    with pytest.raises(MtrunError) as info:
+        train(recipe, overrides=[out, "trainer.optimizer.lr=0.01"], profile="longer", registry=registry)
+    assert f"Continue it with `mtrun {recipe} --profile longer '{out}' trainer.optimizer.lr=0.01 --resume`" in str(info.value)
+
+
+def test_a_refused_resume_leaves_the_run_folder_recipe_as_it_was(recipe, tmp_path, registry):
+    from mtrun.errors import ResumeError
+
+    out = f'run.output_dir="{tmp_path / "runs"}"'
+    train(recipe, overrides=[out], registry=registry)
+    folder = tmp_path / "runs" / "toy"
+    before = (folder / "recipe.toml").read_text()
+    with pytest.raises(ResumeError, match="trained with batch_size 8, the recipe now says 4"):
+        train(recipe, overrides=[out, "trainer.batch_size=4"], resume=True, registry=registry)
+    assert (folder / "recipe.toml").read_text() == before and not list(folder.glob("recipe.*.toml"))
+
+
 @pytest.mark.parametrize("entry", ['type = "probe"\ncategory = "mood"', 'type = "zero-shot"\ncategory = "mood"'])
 def test_an_evaluation_setting_the_data_cannot_serve_fails_before_training(tmp_path, registry, entry):
     """Found at set-up, naming the recipe, the key and the split; nothing is trained first

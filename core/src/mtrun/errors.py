@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ComponentOutputError", "MtrunError", "PluginError", "RegistrationError", "RecipeError", "TrainingError"]
+__all__ = ["ComponentOutputError", "MtrunError", "PluginError", "RegistrationError", "RecipeError", "ResumeError", "TrainingError"]
 
 
 class MtrunError(Exception):
@@ -33,6 +33,11 @@ class RecipeError(MtrunError):
 
 class TrainingError(MtrunError):
     """Training stopped for a reason the user must look at (non-finite loss, bad resume)."""
+
+
+class ResumeError(TrainingError):
+    """A resume that cannot be honoured (no such checkpoint, an unreadable one, a changed batch
+    size); raised before any step, so the run folder is as it was."""
 
 
 class ComponentOutputError(TrainingError):

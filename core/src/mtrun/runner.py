@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from mtrun.errors import MtrunError
+from mtrun.errors import MtrunError, ResumeError
 
 __all__ = ["apply_threads", "choose_threads", "prepare", "train", "usable_cores"]
 
@@ -22,17 +22,21 @@ def _has_checkpoints(run_dir: Path) -> bool:
     return ckpts.is_dir() and any(p.name.startswith("step-") and ".tmp" not in p.name for p in ckpts.iterdir())
 
 
-def _write_recipe(run_dir: Path, text: str) -> None:
-    """Write the resolved recipe; a different one from an earlier start is kept, not overwritten."""
+def _write_recipe(run_dir: Path, text: str) -> Path | None:
+    """Write the resolved recipe; a different one from an earlier start is kept, not
+    overwritten: renamed ``recipe.<time>.toml``, and that name returned."""
     path = run_dir / RECIPE_FILE
+    kept = None
     if path.exists():
         if path.read_text() == text:
-            return
+            return None
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path.rename(run_dir / f"recipe.{stamp}.toml")
+        kept = run_dir / f"recipe.{stamp}.toml"
+        path.rename(kept)
     tmp = run_dir / f".{RECIPE_FILE}.tmp-{os.getpid()}"
     tmp.write_text(text)
     os.replace(tmp, path)
+    return kept
 
 
 def prepare(
@@ -59,9 +63,12 @@ def prepare(
     run_dir = Path(resolved.run.output_dir) / resolved.run.name
     # The trainer starts fresh when "latest" finds nothing, so job scripts can always resume.
     if not resolved.run.resume and _has_checkpoints(run_dir):
+        import shlex
+
+        again = shlex.join(["mtrun", source, *(["--profile", profile] if profile else []), *overrides, "--resume"])
         raise MtrunError(
             f"{source}: run folder {run_dir} already holds checkpoints of an earlier run. "
-            f"Continue it with `mtrun {source} --resume`, or start another with run.name=NEW_NAME."
+            f"Continue it with `{again}`, or start another with run.name=NEW_NAME."
         )
     run = Run(dir=run_dir, config=resolved.run, loader=resolved.loader, recipe=resolved.data, recipe_path=source)
     return resolved, run
@@ -81,9 +88,11 @@ def train(
     from mtrun.recipe import dump_recipe
 
     resolved, run = prepare(recipe_path, overrides, profile, resume, registry)
+    recipe_file, had_recipe, kept = run.dir / RECIPE_FILE, False, None
     if int(os.environ.get("RANK", "0")) == 0:
         run.dir.mkdir(parents=True, exist_ok=True)
-        _write_recipe(run.dir, dump_recipe(resolved.data))
+        had_recipe = recipe_file.exists()
+        kept = _write_recipe(run.dir, dump_recipe(resolved.data))
     threads, why = apply_threads(run)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"threads: {threads} ({why}); loader workers: {run.loader.num_workers}", flush=True)
@@ -96,7 +105,15 @@ def train(
     check_evaluation(built, recipe=run.recipe_path)  # the evaluation after training: fail before it, not after
     if int(os.environ.get("RANK", "0")) == 0 and built.eval_sets is not None and built.eval_sets.sets:
         print(built.eval_sets.describe_leakage(), flush=True)  # reads the training split's metadata: the trainer reuses it
-    metrics = built.trainer.fit()
+    try:
+        metrics = built.trainer.fit()
+    except ResumeError:
+        # Refused before any step: the folder's recipe stays the one its checkpoints were trained with.
+        if kept is not None:
+            os.replace(kept, recipe_file)
+        elif not had_recipe and int(os.environ.get("RANK", "0")) == 0:
+            recipe_file.unlink(missing_ok=True)
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
         report, checkpoint = _evaluate_best(built, run, int(metrics.get("step", 0)))
         if report is not None:

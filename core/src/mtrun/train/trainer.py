@@ -49,7 +49,7 @@ from mtrun import distributed
 from mtrun.config import non_negative, positive
 from mtrun.data.loader import BatchLoader
 from mtrun.devices import pick_device
-from mtrun.errors import TrainingError
+from mtrun.errors import ResumeError, TrainingError
 from mtrun.interfaces import AugmentContext, Batch, DataSource, EvalTask
 from mtrun.run import Run
 from mtrun.spec import ComponentSpec, component_field, label
@@ -1100,9 +1100,9 @@ class DefaultTrainer:
         try:
             resume_from = resolve_resume(self.run.config.resume, run_dir, **quiet)
         except FileNotFoundError as exc:
-            raise TrainingError(str(exc)) from exc
+            raise ResumeError(str(exc)) from exc
         except CorruptCheckpointError as exc:
-            raise TrainingError(f"cannot resume: {exc}; resume from an older checkpoint folder instead") from None
+            raise ResumeError(f"cannot resume: {exc}; resume from an older checkpoint folder instead") from None
         if resume_from is None:
             return None, None
         from safetensors import SafetensorError
@@ -1110,10 +1110,10 @@ class DefaultTrainer:
         try:
             checkpoint = read_checkpoint(resume_from, verify=False)  # resolve_resume verified it
         except (OSError, ValueError, KeyError, SafetensorError) as exc:  # damage in a checkpoint without checksums
-            raise TrainingError(f"cannot resume from {resume_from}: it cannot be read ({type(exc).__name__}: {exc})") from None
+            raise ResumeError(f"cannot resume from {resume_from}: it cannot be read ({type(exc).__name__}: {exc})") from None
         saved = checkpoint.trainer_state
         if int(saved.get("batch_size", cfg.batch_size)) != cfg.batch_size:
-            raise TrainingError(
+            raise ResumeError(
                 f"cannot resume from {resume_from}: it was trained with batch_size {saved['batch_size']}, "
                 f"the recipe now says {cfg.batch_size} (the data position is counted in global batches)"
             )
