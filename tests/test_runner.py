@@ -65,6 +65,24 @@ def test_fresh_run_refuses_folder_with_checkpoints_and_resume_continues(recipe, 
     assert first["trainer"]["max_steps"] == 3
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ('run.name=""', r"\[run\]\.name: invalid value \(got ''\): '' is not a run name: it must name a folder under output_dir"),
+    ('run.name="../up"', r"'\.\./up' is not a run name"),
+    ("loader.num_workers=-1", r"\[loader\]\.num_workers: invalid value \(got -1\)"),
+])
+def test_a_run_name_or_worker_count_that_cannot_be_is_refused(recipe, registry, override, message):
+    with pytest.raises(MtrunError, match=message):
+        train(recipe, overrides=[override], registry=registry)
+
+
+def test_a_misspelt_resume_is_refused_naming_the_key_and_suggesting_latest(recipe, tmp_path, registry):
+    from mtrun.errors import ResumeError
+
+    with pytest.raises(ResumeError, match=rf"^{recipe}: \[run\]\.resume = 'latst': no such folder; did you mean 'latest'\?"):
+        train(recipe, overrides=[f'run.output_dir="{tmp_path / "runs"}"', 'run.resume="latst"'], registry=registry)
+    assert not (tmp_path / "runs" / "toy" / "recipe.toml").exists()  # refused: nothing left claiming a run
+
+
 def test_the_resume_hint_repeats_the_profile_and_overrides(recipe, tmp_path, registry):
     out = f'run.output_dir="{tmp_path / "runs"}"'
     train(recipe, overrides=[out], profile="longer", registry=registry)

@@ -12,11 +12,19 @@ from mtrun.devices import DEVICE_NAMES, check_device_name
 __all__ = ["LoaderConfig", "Run", "RunConfig"]
 
 
+def _check_run_name(name: str) -> None:
+    """A run folder under OUTPUT_DIR: '' or '.' would write the run's files into OUTPUT_DIR itself."""
+    text = str(name)
+    if not text.strip() or Path(text).is_absolute() or any(part in ("", ".", "..") for part in text.strip("/").split("/")):
+        raise ValueError(f"{name!r} is not a run name: it must name a folder under output_dir (e.g. 'flap-seed1')")
+
+
 @attrs.frozen
 class RunConfig:
     """The ``[run]`` table: what this run is called, its seed and where it writes."""
 
-    name: str = attrs.field(default="run", metadata={"help": "run name; the run folder is OUTPUT_DIR/NAME"})
+    name: str = attrs.field(default="run", validator=lambda _i, _a, value: _check_run_name(value),
+                            metadata={"help": "run name; the run folder is OUTPUT_DIR/NAME"})
     seed: int = attrs.field(default=0, metadata={"help": "seed for parameters, data order and augmentation"})
     output_dir: str = attrs.field(default="runs", metadata={"help": "parent folder of run folders (relative to the working directory)"})
     resume: str = attrs.field(
@@ -50,7 +58,7 @@ class LoaderConfig:
         validator=attrs.validators.in_(("random", "center", "start")),
         metadata={"help": "how longer audio is cut to clip_seconds in training: random, center or start"},
     )
-    num_workers: int = attrs.field(default=0, metadata={"help": "DataLoader worker processes"})
+    num_workers: int = attrs.field(default=0, validator=attrs.validators.ge(0), metadata={"help": "DataLoader worker processes"})
     pad: str = attrs.field(
         default="repeat",
         validator=attrs.validators.in_(("repeat", "zero")),

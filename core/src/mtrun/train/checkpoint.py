@@ -635,9 +635,14 @@ def resolve_resume(resume: str, run_dir: Path, *, say: Callable[[str], None] | N
             "or copy damage). Move the damaged folders away and run again to start fresh, or set "
             "[run].resume to a checkpoint you trust."
         )
-    folder = Path(resume)
+    folder = Path(resume).expanduser()
     if not complete(folder):
-        raise FileNotFoundError(f"resume = {resume!r}: not a complete checkpoint folder (missing or no {COMPLETE} marker)")
+        import difflib
+
+        why = "no such folder" if not folder.exists() else f"not a complete checkpoint folder (no {COMPLETE} marker)"
+        hint = "; did you mean 'latest'?" if difflib.get_close_matches(resume, ["latest"], cutoff=0.6) else ""
+        raise FileNotFoundError(f"resume = {resume!r}: {why}{hint} ('latest' continues the run folder's newest checkpoint; "
+                                "'' starts fresh)")
     verify_checkpoint(folder)
     return folder
 

@@ -1100,7 +1100,7 @@ class DefaultTrainer:
         try:
             resume_from = resolve_resume(self.run.config.resume, run_dir, **quiet)
         except FileNotFoundError as exc:
-            raise ResumeError(str(exc)) from exc
+            raise ResumeError(f"{self.run.recipe_path}: [run].{exc}") from None
         except CorruptCheckpointError as exc:
             raise ResumeError(f"cannot resume: {exc}; resume from an older checkpoint folder instead") from None
         if resume_from is None:
