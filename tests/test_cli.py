@@ -288,6 +288,20 @@ def test_components_lists_every_kind_with_summaries(capsys):
     assert "Frames the waveform into non-overlapping windows" in out
 
 
+def test_a_component_summary_is_its_whole_first_paragraph_in_plain_text():
+    from mtrun.registry import Component
+
+    class Documented:
+        """Trains a :class:`~mtrun.system.System` with the optimizer of its
+        ``[trainer.optimizer]`` table and :func:`mtrun.distributed.init` ranks.
+
+        Details that are not the summary.
+        """
+
+    summary = Component(kind="trainer", name="x", cls=Documented, plugin=None).summary
+    assert summary == "Trains a System with the optimizer of its [trainer.optimizer] table and mtrun.distributed.init ranks."
+
+
 def test_components_of_one_kind_lists_only_that_kind(capsys):
     assert main(["components", "projector"]) == 0
     out = capsys.readouterr().out

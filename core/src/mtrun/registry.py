@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Iterator
 
 import attrs
@@ -40,9 +41,13 @@ class Component:
 
     @property
     def summary(self) -> str:
-        """First line of the class docstring."""
+        """The class docstring's first paragraph as one line of plain text (reST roles and
+        literals unmarked), for ``mtrun components``."""
         doc = (self.cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        paragraph = " ".join(line.strip() for line in doc.split("\n\n", 1)[0].splitlines())
+        paragraph = re.sub(r":[a-z]+:`~[\w.]*?(\w+)`", r"\1", paragraph)  # :class:`~mtrun.system.System` -> System
+        paragraph = re.sub(r":[a-z]+:`([^`]+)`", r"\1", paragraph)
+        return paragraph.replace("``", "")
 
 
 def suggest(name: str, choices: Any) -> str | None:

@@ -13,7 +13,7 @@ examples:
   mtrun ablate recipes/duet_mc.toml --profile tiny                 # the recipe's [ablation] table
   mtrun ablate recipes/quickstart.toml --grid trainer.optimizer.lr=1e-3,3e-3 --seeds 3
   mtrun ablate recipes/flap.toml --profile tiny --variant "no masking=~augmenter.1" --variant baseline=
-  mtrun ablate recipes/quickstart.toml --grid audio_encoder.preset=tiny,small --emit > jobs.txt
+  mtrun ablate recipes/quickstart.toml --grid audio_encoder.preset=tiny,base --emit > jobs.txt
 
 Every variant is validated before any runs. Runs go to OUTPUT_DIR/NAME/<variant>-s<seed>; the
 same command again skips finished runs and resumes an interrupted one. The table (mean ± 95%
