@@ -302,6 +302,28 @@ def test_a_component_summary_is_its_whole_first_paragraph_in_plain_text():
     assert summary == "Trains a System with the optimizer of its [trainer.optimizer] table and mtrun.distributed.init ranks."
 
 
+def test_a_plugin_name_in_the_selection_variables_that_is_not_installed_is_reported(monkeypatch, capsys):
+    from mtrun.plugins import _selected_entry_points
+
+    monkeypatch.setenv("MTRUN_DISABLE_PLUGINS", "infonc")
+    monkeypatch.delenv("MTRUN_LOAD_PLUGINS", raising=False)
+    names = {ep.name for ep in _selected_entry_points()}
+    assert "infonce" in names  # nothing disabled: the name matched no plugin
+    err = capsys.readouterr().err
+    assert "mtrun: MTRUN_DISABLE_PLUGINS names 'infonc', which is not an installed plugin (did you mean 'infonce'?)" in err
+    monkeypatch.setenv("MTRUN_LOAD_PLUGINS", "nonexistent")
+    monkeypatch.delenv("MTRUN_DISABLE_PLUGINS")
+    _selected_entry_points()
+    assert "MTRUN_LOAD_PLUGINS names 'nonexistent', which is not an installed plugin; installed: builtins" in capsys.readouterr().err
+
+
+def test_components_plugin_option_is_checked(capsys):
+    assert main(["components", "--markdown", "--plugin", "nonexist"]) == 2
+    assert "no plugin with components 'nonexist'" in capsys.readouterr().err
+    assert main(["components", "--plugin", "toy"]) == 2
+    assert "--plugin selects what --markdown writes" in capsys.readouterr().err
+
+
 def test_components_of_one_kind_lists_only_that_kind(capsys):
     assert main(["components", "projector"]) == 0
     out = capsys.readouterr().out

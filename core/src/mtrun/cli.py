@@ -248,7 +248,14 @@ def _cmd_components(args: argparse.Namespace) -> int:
     from mtrun.reference import default_text, field_type_text, render_markdown
 
     registry = _registry()
+    if args.plugin and not args.markdown:
+        print("mtrun components: --plugin selects what --markdown writes; add --markdown", file=sys.stderr)
+        return 2
     if args.markdown:
+        known = sorted({c.plugin.name for c in registry})
+        for name in args.plugin or []:
+            if name not in known:
+                return _unknown("plugin with components", name, known)
         print(render_markdown(registry, args.plugin or None), end="")
         return 0
     console = make_console()

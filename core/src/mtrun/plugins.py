@@ -11,6 +11,7 @@ Environment:
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import sys
@@ -88,6 +89,16 @@ def _selected_entry_points() -> list[metadata.EntryPoint]:
                 f"{_dist_name(first)} ({first.value}) and {_dist_name(second)} ({second.value})"
             )
         chosen[ep.name] = ep
+    # A name asked to load that is not installed is always worth a line; one asked to disable
+    # only when it looks like a typo of an installed one (job scripts disable what may be absent).
+    installed = {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    for var, names in (("MTRUN_LOAD_PLUGINS", only or set()), ("MTRUN_DISABLE_PLUGINS", disabled)):
+        for name in sorted(names - installed):
+            close = difflib.get_close_matches(name, sorted(installed), n=1)
+            if close or var == "MTRUN_LOAD_PLUGINS":
+                print(f"mtrun: {var} names {name!r}, which is not an installed plugin"
+                      + (f" (did you mean {close[0]!r}?)" if close else "") + f"; installed: {', '.join(sorted(installed))}",
+                      file=sys.stderr)
     return sorted(chosen.values(), key=lambda ep: (ep.name != BUILTINS, ep.name))
 
 
