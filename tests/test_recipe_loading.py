@@ -225,6 +225,43 @@ def test_override_creates_missing_tables(base):
     assert data["audio_encoder"] == {"type": "toy-audio"}
 
 
+def test_retyping_a_table_by_override_drops_the_old_components_keys_but_not_the_slots(tmp_path):
+    path = write(
+        tmp_path / "r.toml",
+        """
+        [trainer.optimizer]
+        type = "adamw"
+        lr = 1e-3
+        betas = [0.9, 0.98]
+        [audio_encoder]
+        type = "mert"
+        preset = "95m"
+        [[objective]]
+        type = "infonce"
+        weight = 0.5
+        name = "clip"
+        temperature = 0.03
+        [[eval]]
+        type = "retrieval"
+        name = "mc"
+        subset_size = 500
+        [eval.data]
+        type = "musiccaps"
+        """,
+    )
+    data = load_recipe(path, overrides=[
+        "audio_encoder.preset=tiny", "audio_encoder.type=mavil",  # set before the type: kept
+        "trainer.optimizer.type=sgd", "trainer.optimizer.momentum=0.9",
+        "objective.0.type=byol", "eval.0.type=zero-shot", "eval.0.category=genre",
+    ])
+    assert data["trainer"]["optimizer"] == {"type": "sgd", "momentum": 0.9}
+    assert data["audio_encoder"] == {"type": "mavil", "preset": "tiny"}
+    assert data["objective"] == [{"type": "byol", "weight": 0.5, "name": "clip"}]
+    assert data["eval"] == [{"type": "zero-shot", "name": "mc", "data": {"type": "musiccaps"}, "category": "genre"}]
+    same = load_recipe(path, overrides=["trainer.optimizer.type=adamw"])  # the same type: nothing dropped
+    assert same["trainer"]["optimizer"]["betas"] == [0.9, 0.98]
+
+
 def test_override_indexes_arrays_of_tables(base):
     data = load_recipe(base, overrides=["objective.1.weight=2", "objective.0.name=clip"])
     assert data["objective"] == [{"type": "infonce", "name": "clip"}, {"type": "byol", "weight": 2}]

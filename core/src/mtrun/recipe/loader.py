@@ -116,10 +116,12 @@ def apply_overrides(
     Each key path an override creates is recorded in ``created`` when given.
     """
     problems: list[str] = []
+    assigned: set[tuple[str | int, ...]] = set()  # what earlier overrides set: a retyping keeps it
     for ov in overrides:
         try:
             new_paths: list[tuple[str | int, ...]] = []
-            _apply_one(data, ov, new_paths)
+            _apply_one(data, ov, new_paths, assigned)
+            assigned.add(ov.path)
             if created is not None:
                 for path in new_paths:
                     created.setdefault(path, ov.text)
@@ -165,7 +167,26 @@ def _step(
     raise _OverrideProblem(f"{_describe(where)!r} is a value ({node!r}), not a table")
 
 
-def _apply_one(data: dict[str, Any], ov: Override, new: list) -> None:
+def _slot_keys(where: tuple[str | int, ...]) -> frozenset[str]:
+    """Keys of the table at ``where`` that belong to its slot, not to the component: an
+    objective's ``weight``, an ``[[eval]]`` entry's ``name``, ``split`` and ``[eval.data]``."""
+    from mtrun.schema import slot
+
+    found = slot(str(where[0])) if where else None
+    if found is None or len(where) != (2 if found.many else 1):
+        return frozenset()
+    return frozenset(found.extra_keys) | frozenset(found.nested)
+
+
+def _retype(node: dict[str, Any], where: tuple[str | int, ...], assigned: set[tuple[str | int, ...]]) -> None:
+    """``type`` is changing: drop the old component's keys, as a profile or child recipe that
+    retypes a table does; the slot's own keys and what earlier overrides set stay."""
+    keep = _slot_keys(where) | {"type"}
+    for key in [k for k in node if k not in keep and where + (k,) not in assigned]:
+        del node[key]
+
+
+def _apply_one(data: dict[str, Any], ov: Override, new: list, assigned: set[tuple[str | int, ...]] | None = None) -> None:
     node: Any = data
     for i, seg in enumerate(ov.path[:-1]):
         node = _step(node, seg, ov.path[:i], not ov.delete, ov.path[i + 1], new)
@@ -184,6 +205,8 @@ def _apply_one(data: dict[str, Any], ov: Override, new: list) -> None:
         else:
             if key not in node:
                 new.append(where + (key,))
+            elif key == "type" and node[key] != ov.value and isinstance(ov.value, str):
+                _retype(node, where, assigned or set())
             node[key] = ov.value
     elif isinstance(node, list):
         if not isinstance(last, int):
