@@ -44,20 +44,26 @@ _DESCRIPTION = """\
 Train and inspect music-text representation models from TOML recipes.
 
 usage:
-  mtrun RECIPE [--profile NAME] [--resume] [KEY=VALUE | ~KEY ...]   train (alias: mtrun train ...)
-  mtrun validate RECIPE [--profile NAME] [--print] [KEY=VALUE ...]  check a recipe, build nothing
-  mtrun plugins [--json]                                           installed plugins
-  mtrun components [KIND [NAME]]                                   components and their settings
-  mtrun data {shard,demo} ...                                      prepare data (see mtrun data -h)
-  mtrun eval CHECKPOINT_OR_RECIPE [--tasks ...]                    evaluate and write a report
-  mtrun report RUN                                                 write RUN/report.md (curves + evaluation)
-  mtrun export RUN -o DIR                                          a self-contained model folder
-  mtrun embed MODEL INPUT... -o OUT.parquet                        embed audio files, folders, manifests
-  mtrun search INDEX "a mellow piano piece" | --like FILE          text -> music, music -> music
-  mtrun ablate RECIPE --grid KEY=V1,V2 --seeds 3                   variants x seeds -> ablation table
-  mtrun new-plugin NAME --kind objective                           a new plugin distribution to fill in
+  mtrun RECIPE [--profile NAME] [--resume] [KEY=VALUE | ~KEY ...]
+      train (alias: mtrun train ...)
+  mtrun validate RECIPE [--profile NAME] [--print] [KEY=VALUE ...]
+      check a recipe, build nothing
+  mtrun plugins [--json]                       installed plugins
+  mtrun components [KIND [NAME]]               components and their settings
+  mtrun data {shard,demo} ...                  prepare data (see mtrun data -h)
+  mtrun eval CHECKPOINT_OR_RECIPE [--tasks ...]
+      evaluate and write a report
+  mtrun report RUN                             write RUN/report.md
+  mtrun export RUN -o DIR                      a self-contained model folder
+  mtrun embed MODEL INPUT... -o OUT.parquet    embed files, folders, manifests
+  mtrun search INDEX "a mellow piano piece" | --like FILE
+      text -> music, music -> music
+  mtrun ablate RECIPE --grid KEY=V1,V2 --seeds 3
+      variants x seeds -> ablation table
+  mtrun new-plugin NAME --kind objective       a plugin distribution to fill in
 
-Overrides are TOML values: trainer.optimizer.lr=3e-4  run.name="tiny"  objective.0.weight=2  ~augmenter
+Overrides are TOML values, e.g.
+  trainer.optimizer.lr=3e-4  run.name="tiny"  objective.0.weight=2  ~augmenter
 """
 
 

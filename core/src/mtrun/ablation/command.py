@@ -10,20 +10,25 @@ __all__ = ["configure", "run"]
 
 _EPILOG = """\
 examples:
-  mtrun ablate recipes/duet_mc.toml --profile tiny                 # the recipe's [ablation] table
-  mtrun ablate recipes/quickstart.toml --grid trainer.optimizer.lr=1e-3,3e-3 --seeds 3
-  mtrun ablate recipes/flap.toml --profile tiny --variant "no masking=~augmenter.1" --variant baseline=
-  mtrun ablate recipes/quickstart.toml --grid audio_encoder.preset=tiny,base --emit > jobs.txt
+  # the recipe's [ablation] table
+  mtrun ablate recipes/duet_mc.toml --profile tiny
+  mtrun ablate recipes/quickstart.toml \\
+      --grid trainer.optimizer.lr=1e-3,3e-3 --seeds 3
+  mtrun ablate recipes/flap.toml --profile tiny \\
+      --variant "no masking=~augmenter.1" --variant baseline=
+  mtrun ablate recipes/quickstart.toml \\
+      --grid audio_encoder.preset=tiny,base --emit > jobs.txt
 
-Every variant is validated before any runs. Runs go to OUTPUT_DIR/NAME/<variant>-s<seed>; the
-same command again skips finished runs and resumes an interrupted one. The table (mean ± 95%
-CI over seeds, paired differences against the baseline) is written to OUTPUT_DIR/NAME/table.md,
-table.csv and table.png.
+Every variant is validated before any runs. Runs go to
+OUTPUT_DIR/NAME/<variant>-s<seed>; the same command again skips finished
+runs and resumes an interrupted one. The table (mean ± 95% CI over seeds,
+paired differences against the baseline) is written to
+OUTPUT_DIR/NAME/table.md, table.csv and table.png.
 """
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Run a recipe's variants over seeds and tabulate chosen metrics (see docs/ablations.md)."
+    parser.description = "Run a recipe's variants over seeds and tabulate chosen metrics\n(see docs/ablations.md)."
     parser.epilog = _EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("recipe", help="the recipe TOML file (its [ablation] table, if any, gives the defaults)")

@@ -113,7 +113,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "that pass as generated. Then: cd mtrun-NAME && pip install -e . && pytest"
     )
     parser.add_argument("name", help="the component's name in recipes, e.g. my-loss (distribution mtrun-my-loss)")
-    parser.add_argument("--kind", required=True, choices=KINDS, help="what the plugin provides")
+    parser.add_argument("--kind", required=True, choices=KINDS, metavar="KIND", help=f"what the plugin provides: {', '.join(KINDS)}")
     parser.add_argument("--dir", default=".", metavar="PARENT", help="where to create the mtrun-NAME folder (default: here)")
 
 
