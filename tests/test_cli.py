@@ -324,6 +324,15 @@ def test_components_plugin_option_is_checked(capsys):
     assert "--plugin selects what --markdown writes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [[], ["validate"], ["ablate"], ["eval"], ["embed"], ["search"], ["export"], ["report"],
+                                     ["data", "shard"], ["data", "demo"], ["new-plugin"], ["components"], ["plugins"]])
+def test_help_fits_80_columns_without_a_terminal(command, capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert main([*command, "--help"]) == 0
+    wide = [line for line in capsys.readouterr().out.splitlines() if len(line) > 80]
+    assert not wide, wide
+
+
 def test_components_of_one_kind_lists_only_that_kind(capsys):
     assert main(["components", "projector"]) == 0
     out = capsys.readouterr().out
