@@ -257,6 +257,12 @@ def test_problems_from_overrides_say_so(tmp_path, registry):
     ]
 
 
+def test_a_table_an_override_appended_is_blamed_on_it(tmp_path, registry):
+    problems = problems_of(tmp_path, registry, VALID, overrides=["objective.1.name=extra"])
+    assert len(problems) == 1 and problems[0].startswith("[[objective]][1]: missing key 'type'")
+    assert problems[0].endswith("(from override objective.1.name=extra)")
+
+
 def test_problems_in_the_file_are_not_blamed_on_overrides(tmp_path, registry):
     text = VALID + "\n[audio_encodr]\nframe = 2\n"
     (problem,) = problems_of(tmp_path, registry, text, overrides=["audio_encodr.width=3"])

@@ -385,6 +385,8 @@ def _render(problem: _Problem, data: dict[str, Any], overrides: Sequence[Any], c
             blame = ov.text
     if problem.created:
         blame = created.get(problem.path, blame if problem.path in created else None)
+    elif blame is None:  # a table an override brought into existence (eval.1.name=x appends [[eval]][1])
+        blame = created.get(problem.path)
     if blame is not None:
         text += f" (from override {blame})"
     return text
