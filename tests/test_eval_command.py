@@ -138,8 +138,10 @@ def test_eval_errors_are_clear(tmp_path, registry, toy_run):
     _, run_dir, _ = toy_run
     with pytest.raises(MtrunError, match="no split 'holdout'"):
         evaluate_target(run_dir, registry=registry, split="holdout")
-    with pytest.raises(MtrunError, match="no eval of that name"):
+    with pytest.raises(MtrunError, match=r"^mtrun eval: --tasks: no evaluation task 'retreival' \(did you mean 'retrieval'\?\); installed: "):
         evaluate_target(run_dir, registry=registry, tasks=["retreival"])
+    with pytest.raises(MtrunError, match=r"no split 'tset' to evaluate \(did you mean 'test'\?; it has: "):
+        evaluate_target(run_dir, registry=registry, split="tset")
 
 
 def test_a_damaged_checkpoint_is_a_clear_error_not_a_traceback(tmp_path, registry, toy_run):

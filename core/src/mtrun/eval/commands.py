@@ -226,6 +226,14 @@ def evaluate_target(
         _verify(checkpoint, ["model.safetensors", recipe_path.name])  # before its recipe is read
     if profile and not is_recipe:
         raise EvalError(f"mtrun eval: --profile applies to recipe files; {target} already holds a resolved recipe")
+    for name in tasks or ():  # a typo on the command line is not the recipe's problem
+        if ("eval", name) not in registry:
+            from mtrun.registry import suggest
+
+            known = registry.names("eval")
+            hint = suggest(name, known)
+            raise EvalError(f"mtrun eval: --tasks: no evaluation task {name!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+                            + f"; installed: {', '.join(known)}")
     data = _load_recipe(recipe_path, overrides, profile, tasks)
     resolved = resolve_recipe(data, registry, str(recipe_path))
     if is_recipe:

@@ -61,7 +61,11 @@ def _samples(source: Any, split: str, where: str, table: str | None = None) -> S
     with set_errors(table) if table else contextlib.nullcontext():
         splits = list(source.splits())
         if split not in splits:
-            raise EvalError(f"{where} has no split {split!r} to evaluate (it has: {', '.join(splits) or 'none'})")
+            from mtrun.registry import suggest
+
+            hint = suggest(split, splits)
+            raise EvalError(f"{where} has no split {split!r} to evaluate ("
+                            + (f"did you mean {hint!r}?; " if hint else "") + f"it has: {', '.join(splits) or 'none'})")
         samples = source.load(split)
     if len(samples) == 0:
         raise EvalError(f"split {split!r} of {where} is empty; nothing to evaluate")
