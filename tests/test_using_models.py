@@ -327,6 +327,17 @@ def test_embed_refuses_a_window_policy_or_worker_count_that_is_not_positive(tmp_
     assert message in capsys.readouterr().err
 
 
+def test_a_folder_without_audio_is_an_error_not_an_empty_index(tmp_path):
+    from mtrun.inference.library import EmbedError, collect_inputs
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("not audio")
+    with pytest.raises(EmbedError, match=r"notes: the folder holds no audio files \(looked for \.aac, .*\.wav"):
+        collect_inputs([tmp_path / "notes"])
+    (tmp_path / "notes" / "a.flac").write_bytes(b"")
+    assert [e.path for e in collect_inputs([tmp_path / "notes"])] == [str((tmp_path / "notes" / "a.flac").absolute())]
+
+
 def test_a_window_policy_that_is_not_positive_is_an_error_naming_it(trained, isolated):
     with pytest.raises(MtrunError, match=r"positive numbers: hop_seconds = -1\.0"):
         mtrun.load(trained.run_dir, device="cpu", hop_seconds=-1)

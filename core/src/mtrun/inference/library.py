@@ -119,7 +119,11 @@ def collect_inputs(inputs: Sequence[str | os.PathLike[str]], *, split: str | Non
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            entries += [Entry(str(p.absolute()), str(p.absolute())) for p in _walk(path)]
+            found = [Entry(str(p.absolute()), str(p.absolute())) for p in _walk(path)]
+            if not found:
+                raise EmbedError(f"mtrun embed: {item}: the folder holds no audio files "
+                                 f"(looked for {', '.join(sorted(AUDIO_EXTENSIONS))}, in subfolders too)")
+            entries += found
         elif path.is_file() and path.suffix.lower() in TABLE_EXTENSIONS:
             entries += _manifest(path, split, root)
         elif path.is_file():
