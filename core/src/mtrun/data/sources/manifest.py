@@ -96,7 +96,7 @@ def _format_of(path: Path, fmt: str) -> str:
             return "parquet"
     raise MtrunError(
         f"{path}: cannot tell the table format from the extension {path.suffix!r}; "
-        "use .csv, .tsv, .jsonl, .json or .parquet (or set the format explicitly)"
+        "rename it to .csv, .tsv, .jsonl, .json or .parquet (a [data] table of type manifest may instead set format = 'csv' etc.)"
     )
 
 
