@@ -333,6 +333,16 @@ def test_help_fits_80_columns_without_a_terminal(command, capsys, monkeypatch):
     assert not wide, wide
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["trian", "recipes/quickstart.toml"], "mtrun: 'trian' is neither a command nor a file (did you mean `mtrun train`?)"),
+    (["-x"], "mtrun: unknown option -x; the first argument is a recipe file or a command"),
+    (["validate", "recipes/quickstart.toml", "--prin"], "unrecognized arguments: --prin"),  # no prefix matching
+])
+def test_a_mistyped_command_or_option_is_named(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_components_of_one_kind_lists_only_that_kind(capsys):
     assert main(["components", "projector"]) == 0
     out = capsys.readouterr().out

@@ -314,7 +314,9 @@ def test_load_names_the_path_for_anything_that_is_not_a_model(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="neither a run folder"):
         mtrun.load(tmp_path / "empty")
-    assert main(["embed", str(tmp_path / "nope"), str(tmp_path), "-o", str(tmp_path / "x.parquet")]) == 1
+    (tmp_path / "music").mkdir()
+    (tmp_path / "music" / "a.wav").write_bytes(b"")
+    assert main(["embed", str(tmp_path / "nope"), str(tmp_path / "music"), "-o", str(tmp_path / "x.parquet")]) == 1
 
 
 @pytest.mark.parametrize(

@@ -97,13 +97,14 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 def _command_parser(command: str) -> argparse.ArgumentParser:
     if command == "train":
-        parser = argparse.ArgumentParser(prog="mtrun", description="Train from a recipe.")
+        parser = argparse.ArgumentParser(allow_abbrev=False, prog="mtrun", description="Train from a recipe.")
         _add_recipe_args(parser)
         parser.add_argument(
             "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
         )
     elif command == "validate":
         parser = argparse.ArgumentParser(
+            allow_abbrev=False,
             prog="mtrun validate",
             description="Load and check a recipe (extends, profile, overrides, every component's "
             "settings) without building anything.",
@@ -111,10 +112,11 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         _add_recipe_args(parser)
         parser.add_argument("--print", action="store_true", dest="print_recipe", help="print the resolved recipe as TOML")
     elif command == "plugins":
-        parser = argparse.ArgumentParser(prog="mtrun plugins", description="List loaded plugins and their components.")
+        parser = argparse.ArgumentParser(allow_abbrev=False, prog="mtrun plugins", description="List loaded plugins and their components.")
         parser.add_argument("--json", action="store_true", help="machine-readable output")
     elif command == "components":
         parser = argparse.ArgumentParser(
+            allow_abbrev=False,
             prog="mtrun components",
             description="List components; with KIND NAME, show that component's settings.",
         )
@@ -123,7 +125,7 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--markdown", action="store_true", help="print the component reference as Markdown")
         parser.add_argument("--plugin", action="append", metavar="NAME", help="with --markdown: only this plugin's components (repeatable)")
     elif command in MODULE_COMMANDS:
-        parser = argparse.ArgumentParser(prog=f"mtrun {command}")
+        parser = argparse.ArgumentParser(allow_abbrev=False, prog=f"mtrun {command}")
         importlib.import_module(MODULE_COMMANDS[command]).configure(parser)
     else:  # pragma: no cover - guarded by SUBCOMMANDS
         raise AssertionError(command)
@@ -333,6 +335,16 @@ def _run(argv: list[str]) -> int:
     if argv[0] in ("-h", "--help", "--version"):
         _top_parser().parse_args(argv[:1])
         return 0
+    if argv[0].startswith("-") and argv[0].split("=")[0] not in ("--profile", "--resume"):
+        print(f"mtrun: unknown option {argv[0]}; the first argument is a recipe file or a command (mtrun --help)", file=sys.stderr)
+        return 2
+    if argv[0] not in SUBCOMMANDS and not os.path.exists(argv[0]) and not argv[0].endswith(".toml"):
+        from mtrun.registry import suggest
+
+        hint = suggest(argv[0], SUBCOMMANDS)
+        if hint:
+            print(f"mtrun: {argv[0]!r} is neither a command nor a file (did you mean `mtrun {hint}`?)", file=sys.stderr)
+            return 2
     # `mtrun recipes/flap.toml ...` is the short form of `mtrun train recipes/flap.toml ...`.
     command, rest = (argv[0], argv[1:]) if argv[0] in SUBCOMMANDS else ("train", argv)
     parser = _command_parser(command)
