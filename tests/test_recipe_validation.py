@@ -263,6 +263,19 @@ def test_a_table_an_override_appended_is_blamed_on_it(tmp_path, registry):
     assert problems[0].endswith("(from override objective.1.name=extra)")
 
 
+def test_a_problem_written_in_a_parent_or_a_profile_says_where(tmp_path, registry):
+    (tmp_path / "parent.toml").write_text(VALID.replace("seed = 3", "sed = 3"))
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "parent.toml"\n[profile.small.trainer]\nbatch_sise = 2\n')
+    with pytest.raises(RecipeError) as info:
+        resolve_recipe(load_recipe(child, profile="small"), registry, str(child))
+    problems = info.value.problems
+    assert problems[0].startswith("[run].sed: unknown key") and problems[0].endswith(f"(in {tmp_path / 'parent.toml'})")
+    assert problems[1].startswith("[trainer].batch_sise: unknown key") and problems[1].endswith("(in [profile.small])")
+    # written in the file the message names: nothing added
+    assert not problems_of(tmp_path, registry, VALID.replace("seed = 3", "sed = 3"))[0].endswith(")")
+
+
 def test_problems_in_the_file_are_not_blamed_on_overrides(tmp_path, registry):
     text = VALID + "\n[audio_encodr]\nframe = 2\n"
     (problem,) = problems_of(tmp_path, registry, text, overrides=["audio_encodr.width=3"])

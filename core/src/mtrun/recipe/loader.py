@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import attrs
 
@@ -36,6 +36,9 @@ class RecipeData(dict):
     overrides: tuple[Override, ...] = ()
     created: dict[tuple[str | int, ...], str] = {}
     """Key paths that did not exist before an override added them, to the override's text."""
+    origins: dict[tuple[str | int, ...], str] = {}
+    """Key paths to where they were written, when not the recipe file itself: a parent named by
+    ``extends`` or the chosen profile (see :func:`load_recipe`)."""
     ablation: dict[str, Any] | None = None
     """The recipe's ``[ablation]`` table (after profile and overrides), read by ``mtrun ablate``
     and left out of the recipe itself: a run never sees it."""
@@ -226,12 +229,14 @@ def _apply_one(data: dict[str, Any], ov: Override, new: list, assigned: set[tupl
         raise _OverrideProblem(f"{_describe(where)!r} is a value ({node!r}), not a table")
 
 
-def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _load_with_extends(path: Path, chain: tuple[Path, ...], files: list[tuple[Path, dict[str, Any]]] | None = None) -> dict[str, Any]:
     resolved = path.resolve()
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in chain[chain.index(resolved):] + (resolved,))
         raise RecipeError(str(chain[0]), [f"extends: cycle {cycle}"])
     data = read_toml(path)
+    if files is not None:
+        files.append((path, data))  # child first: where each key was written (see _origins)
     parent_ref = data.pop("extends", None)
     if parent_ref is None:
         return data
@@ -242,8 +247,41 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         raise RecipeError(
             str(path), [f"extends = {parent_ref!r}: no such file ({parent}; relative to {path.parent})"]
         )
-    base = _load_with_extends(parent, chain + (resolved,))
+    base = _load_with_extends(parent, chain + (resolved,), files)
     return deep_merge(_drop_retyped_profile_tables(base, data), data)
+
+
+def _leaves(node: Any, prefix: tuple[str | int, ...] = ()) -> Iterator[tuple[str | int, ...]]:
+    """Key paths to the values of nested tables (an array counts as one value)."""
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, prefix + (key,))
+    elif prefix:
+        yield prefix
+
+
+def _holds(data: Any, path: tuple[str | int, ...]) -> bool:
+    for part in path:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _origins(data: dict[str, Any], files: list[tuple[Path, dict[str, Any]]], profile: str | None) -> dict[tuple[str | int, ...], str]:
+    """Each key path of the merged recipe -> where it was written: the nearest file of the
+    ``extends`` chain that holds it, or ``[profile.NAME] of FILE`` when the profile set it."""
+    origins = {}
+    for path in _leaves(data):
+        written = None
+        if profile is not None:
+            written = next((f"[profile.{profile}]" + (f" of {file}" if i else "")
+                            for i, (file, raw) in enumerate(files) if _holds(raw, ("profile", profile) + path)), None)
+        if written is None:
+            written = next((str(file) for file, raw in files if _holds(raw, path)), None)
+        if written is not None:
+            origins[path] = written
+    return origins
 
 
 def _drop_retyped_profile_tables(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -321,8 +359,10 @@ def load_recipe(
             problems.append(str(exc))
     if not path.is_file():
         read_toml(path)  # raises the right "no such file" / "is a directory" error
-    data = _load_with_extends(path, ())
+    files: list[tuple[Path, dict[str, Any]]] = []
+    data = _load_with_extends(path, (), files)
     data = _apply_profile(data, profile, source)
+    origins = _origins(data, files, profile)
     created: dict[tuple[str | int, ...], str] = {}
     problems += apply_overrides(data, parsed, created)
     if problems:
@@ -331,5 +371,6 @@ def load_recipe(
     result = RecipeData(data)
     result.overrides = tuple(parsed)
     result.created = created
+    result.origins = origins
     result.ablation = ablation
     return result

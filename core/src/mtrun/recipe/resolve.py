@@ -372,7 +372,8 @@ def _render_path(path: tuple, data: dict[str, Any], table_itself: bool = False) 
     return text
 
 
-def _render(problem: _Problem, data: dict[str, Any], overrides: Sequence[Any], created: dict) -> str:
+def _render(problem: _Problem, data: dict[str, Any], overrides: Sequence[Any], created: dict,
+            origins: dict | None = None, source: str = "") -> str:
     text = _render_path(problem.path, data, problem.table)
     if problem.value is not _MISSING:
         text += f" = {problem.value!r}"
@@ -388,7 +389,12 @@ def _render(problem: _Problem, data: dict[str, Any], overrides: Sequence[Any], c
     elif blame is None:  # a table an override brought into existence (eval.1.name=x appends [[eval]][1])
         blame = created.get(problem.path)
     if blame is not None:
-        text += f" (from override {blame})"
+        return text + f" (from override {blame})"
+    # Written elsewhere than the recipe file named in the message: say where.
+    path = tuple(problem.path)
+    written = {where for key, where in (origins or {}).items() if key[: len(path)] == path or path[: len(key)] == key}
+    if len(written) == 1 and (where := written.pop()) != source:
+        text += f" (in {where})"
     return text
 
 
@@ -531,7 +537,8 @@ def resolve_recipe(
         for spec, message in schema.check_contracts(resolved.all_specs(), registry):
             problems.append(_Problem(_spec_path(spec.slot) + ("type",), message, value=spec.name))
     if problems:
-        raise RecipeError(source, [_render(p, data, overrides, created) for p in problems])
+        origins = getattr(data, "origins", {})
+        raise RecipeError(source, [_render(p, data, overrides, created, origins, source) for p in problems])
     return resolved
 
 
