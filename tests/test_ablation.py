@@ -60,8 +60,17 @@ def test_plan_problems_are_listed_together_naming_the_recipe_and_key():
     with pytest.raises(RecipeError) as err:
         plan_ablation(QUICKSTART, table=table, baseline="nope")
     text = str(err.value)
-    assert str(QUICKSTART) in text and "[ablation].seed: unknown key" in text
+    assert str(QUICKSTART) in text and "[ablation].seed: unknown key (did you mean 'seeds'?)" in text
     assert "variant name 'a' is used twice" in text and "baseline 'nope' is not a variant" in text
+
+
+def test_validate_checks_the_ablation_table_too(capsys):
+    from mtrun.cli import main
+
+    assert main(["validate", str(QUICKSTART), 'ablation.baseline="nope"', "ablation.metrcs=[]"]) == 2
+    err = capsys.readouterr().err
+    assert "[ablation].metrcs: unknown key (did you mean 'metrics'?)" in err and "baseline 'nope' is not a variant" in err
+    assert main(["validate", str(QUICKSTART)]) == 0
 
 
 def test_every_variant_is_validated_before_anything_runs():

@@ -158,6 +158,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     data = load_recipe(args.recipe, overrides=args.overrides, profile=args.profile)
     resolved = resolve_recipe(data, _registry(), str(args.recipe))
+    if data.ablation is not None:  # `mtrun ablate`'s table: its own keys, not the variants' recipes
+        from mtrun.ablation.plan import plan_ablation
+
+        plan_ablation(args.recipe, table=data.ablation, profile=args.profile)
     rows: list[tuple[str, str]] = []
     for spec in resolved.all_specs():
         desc = spec.name

@@ -150,7 +150,10 @@ def _table_problems(table: Any, source: str) -> list[str]:
     known = {"seeds", "metrics", "baseline", "split", "grid", "variant"}
     if not isinstance(table, dict):
         return [f"[ablation] must be a table (got {type(table).__name__})"]
-    problems = [f"[ablation].{key}: unknown key (known: {', '.join(sorted(known))})" for key in table if key not in known]
+    from mtrun.registry import suggest
+
+    problems = [f"[ablation].{key}: unknown key" + (f" (did you mean {hint!r}?)" if (hint := suggest(key, known)) else "")
+                + f"; known keys: {', '.join(sorted(known))}" for key in table if key not in known]
     for key in ("seeds", "metrics"):
         if key in table and not isinstance(table[key], list):
             problems.append(f"[ablation].{key} must be a list (got {table[key]!r})")
