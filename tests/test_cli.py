@@ -343,6 +343,30 @@ def test_a_mistyped_command_or_option_is_named(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_tables_for_a_pipe_are_aligned_text_with_the_last_column_unpadded(capsys):
+    assert main(["components", "audio_projector", "toy-linear"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    title = lines.index('settings: [audio_projector] type = "toy-linear"')  # the slot asked for, not [projector]
+    header, rows = lines[title + 1], lines[title + 2 :]
+    assert header.split() == ["key", "type", "default", "help"] and rows
+    starts = {header.index("help")} | {len(r) - len(r.split("  ")[-1].lstrip()) for r in rows}
+    assert len(starts) == 1  # every help starts in one column
+    assert not any(line != line.rstrip() for line in lines)
+
+
+def test_print_table_on_a_terminal_is_a_rich_table():
+    import io
+
+    from rich.console import Console
+
+    from mtrun.console import print_table
+
+    out = io.StringIO()
+    print_table(Console(file=out, force_terminal=True, width=60), "t", ("a", "b"), [("[x]", "y\nz")])
+    text = out.getvalue()
+    assert "┃" in text and "[x]" in text  # a table, and brackets are text, not markup
+
+
 def test_components_of_one_kind_lists_only_that_kind(capsys):
     assert main(["components", "projector"]) == 0
     out = capsys.readouterr().out

@@ -218,17 +218,11 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"plugins": entries, **({"broken": broken} if broken else {})}, indent=2))
         return status
-    from mtrun.console import make_console
-    from rich.markup import escape
-    from rich.table import Table
+    from mtrun.console import make_console, print_table
 
-    table = Table(title="mtrun plugins")
-    for column in ("plugin", "distribution", "version", "components"):
-        table.add_column(column)
-    for e in entries:
-        comps = "\n".join(f"{c['kind']}: {c['name']}" for c in e["components"]) or "-"
-        table.add_row(escape(e["name"]), escape(e["distribution"] or "-"), escape(e["version"] or "-"), escape(comps))
-    make_console().print(table)
+    rows = [(e["name"], e["distribution"] or "-", e["version"] or "-",
+             "\n".join(f"{c['kind']}: {c['name']}" for c in e["components"]) or "-") for e in entries]
+    print_table(make_console(), "mtrun plugins", ("plugin", "distribution", "version", "components"), rows)
     for b in broken:
         print(f"broken, left out: {b['error']}", file=sys.stderr)
     if broken:
@@ -251,9 +245,8 @@ def _unknown(what: str, value: str, choices: Sequence[str], listing: str = "inst
 
 
 def _cmd_components(args: argparse.Namespace) -> int:
-    from mtrun.console import make_console
+    from mtrun.console import make_console, print_table
     from rich.markup import escape
-    from rich.table import Table
 
     from mtrun.schema import KINDS, SLOTS
 
@@ -280,21 +273,12 @@ def _cmd_components(args: argparse.Namespace) -> int:
             return _unknown("component kind", kind, kinds, listing="kinds")
         kind = slot.kind
     if kind is None:
-        table = Table(title="mtrun components")
-        for column in ("kind", "name", "plugin", "summary"):
-            table.add_column(column)
-        for comp in registry:
-            table.add_row(comp.kind, comp.name, comp.plugin.name, escape(comp.summary))
-        console.print(table)
+        rows = [(comp.kind, comp.name, comp.plugin.name, comp.summary) for comp in registry]
+        print_table(console, "mtrun components", ("kind", "name", "plugin", "summary"), rows)
         return 0
     if args.name is None:
-        table = Table(title=f"{kind} components")
-        for column in ("name", "plugin", "summary"):
-            table.add_column(column)
-        for comp in registry:
-            if comp.kind == kind:
-                table.add_row(comp.name, comp.plugin.name, escape(comp.summary))
-        console.print(table)
+        rows = [(comp.name, comp.plugin.name, comp.summary) for comp in registry if comp.kind == kind]
+        print_table(console, f"{kind} components", ("name", "plugin", "summary"), rows)
         return 0
     if (kind, args.name) not in registry:
         return _unknown(kind, args.name, registry.names(kind))
@@ -309,15 +293,10 @@ def _cmd_components(args: argparse.Namespace) -> int:
     if not fields:
         console.print("This component takes no settings.")
         return 0
-    # Recipe tables look like rich markup ([trainer]); escape everything the user should read.
-    table = Table(title=escape(f'settings: [{kind}] type = "{comp.name}"'))
-    for column in ("key", "type", "default", "help"):
-        table.add_column(column)
-    for f in fields:
-        table.add_row(
-            escape(f.name), escape(field_type_text(f)), escape(default_text(f)), escape(str(f.metadata.get("help", "")))
-        )
-    console.print(table)
+    # The recipe tables it goes in: the slot asked for, else every slot of its kind.
+    tables = [s.table() for s in SLOTS if s.name == args.kind] or [s.table() for s in SLOTS if s.kind == kind] or [f"[{kind}]"]
+    rows = [(f.name, field_type_text(f), default_text(f), str(f.metadata.get("help", ""))) for f in fields]
+    print_table(console, f'settings: {" or ".join(tables)} type = "{comp.name}"', ("key", "type", "default", "help"), rows)
     return 0
 
 

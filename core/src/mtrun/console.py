@@ -10,9 +10,9 @@ the stream is not a terminal, lines are never wrapped and tables get room to lay
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
-__all__ = ["make_console"]
+__all__ = ["make_console", "print_table"]
 
 _UNWRAPPED_WIDTH = 1000
 """Width given to tables when the output is not a terminal: they size to their content."""
@@ -29,3 +29,26 @@ def make_console(*, stderr: bool = False, file: TextIO | None = None, **kwargs: 
     kwargs.setdefault("width", _UNWRAPPED_WIDTH)
     kwargs.setdefault("soft_wrap", True)
     return Console(file=stream, **kwargs)
+
+
+def print_table(console: Any, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A table of plain strings (no markup): a rich table on a terminal; elsewhere aligned
+    text with the last column unpadded, one row a line, so a pipe or log gets no padding to
+    the widest help text and no wrapped path. A cell's line breaks become ``"; "`` there."""
+    if console.is_terminal:
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=escape(title))
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(escape(cell) for cell in row))
+        console.print(table)
+        return
+    flat = [[cell.replace("\n", "; ") for cell in row] for row in [list(columns), *rows]]
+    widths = [max(len(row[i]) for row in flat) for i in range(len(columns) - 1)]
+    console.print(title, markup=False, highlight=False)
+    for row in flat:
+        line = "  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]])
+        console.print(line.rstrip(), markup=False, highlight=False)
