@@ -34,7 +34,7 @@ SCRIPT = ROOT / "tests" / "reciperun.py"
 RECIPES = {
     "flap": ("flap.toml", [], ("loss", "infonce/loss")),
     "flap-recon": ("flap_recon.toml", [], ("loss", "infonce/loss", "mae-recon/loss")),
-    "slap": ("slap.toml", ["trainer.optimizer.type='sgd'", "trainer.optimizer.lr=0.05"], ("loss", "byol/loss")),
+    "slap": ("slap.toml", ["trainer.optimizer.type='sgd'", "trainer.optimizer.lr=0.05", "trainer.optimizer.weight_decay=0.01"], ("loss", "byol/loss")),
 }
 
 

@@ -343,6 +343,12 @@ def test_a_mistyped_command_or_option_is_named(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["validate", "train", "ablate"])
+def test_a_missing_recipe_is_the_only_missing_argument_named(command, capsys):
+    assert main([command]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("error: the following arguments are required: recipe")
+
+
 def test_tables_for_a_pipe_are_aligned_text_with_the_last_column_unpadded(capsys):
     assert main(["components", "audio_projector", "toy-linear"]) == 0
     lines = capsys.readouterr().out.splitlines()

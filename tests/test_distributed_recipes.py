@@ -125,5 +125,5 @@ def test_torchrun_two_ranks_match_one_process_for_the_byol_recipe_with_batchnorm
     (docs/performance.md). The synchronised layers' gradients equal one process's to 1e-15 in
     float64 (test_distributed.py). SGD, because Adam turns rounding noise on gradients that are
     zero in exact arithmetic (biases before a BatchNorm) into whole learning-rate steps."""
-    sgd = ["trainer.optimizer.type='sgd'", "trainer.optimizer.lr=0.05"]
+    sgd = ["trainer.optimizer.type='sgd'", "trainer.optimizer.lr=0.05", "trainer.optimizer.weight_decay=0.01"]
     _check_equivalent(tmp_path, "slap.toml", sgd, ("loss", "byol/loss", "byol/audio_to_text"), tolerance=1e-2)

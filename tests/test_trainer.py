@@ -372,8 +372,11 @@ def test_resume_refuses_a_different_batch_size(tmp_path, toy_trainer):
     toy_trainer(tmp_path / "run", steps=2, checkpoint_every=1).fit()
     with pytest.raises(TrainingError, match="batch_size"):
         toy_trainer(tmp_path / "run", steps=4, batch_size=4, resume="latest").fit()
-    with pytest.raises(TrainingError, match="not a complete checkpoint"):
+    with pytest.raises(TrainingError, match=r"\[run\]\.resume = '.*nope': no such folder"):
         toy_trainer(tmp_path / "run", steps=4, resume=str(tmp_path / "nope")).fit()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingError, match=r"not a complete checkpoint folder \(no COMPLETE marker\)"):
+        toy_trainer(tmp_path / "run", steps=4, resume=str(tmp_path / "empty")).fit()
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path, toy_trainer):

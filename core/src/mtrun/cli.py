@@ -90,6 +90,7 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides",
         nargs="*",
+        default=[],  # without it, Python 3.11 lists the overrides among the missing arguments
         metavar="KEY=VALUE | ~KEY",
         help="override a key with a TOML value (trainer.optimizer.lr=3e-4), or delete it (~augmenter)",
     )

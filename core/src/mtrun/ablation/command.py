@@ -32,7 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = _EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("recipe", help="the recipe TOML file (its [ablation] table, if any, gives the defaults)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE | ~KEY", help="overrides applied to every run")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE | ~KEY", help="overrides applied to every run")
     parser.add_argument("--profile", metavar="NAME", help="merge the recipe's [profile.NAME] table into every run")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="vary KEY over values; several grids multiply (replaces [ablation.grid])")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVR;OVR", help="a named variant: overrides separated by ';' (NAME= is the recipe as it is)")
