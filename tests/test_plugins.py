@@ -322,8 +322,38 @@ def test_misspelled_hook_fails_at_start_up(site, monkeypatch):
     """
     make_distribution(site, "mtrun-fake-typo", "0.1.0", {"typo": "mtrun_fake_typo"}, {"mtrun_fake_typo": source})
     only(monkeypatch, "typo")
-    with pytest.raises(PluginError, match=r"mtrun_register_component.*misspelled hook"):
+    with pytest.raises(PluginError, match=r"plugin 'typo' \(distribution mtrun-fake-typo 0\.1\.0\) defines mtrun_register_component "
+                       r"marked @mtrun\.hookimpl, which is no mtrun hook: the one hook is mtrun_register_components\(registry\) "
+                       r"\(a misspelling\?\).*MTRUN_DISABLE_PLUGINS=typo"):
         load_plugins()
+
+
+def test_a_hook_without_the_decorator_is_an_error_not_an_empty_plugin():
+    class Unmarked:
+        @staticmethod
+        def mtrun_register_components(registry) -> None:  # no @mtrun.hookimpl: pluggy passes over it
+            registry.add("projector", "good", GoodProjector)
+
+    info = PluginInfo(name="unmarked", distribution="mtrun-unmarked", version="0.1.0")
+    with pytest.raises(PluginError, match=r"plugin 'unmarked' \(distribution mtrun-unmarked 0\.1\.0\) defines "
+                       r"mtrun_register_components without @mtrun\.hookimpl, so it would register nothing"):
+        load_plugins(extra=[(info, Unmarked)], entry_points=False)
+    loaded = load_plugins(extra=[(info, Unmarked)], entry_points=False, strict=False)
+    assert [b.info.name for b in loaded.broken] == ["unmarked"] and not loaded.plugins
+
+
+def test_another_plugin_registering_the_same_class_under_a_taken_name_is_a_clash():
+    def plugin(name):
+        class Plugin:
+            @staticmethod
+            @hookimpl
+            def mtrun_register_components(registry) -> None:
+                registry.add("projector", "good", GoodProjector)
+
+        return PluginInfo(name=name, distribution=f"mtrun-{name}", version="0.1.0"), Plugin
+
+    with pytest.raises(RegistrationError, match=r"projector 'good' is registered twice: by plugin '(first|second)'.*and by plugin '(first|second)'"):
+        load_plugins(extra=[plugin("first"), plugin("second")], entry_points=False)
 
 
 def test_hook_that_raises_is_reported_with_its_plugin():

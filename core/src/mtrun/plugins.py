@@ -167,6 +167,7 @@ def load_plugins(extra: Iterable[tuple[PluginInfo, Any]] = (), *, entry_points: 
         try:
             check_api_version(info, module)
             pm.register(module, name=info.name)
+            _check_marked(pm, info, module)
         except PluginError as error:
             fail(info, error)
             continue
@@ -180,7 +181,13 @@ def load_plugins(extra: Iterable[tuple[PluginInfo, Any]] = (), *, entry_points: 
             break
         except pluggy.PluginValidationError as exc:
             culprit = next((p for p in registered.values() if p.module is exc.plugin), None)
-            error = PluginError(f"{exc} (a misspelled hook? see mtrun.hookspecs)")
+            hooks = sorted(name for name in dir(exc.plugin) if name.startswith("mtrun_") and name != "mtrun_register_components")
+            who = culprit.info.describe() if culprit is not None else repr(exc.plugin)
+            error = PluginError(
+                f"{who} defines {', '.join(hooks) or 'a hook'} marked @mtrun.hookimpl, which is no mtrun hook: the one hook is "
+                "mtrun_register_components(registry) (a misspelling?); fix it, or skip the plugin with "
+                f"MTRUN_DISABLE_PLUGINS={culprit.info.name if culprit is not None else 'NAME'}"
+            )
             if strict or culprit is None:
                 raise error from exc
             pm.unregister(culprit.module)
@@ -210,6 +217,21 @@ def load_plugins(extra: Iterable[tuple[PluginInfo, Any]] = (), *, entry_points: 
             broken.append(BrokenPlugin(info, error))
     registry.current_plugin = PluginInfo(name="<direct>")
     return PluginSet(tuple(registered.values()), registry, tuple(broken))
+
+
+def _check_marked(pm: pluggy.PluginManager, info: PluginInfo, module: Any) -> None:
+    """Refuse a plugin that defines the hook without ``@mtrun.hookimpl``: pluggy would pass
+    over it, and the plugin would register nothing without a word."""
+    if not callable(getattr(module, "mtrun_register_components", None)):
+        return
+    if any(impl.plugin is module for impl in pm.hook.mtrun_register_components.get_hookimpls()):
+        return
+    pm.unregister(module)
+    raise PluginError(
+        f"{info.describe()} defines mtrun_register_components without @mtrun.hookimpl, so it would register "
+        "nothing: mark it with the decorator (docs/writing-a-plugin.md), or skip the plugin with "
+        f"MTRUN_DISABLE_PLUGINS={info.name}"
+    )
 
 
 def check_api_version(info: PluginInfo, module: Any) -> None:

@@ -102,7 +102,9 @@ class Registry:
                     f"{where}: {kind} {name!r} declares {attribute.name} {value!r}; expected {attribute.expected}"
                 )
         existing = self._components.get((kind, name))
-        if existing is not None and existing.cls is not cls:
+        # The same class again from the same plugin is harmless; from another plugin it would
+        # silently take the name over (and `mtrun plugins` would credit the wrong one).
+        if existing is not None and (existing.cls is not cls or existing.plugin.name != self.current_plugin.name):
             raise RegistrationError(
                 f"{kind} {name!r} is registered twice: by {existing.plugin.describe()} "
                 f"({existing.cls.__module__}.{existing.cls.__qualname__}) and by {where} "
