@@ -256,6 +256,37 @@ class ShapeChangingAugmenter:
         return waveforms[:, :10]
 
 
+class NarrowingEncodedAugmenter:
+    """An encoded augmenter that slices the audio tokens' width."""
+
+    Config = _GoodConfigMixin.Config
+    stage: ClassVar[str] = "encoded"
+
+    def __init__(self, config):
+        pass
+
+    def __call__(self, batch, context):
+        a = batch.audio_encoded
+        batch.audio_encoded = EncoderOutput(tokens=a.tokens[..., :3], pooled=a.pooled, mask=a.mask)
+        return batch
+
+
+class WrongStreamsFusion(nn.Module):
+    """A fusion whose text stream comes out at the audio width and pooled at the wrong width."""
+
+    Config = _GoodConfigMixin.Config
+
+    def __init__(self, config, *, audio_features, text_features):
+        super().__init__()
+        self.output_dim, self.audio_width, self.text_width = 8, 8, 12
+        self.audio = nn.Linear(audio_features, 8)
+
+    def forward(self, audio, text):
+        tokens = self.audio(audio.tokens)
+        fused = EncoderOutput(tokens=tokens, pooled=tokens.mean(1), mask=audio.mask)
+        return fused, EncoderOutput(tokens=tokens, pooled=tokens.mean(1)[:, :4], mask=audio.mask)
+
+
 class BrokenPlugin:
     """A plugin object registering the broken components above."""
 
@@ -273,6 +304,8 @@ class BrokenPlugin:
         registry.augmenter("cropper", ShapeChangingAugmenter)
         registry.augmenter("in-place", InPlaceFeatureAugmenter)
         registry.augmenter("unsorted-keep", UnsortedKeepAugmenter)
+        registry.augmenter("narrowing", NarrowingEncodedAugmenter)
+        registry.fusion("wrong-streams", WrongStreamsFusion)
 
 
 @pytest.fixture
@@ -368,6 +401,27 @@ def test_an_objective_returning_one_loss_per_item_fails(broken_registry):
 def test_a_features_augmenter_writing_into_its_input_fails(broken_registry):
     with pytest.raises(ContractError, match="wrote into its input"):
         check_component(broken_registry, "augmenter", "in-place")
+
+
+def test_an_encoded_augmenter_changing_an_encoder_outputs_shape_fails(broken_registry):
+    with pytest.raises(ContractError, match=r"encoded augmenter changed batch\.audio_encoded\.tokens from \(2, 16, 16\) .* to \(2, 16, 3\)"):
+        check_component(broken_registry, "augmenter", "narrowing")
+
+
+def test_a_fusion_is_run_with_default_widths_and_its_streams_checked(broken_registry):
+    with pytest.raises(ContractError) as info:
+        check_component(broken_registry, "fusion", "wrong-streams")  # audio_features/text_features default to 16
+    text = str(info.value)
+    assert "the fused text stream: tokens must be [B=2, N=7, width=12] (got (2, 5, 8))" in text
+    assert "the fused text stream: pooled must be [B=2, output_dim=8] (got (2, 4))" in text
+    assert "the fused audio stream" not in text
+
+
+def test_a_misspelt_kind_or_name_gets_a_did_you_mean(kit_registry):
+    with pytest.raises(ContractError, match=r"'projectr' is no component kind \(did you mean 'projector'\?\)"):
+        check_component(kit_registry, "projectr", "toy-linear")
+    with pytest.raises(ContractError, match=r"not registered \(did you mean 'toy-linear'\?\)"):
+        check_component(kit_registry, "projector", "toy-linaer")
 
 
 def test_an_audio_tokens_augmenter_with_unsorted_keep_index_fails(broken_registry):

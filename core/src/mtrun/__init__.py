@@ -16,7 +16,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 """The version of the public API below; its major number changes when a change breaks plugins."""
 
 _PUBLIC: dict[str, str] = {
@@ -35,6 +35,8 @@ _PUBLIC: dict[str, str] = {
     "AudioEncoder": "mtrun.interfaces",
     "TextEncoder": "mtrun.interfaces",
     "Projector": "mtrun.interfaces",
+    "Fusion": "mtrun.interfaces",
+    "FrameFeatures": "mtrun.interfaces",
     "Objective": "mtrun.interfaces",
     "Augmenter": "mtrun.interfaces",
     "Trainer": "mtrun.interfaces",

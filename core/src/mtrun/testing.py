@@ -153,8 +153,18 @@ def check_component(
     try:
         component = registry.get(kind, name)
     except KeyError:
+        from mtrun.registry import suggest
+        from mtrun.schema import KINDS
+
+        kinds = [k.name for k in KINDS]
+        if kind not in kinds:
+            hint = suggest(kind, kinds)
+            raise ContractError(f"{kind} {name!r}", [f"{kind!r} is no component kind" + (f" (did you mean {hint!r}?)" if hint else "")
+                                                     + f"; kinds: {', '.join(kinds)}"]) from None
         known = ", ".join(registry.names(kind)) or "none"
-        raise ContractError(f"{kind} {name!r}", [f"not registered (registered {kind}s: {known})"]) from None
+        hint = suggest(name, registry.names(kind))
+        raise ContractError(f"{kind} {name!r}", ["not registered" + (f" (did you mean {hint!r}?)" if hint else "")
+                                                 + f"; registered {kind}s: {known}"]) from None
     cls = component.cls
     subject = f"{kind} {name!r} ({cls.__module__}.{cls.__qualname__}, {component.plugin.describe()})"
     problems: list[str] = []
@@ -162,6 +172,9 @@ def check_component(
     config = _check_config(cls, config, problems, registry)
     if kind == "projector":
         deps.setdefault("in_features", 16)
+    if kind == "fusion":
+        deps.setdefault("audio_features", 16)
+        deps.setdefault("text_features", 16)
     instance = _construct(cls, config, deps, problems) if config is not None else None
     if instance is None:
         raise ContractError(subject, problems)
@@ -291,7 +304,7 @@ def _check_encoder_output(out: Any, batch: int, width: int, what: str, problems:
     from mtrun.interfaces import EncoderOutput
 
     if not isinstance(out, EncoderOutput):
-        problems.append(f"{what} returned {type(out).__name__}, expected mtrun.interfaces.EncoderOutput")
+        problems.append(f"{what} returned {type(out).__name__}, expected mtrun.EncoderOutput")
         return
     if not (torch.is_tensor(out.tokens) and out.tokens.ndim == 3 and out.tokens.shape[0] == batch and out.tokens.shape[2] == width):
         problems.append(f"{what}: tokens must be [B={batch}, N, D={width}] (got {_shape(out.tokens)})")
@@ -377,6 +390,39 @@ def _check_projector(proj: Any, problems: list[str], batch: int, seconds: float,
         problems.append(f"forward(EncoderOutput with width {width}) must return [B={batch}, output_dim={proj.output_dim}] (got {_shape(out)})")
     elif not torch.isfinite(out).all():
         problems.append("forward returned NaN or inf")
+
+
+def _check_fusion(fusion: Any, problems: list[str], batch: int, seconds: float, deps: dict[str, Any]) -> None:
+    """Both encoders' outputs in (widths ``audio_features``, ``text_features``), two fused
+    streams out: tokens of ``audio_width``/``text_width``, pooled ``[B, output_dim]``."""
+    import torch
+
+    from mtrun.interfaces import EncoderOutput
+
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch, 7, dtype=torch.bool)
+    mask[0, 5:] = False
+
+    def encoded(width: int, n: int) -> EncoderOutput:
+        tokens = torch.randn(batch, n, width, generator=gen)
+        return EncoderOutput(tokens=tokens, pooled=tokens.mean(1), mask=mask[:, :n])
+
+    if hasattr(fusion, "eval"):
+        fusion.eval()
+    out = fusion(encoded(deps["audio_features"], 5), encoded(deps["text_features"], 7))
+    if not (isinstance(out, tuple) and len(out) == 2):
+        problems.append(f"forward(audio, text) must return the fused (audio, text) streams as a tuple of two mtrun.EncoderOutput (got {type(out).__name__})")
+        return
+    for stream, width, n, label in ((out[0], fusion.audio_width, 5, "the fused audio stream"), (out[1], fusion.text_width, 7, "the fused text stream")):
+        if not isinstance(stream, EncoderOutput):
+            problems.append(f"{label} must be an mtrun.EncoderOutput (got {type(stream).__name__})")
+            continue
+        if not (torch.is_tensor(stream.tokens) and tuple(stream.tokens.shape) == (batch, n, width)):
+            problems.append(f"{label}: tokens must be [B={batch}, N={n}, width={width}] (got {_shape(stream.tokens)})")
+        if not (torch.is_tensor(stream.pooled) and tuple(stream.pooled.shape) == (batch, fusion.output_dim)):
+            problems.append(f"{label}: pooled must be [B={batch}, output_dim={fusion.output_dim}] (got {_shape(stream.pooled)})")
+        elif not torch.isfinite(stream.pooled).all():
+            problems.append(f"{label}: pooled contains NaN or inf")
 
 
 def synthetic_batch(batch_size: int = 2, *, seconds: float = 1.0, sample_rate: int = 16_000, seed: int = 0) -> Any:
@@ -479,7 +525,7 @@ def _check_objective(obj: Any, problems: list[str], batch: int, inputs: Any, dep
 def _check_augmenter(aug: Any, problems: list[str], batch: int, inputs: Any, deps: dict[str, Any]) -> None:
     import torch
 
-    from mtrun.interfaces import AugmentContext, Batch, Sample
+    from mtrun.interfaces import AugmentContext, Batch, EncoderOutput, Sample
 
     context = AugmentContext(step=0, epoch=0, steps_per_epoch=10, total_steps=100, training=True, generator=torch.Generator().manual_seed(0))
     stage = aug.stage
@@ -496,6 +542,9 @@ def _check_augmenter(aug: Any, problems: list[str], batch: int, inputs: Any, dep
         value = full
     before = value.clone() if torch.is_tensor(value) else None
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in (value.items() if isinstance(value, Batch) else ()) if torch.is_tensor(v)}
+    # The encoders' outputs an `encoded` augmenter may replace: replaced, they keep their shapes.
+    shapes.update({f"{k}.{field}": (tuple(t.shape), t.dtype) for k, v in (value.items() if isinstance(value, Batch) else ())
+                   if isinstance(v, EncoderOutput) for field in ("tokens", "pooled", "mask") if torch.is_tensor(t := getattr(v, field))})
     try:
         out = aug(value, context)
     except Exception as exc:  # noqa: BLE001
@@ -515,7 +564,8 @@ def _check_augmenter(aug: Any, problems: list[str], batch: int, inputs: Any, dep
         problems.append(f"{stage} augmenter must return the mtrun.Batch (got {type(out).__name__})")
         return
     for key, (shape, dtype) in shapes.items():
-        now = out.get(key)
+        name, _, field = key.partition(".")
+        now = getattr(out.get(name), field, None) if field else out.get(name)
         if torch.is_tensor(now) and (tuple(now.shape), now.dtype) != (shape, dtype):
             problems.append(f"{stage} augmenter changed batch.{key} from {shape} {dtype} to {tuple(now.shape)} {now.dtype}")
     keep = out.get("audio_keep_index")
@@ -542,13 +592,14 @@ def _check_data(source: Any, problems: list[str], batch: int, seconds: float, de
         first = samples[0]
         for attr in ("id", "audio", "captions", "tags"):
             if not hasattr(first, attr):
-                problems.append(f"load({splits[0]!r})[0] lacks {attr!r}; yield mtrun.interfaces.Sample")
+                problems.append(f"load({splits[0]!r})[0] lacks {attr!r}; yield mtrun.Sample")
 
 
 _FORWARD_CHECKS = {
     "audio_encoder": _check_audio_encoder,
     "text_encoder": _check_text_encoder,
     "projector": _check_projector,
+    "fusion": _check_fusion,
     "augmenter": _check_augmenter,
     "objective": _check_objective,
     "data": _check_data,

@@ -110,7 +110,7 @@ def _refuse_installed_names(names: dict[str, str], kind: str) -> None:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Write a new plugin distribution: pyproject (entry point), package, README and tests "
-        "that pass as generated. Then: cd mtrun-NAME && pip install -e . && pytest"
+        "that pass as generated. Then: cd mtrun-NAME && pip install -e '.[test]' && pytest"
     )
     parser.add_argument("name", help="the component's name in recipes, e.g. my-loss (distribution mtrun-my-loss)")
     parser.add_argument("--kind", required=True, choices=KINDS, metavar="KIND", help=f"what the plugin provides: {', '.join(KINDS)}")
@@ -120,5 +120,5 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     target = write_plugin(args.name, args.kind, args.dir)
     print(f"wrote {target}")
-    print(f"next: cd {target} && pip install -e . && python -m pytest")
+    print(f"next: cd {target} && pip install -e '.[test]' && python -m pytest")
     return 0
