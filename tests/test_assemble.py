@@ -78,5 +78,5 @@ def test_unknown_dependency_names_slot_and_injectables():
 
 def test_constructor_failure_is_reported_with_slot_and_cause():
     spec = ComponentSpec(slot="objective[1]", kind="objective", name="boom", cls=Explodes, config=Explodes.Config())
-    with pytest.raises(BuildError, match=r"\[objective\[1\]\] \(type 'boom'\) failed to build: RuntimeError: weights file not found"):
+    with pytest.raises(BuildError, match=r"\[\[objective\]\]\[1\] \(type 'boom'\) failed to build: RuntimeError: weights file not found"):
         construct(spec, {}, "r.toml")

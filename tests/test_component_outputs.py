@@ -37,7 +37,7 @@ class VectorLoss(tk.ToyContrastive):
         return result
 
 
-def system(audio=tk.ToyAudio, projector=tk.ToyLinear, objective=tk.ToyContrastive) -> System:
+def system(audio=tk.ToyAudio, projector=tk.ToyLinear, objective=tk.ToyContrastive, augmenters=()) -> System:
     audio_encoder = construct(ComponentSpec.of("audio_encoder", "toy-audio", audio, tk.ToyAudio.Config()), {})
     text_encoder = tk.ToyText(tk.ToyText.Config())
     spec = ComponentSpec.of("projector", "narrow" if projector is Narrow else "toy-linear", projector, tk.ToyLinear.Config(), slot="audio_projector")
@@ -49,6 +49,7 @@ def system(audio=tk.ToyAudio, projector=tk.ToyLinear, objective=tk.ToyContrastiv
         audio_projector=audio_projector,
         text_projector=tk.ToyLinear(tk.ToyLinear.Config(), in_features=text_encoder.output_dim),
         objectives=[WeightedObjective("contrastive", 1.0, obj)],
+        augmenters=augmenters,
     )
 
 
@@ -62,7 +63,7 @@ def batch(model: System) -> Batch:
     [
         ({"projector": Narrow}, r"\[audio_projector\] type 'narrow' returned \[3, 3\]; expected \[B, output_dim\] = \[3, 16\]"),
         ({"audio": PooledTwice}, r"\[audio_encoder\] type 'toy-audio' returned pooled of shape \[3, 64\]; expected \[B, output_dim\] = \[3, 32\]"),
-        ({"objective": VectorLoss}, r"\[objective\[0\]\] type 'vector-loss' returned loss of shape \[3\]; an objective returns"),
+        ({"objective": VectorLoss}, r"\[\[objective\]\]\[0\] type 'vector-loss' returned loss of shape \[3\]; an objective returns"),
     ],
     ids=["projector-width", "encoder-pooled", "objective-loss"],
 )
@@ -76,3 +77,33 @@ def test_correct_outputs_pass():
     model = system()
     loss, _ = model(batch(model))
     assert loss.ndim == 0
+
+
+class Cropper:
+    """A waveform augmenter that crops (a new length would reach the encoder unnoticed)."""
+
+    stage = "waveform"
+
+    def __call__(self, waveforms, context):
+        return waveforms[:, :-100]
+
+
+def test_an_augmenter_that_changes_its_input_shape_is_named():
+    from mtrun.interfaces import AugmentContext
+
+    aug = Cropper()
+    aug.mtrun_label = "[[augmenter]][0] type 'cropper'"  # what construct() sets
+    model = system(augmenters=[aug])
+    context = AugmentContext(step=0, epoch=0, steps_per_epoch=1, total_steps=1, training=True, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ComponentOutputError, match=r"\[\[augmenter\]\]\[0\] type 'cropper' \(waveform stage\) returned \[3, 1500\]; "
+                       r"it must keep the shape of what it received, \[3, 1600\]"):
+        model(batch(model), context)
+
+
+def test_table_names_are_spelled_as_recipes_write_them():
+    from mtrun.spec import table_name
+
+    assert table_name("objective[1]") == "[[objective]][1]"
+    assert table_name("objective[0].inner") == "[[objective]][0].inner"
+    assert table_name("trainer.optimizer") == "[trainer.optimizer]"
+    assert table_name("audio_encoder") == "[audio_encoder]"

@@ -19,6 +19,7 @@ what only it knows::
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 import attrs
@@ -114,7 +115,7 @@ def construct(spec: ComponentSpec, available: dict[str, Any], source: str = "<re
         BuildError: The constructor asks for something not in ``available``, or raised; the
             message names the recipe file and table.
     """
-    where = f"{source}: [{spec.slot}] (type {spec.name!r})"
+    where = f"{source}: {table_name(spec.slot)} (type {spec.name!r})"
     try:
         params = inspect.signature(spec.cls.__init__).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature take the config alone
@@ -126,9 +127,13 @@ def construct(spec: ComponentSpec, available: dict[str, Any], source: str = "<re
         if p.name in available:
             kwargs[p.name] = available[p.name]
         elif p.default is inspect.Parameter.empty:
+            from mtrun.schema import slot as slot_named
+
+            missing_slot = slot_named(p.name)
             raise BuildError(
-                f"{where}: its constructor asks for {p.name!r}, which mtrun cannot inject here; "
-                f"injectable dependencies are: {', '.join(sorted(available)) or 'none'}"
+                f"{where}: its constructor asks for {p.name!r}, which mtrun cannot inject here"
+                + (f" (the recipe has no {missing_slot.table()} table: add one)" if missing_slot is not None else "")
+                + f"; injectable dependencies are: {', '.join(sorted(available)) or 'none'}"
             )
     try:
         built = spec.cls(spec.config, **kwargs)
@@ -137,10 +142,17 @@ def construct(spec: ComponentSpec, available: dict[str, Any], source: str = "<re
     except Exception as exc:  # noqa: BLE001 - reported with the recipe slot; MTRUN_DEBUG shows the trace
         raise BuildError(f"{where} failed to build: {type(exc).__name__}: {exc}") from exc
     try:  # so that a wrong output met later names the recipe table it came from
-        built.mtrun_label = f"[{spec.slot}] type {spec.name!r}"
+        built.mtrun_label = f"{table_name(spec.slot)} type {spec.name!r}"
     except (AttributeError, TypeError):  # a class with __slots__ or a read-only attribute
         pass
     return built
+
+
+def table_name(slot: str) -> str:
+    """A spec's slot as recipes write its table: ``objective[1].inner`` -> ``[[objective]][1].inner``,
+    ``trainer.optimizer`` -> ``[trainer.optimizer]`` (as ``mtrun validate`` names them)."""
+    match = re.match(r"^(\w+)\[(\d+)\](.*)$", slot)
+    return f"[[{match[1]}]][{match[2]}]{match[3]}" if match else f"[{slot}]"
 
 
 def label(component: Any, fallback: str) -> str:

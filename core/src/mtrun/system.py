@@ -121,7 +121,15 @@ class System(nn.Module):
             return value
         for aug in self._active(context):
             if aug.stage == stage:
+                before = value
                 value = aug(value, context)
+                if torch.is_tensor(before) and not (torch.is_tensor(value) and value.shape == before.shape):
+                    # waveform and features stages: a new shape would fail later, in the encoder,
+                    # naming the encoder (or, for a waveform crop, not fail at all)
+                    raise ComponentOutputError(
+                        f"{label(aug, 'augmenter')} ({stage} stage) returned {_shape(value)}; it must keep the "
+                        f"shape of what it received, {_shape(before)}"
+                    )
         return value
 
     @property
