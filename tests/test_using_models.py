@@ -251,7 +251,7 @@ def test_export_then_load_in_a_fresh_process_gives_the_in_training_models_embedd
 def test_an_export_is_self_contained_and_refuses_damage(trained, tmp_path, isolated):
     from mtrun.inference.model import ModelLoadError
 
-    export = tmp_path / "model"
+    export = tmp_path / "models" / "flap-tiny"  # models/ is made, as mkdir -p would
     assert main(["export", str(trained.run_dir), "-o", str(export)]) == 0
     names = {p.name for p in export.iterdir()}
     assert {"model.safetensors", "recipe.toml", "preprocessing.json", "export.json", "README.md", "checksums.json"} <= names
@@ -477,7 +477,7 @@ def test_search_with_each_caption_as_query_reproduces_eval_r_at_10(trained, plug
     samples = _test_samples(trained, plugin_set)
     result = evaluate_target(trained.run_dir, registry=plugin_set.registry, tasks=["retrieval"],
                              overrides=["eval.0.bootstrap=0", "eval.0.subset_size=0"], out=tmp_path / "eval")
-    index = tmp_path / "test.parquet"
+    index = tmp_path / "indexes" / "test.parquet"  # indexes/ is made, as mkdir -p would
     assert main(["embed", str(trained.run_dir), str(_manifest(samples, tmp_path / "test.jsonl")), "-o", str(index), "--workers", "0"]) == 0
     queries = [(s.id, c) for s in samples for c in s.captions]
     (tmp_path / "queries.txt").write_text("".join(c + "\n" for _, c in queries))

@@ -283,8 +283,10 @@ def export_model(
         raise ExportError(f"mtrun export: {source} is already an exported model; copy the folder instead")
     if out.exists() and not force:
         raise ExportError(f"mtrun export: {out} exists; choose another folder or pass --force to replace it")
-    if not out.parent.is_dir():
-        raise ExportError(f"mtrun export: the folder of {out} does not exist")
+    try:  # models/flap-tiny: make models/, as mkdir -p would
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"mtrun export: cannot make the folder of {out} ({exc.strerror or exc})") from None
     model = load(located.path, device="cpu", registry=registry)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -318,9 +318,11 @@ def embed_library(
 
     out = Path(out).expanduser()
     store.layout(out)  # a wrong extension fails before any work
-    if not out.parent.is_dir():
-        raise EmbedError(f"mtrun embed: the folder of {out} does not exist")
     entries = collect_inputs(inputs, split=split, audio_root=audio_root)
+    try:  # indexes/library.parquet: make indexes/, as mkdir -p would
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EmbedError(f"mtrun embed: cannot make the folder of {out} ({exc.strerror or exc})") from None
     if not hasattr(model, "embed_audio"):
         model = load(
             model, device=device, batch_size=batch_size or DEFAULT_BATCH_SIZE, clip_seconds=clip_seconds,
