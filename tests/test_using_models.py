@@ -498,7 +498,7 @@ def test_search_with_each_caption_as_query_reproduces_eval_r_at_10(trained, plug
     assert main(["search", str(index), "--queries-file", str(tmp_path / "queries.txt"), "--json", "-k", "10", "--approximate"]) == 0
     approximate = json.loads(capsys.readouterr().out)
     assert [[h["id"] for h in a["results"]] for a in approximate] == [[h["id"] for h in a["results"]] for a in answers]
-    assert (tmp_path / "test.parquet.hnsw.faiss").is_file()
+    assert (tmp_path / "indexes" / "test.parquet.hnsw.faiss").is_file()
 
 
 def test_approximate_search_without_faiss_says_how_to_install_it(trained, tmp_path, isolated, monkeypatch, capsys):
