@@ -152,6 +152,8 @@ def test_training_ends_with_headline_metrics_with_intervals_and_where_the_report
     assert Path(paths["report"]) == next(trained.run_dir.glob("eval-test-*")) / "report.md"
     assert Path(paths["run report"]) == trained.run_dir / "report.md"
     assert Path(paths["checkpoint"]).parent == trained.run_dir / "checkpoints"
+    saved = json.loads((Path(paths["report"]).parent / "eval.json").read_text())
+    assert saved["checkpoint"] == paths["checkpoint"]  # which weights the evaluation after training used
 
 
 def _png_series(path: Path) -> dict:

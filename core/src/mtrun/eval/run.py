@@ -280,7 +280,10 @@ def evaluate_trained(assembly: Any, run: Any, *, split: str = "test", step: int 
             return None
     # With sets and no task on the training source, evaluate_run leaves its split alone.
     bound = getattr(assembly, "eval_sets", None)
-    info: dict[str, Any] = {"step": step, "source": run.recipe_path}
+    from mtrun.train.checkpoint import step_dir_name
+
+    checkpoint = run.dir / "checkpoints" / step_dir_name(step)  # written before this evaluation
+    info: dict[str, Any] = {"step": step, "source": run.recipe_path, "checkpoint": str(checkpoint) if checkpoint.is_dir() else None}
     leakage = bound.leakage() if bound is not None else None
     if leakage is not None:
         info["leakage"] = leakage
