@@ -140,14 +140,17 @@ def headline_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         for _, key, label, words in sorted(found, key=lambda f: f[0]):
             unit = " (%)" if re.search(r"R@\d+$|accuracy$|roc_auc$|pr_auc$|mAR$", key) and "modality-gap/" not in key else ""
             low, high, std = metrics.get(f"{key}:ci_low"), metrics.get(f"{key}:ci_high"), metrics.get(f"{key}:std")
+            value = metrics[key]
             if low is not None and high is not None:
-                interval = f"[{_fmt(low)}, {_fmt(high)}]"
+                value_text, low_text, high_text = _fmt_together(value, low, high)
+                interval = f"[{low_text}, {high_text}]"
             elif std is not None:
-                interval = f"± {_fmt(std)} (sd over seeds)"
+                value_text, std_text = _fmt_together(value, std)
+                interval = f"sd {std_text} over seeds (not a CI)"
             else:
-                interval = ""
+                value_text, interval = _fmt(value), ""
             text = label.format(*words) + unit
-            rows.append((f"{prefix}: {text}" if prefix else text, _fmt(metrics[key]), interval))
+            rows.append((f"{prefix}: {text}" if prefix else text, value_text, interval))
     return rows
 
 
@@ -169,10 +172,20 @@ def leakage_line(result: Mapping[str, Any]) -> str | None:
 
 
 def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    value = float(value)
-    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return _fmt_together(value)[0]
+
+
+def _fmt_together(*values: Any) -> tuple[str, ...]:
+    """A value and its interval bounds (or spread) with one number of decimals, set by the
+    first: whole numbers stay whole (a median rank ``9 [8, 10]``), from 10 up one decimal
+    (``55.7 [51.4, 59.9]``), below it three significant digits (``7.14 [4.14, 10.20]``)."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if finite and all(v.is_integer() for v in finite):
+        decimals = 0
+    else:
+        lead = abs(float(values[0])) if finite and values[0] is not None and math.isfinite(float(values[0])) else 0.0
+        decimals = 1 if lead >= 10 else (3 if lead == 0 else max(0, 2 - math.floor(math.log10(lead))))
+    return tuple("–" if v is None or not math.isfinite(float(v)) else f"{float(v):.{decimals}f}" for v in values)
 
 
 # ------------------------------------------------------------------------------ figures
