@@ -425,14 +425,22 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_elsewhere():
     from mtrun.train.progress import Progress
 
     plain = io.StringIO()
-    progress = Progress(4, log_every=2, stream=plain)
+    now = [100.0]
+    progress = Progress(4, log_every=2, stream=plain, clock=lambda: now[0])
     for step in range(1, 5):
+        now[0] += 30.0  # 30 s a step
         progress.update(step, 0, {"loss": 1.0 / step, "lr": 1e-3, "samples_per_s": 10.0})
     progress.close()
     assert plain.getvalue().splitlines() == [
-        "step 2/4  epoch 0  loss 0.5  lr 1.00e-03  samples_per_s 10.0",
-        "step 4/4  epoch 0  loss 0.25  lr 1.00e-03  samples_per_s 10.0",
+        "step 2/4  epoch 0  loss 0.5  lr 1.00e-03  samples_per_s 10.0  elapsed 1:00  left 1:00",
+        "step 4/4  epoch 0  loss 0.25  lr 1.00e-03  samples_per_s 10.0  elapsed 2:00",
     ]
+    resumed = io.StringIO()
+    now = [0.0]
+    progress = Progress(4000, start_step=1000, log_every=1000, stream=resumed, clock=lambda: now[0])
+    now[0] = 3600.0  # 1000 steps an hour since the resume: 2000 left
+    progress.update(2000, 3, {"loss": 1.0})
+    assert resumed.getvalue() == "step 2000/4000  epoch 3  loss 1  elapsed 1:00:00  left 2:00:00\n"
     terminal = _Terminal()
     progress = Progress(4, stream=terminal)
     progress.update(3, 0, {"loss": 0.5, "lr": 1e-3, "samples_per_s": 10.0})

@@ -7,7 +7,8 @@ Batch jobs and CI capture stdout to files, where a redrawn bar becomes noise; th
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+import time
+from typing import Any, Callable, TextIO
 
 __all__ = ["Progress"]
 
@@ -21,6 +22,13 @@ def _format(values: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _clock(seconds: float) -> str:
+    """``m:ss`` or ``h:mm:ss``, as the terminal bar shows time."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
 class Progress:
     """Shows training progress.
 
@@ -30,11 +38,15 @@ class Progress:
         enabled: False on ranks other than 0.
         log_every: Plain-line interval when the stream is not a terminal.
         stream: Where to write (stdout by default).
+        clock: Seconds now (``time.monotonic``); plain lines show the time elapsed and an
+            estimate of the time left, from the steps done since start.
     """
 
-    def __init__(self, total_steps: int, *, start_step: int = 0, enabled: bool = True, log_every: int = 10, stream: TextIO | None = None):
+    def __init__(self, total_steps: int, *, start_step: int = 0, enabled: bool = True, log_every: int = 10,
+                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
         self.total = total_steps
         self.enabled = enabled
+        self._clock, self._started, self._start_step = clock, clock(), start_step
         self.log_every = max(1, log_every)
         self.stream = stream or sys.stdout
         self._bar = None
@@ -64,7 +76,11 @@ class Progress:
             kwargs = {"info": _format(values)} if values else {}
             self._bar.update(self._task, completed=step, **kwargs)
         elif values is not None and (step % self.log_every == 0 or step == self.total):
-            print(f"step {step}/{self.total}  epoch {epoch}  {_format(values)}", file=self.stream, flush=True)
+            elapsed = self._clock() - self._started
+            done = step - self._start_step
+            left = f"  left {_clock(elapsed / done * (self.total - step))}" if done > 0 and step < self.total else ""
+            print(f"step {step}/{self.total}  epoch {epoch}  {_format(values)}  elapsed {_clock(elapsed)}{left}",
+                  file=self.stream, flush=True)
 
     def message(self, text: str) -> None:
         """A line that does not disturb the bar (evaluation results, checkpoint paths)."""
