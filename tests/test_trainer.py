@@ -494,7 +494,13 @@ def test_console_lines_leave_bounds_and_subset_repeats_to_the_log_files():
         "val/retrieval/t2a/R@10:ci_high": 50.0,
         "val/retrieval/t2a/subset/R@10": 46.0,
     }
+    metrics["val/retrieval/n_items"] = 266
     assert console_view(metrics) == {"val/loss": 2.1, "val/retrieval/t2a/R@10": 45.0}
+    from mtrun.train.metrics import console_lines
+
+    metrics["val/zero-shot/genre/accuracy"] = 61.25
+    assert console_lines(1200, metrics) == ["step 1200:  val/loss 2.1", "  val/retrieval: t2a/R@10 45",
+                                            "  val/zero-shot: genre/accuracy 61.25"]
 
 
 def test_auto_precision_is_bf16_only_where_bf16_is_fast(monkeypatch):

@@ -15,19 +15,32 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["MetricsLogger", "console_view"]
+__all__ = ["MetricsLogger", "console_lines", "console_view"]
 
 
 def console_view(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The metrics worth a console line: without bootstrap bounds (``…:ci_low``/``…:ci_high``)
-    and random-subset repeats (``…/subset/…``), which stay in ``metrics.jsonl``, TensorBoard and
-    the evaluation report."""
-    return {k: v for k, v in metrics.items() if ":ci_" not in k and "/subset/" not in k}
+    """The metrics worth a console line: without bootstrap bounds (``…:ci_low``/``…:ci_high``),
+    random-subset repeats (``…/subset/…``) and the counts of what was evaluated (``…/n_items``),
+    which stay in ``metrics.jsonl``, TensorBoard and the evaluation report."""
+    return {k: v for k, v in metrics.items() if ":ci_" not in k and "/subset/" not in k and not re.search(r"/n_\w+$", k)}
+
+
+def console_lines(step: int, metrics: dict[str, Any]) -> list[str]:
+    """An evaluation's :func:`console_view` as a few short lines, one per task: ``step 1200:
+    val/loss 1.78`` then ``  val/retrieval: t2a/R@1 22.9  t2a/R@10 55.7 ...``."""
+    groups: dict[str, list[str]] = {}
+    for key, value in console_view(metrics).items():
+        parts = key.split("/")
+        group, name = ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 2 else ("", key)
+        groups.setdefault(group, []).append(f"{name} {value:.4g}")
+    head = f"step {step}:" + "".join(f"  {item}" for item in groups.pop("", []))
+    return [head] + [f"  {group}: " + "  ".join(items) for group, items in groups.items()]
 
 
 def _number(value: Any) -> float | int | None:

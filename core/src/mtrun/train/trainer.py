@@ -71,7 +71,7 @@ from mtrun.train.gradient_cache import (
     gradient_cache_step,
 )
 from mtrun.train.interrupts import StopRequests
-from mtrun.train.metrics import MetricsLogger, console_view
+from mtrun.train.metrics import MetricsLogger, console_lines
 from mtrun.train.optim import AdamW
 from mtrun.train.progress import Progress
 from mtrun.train.rng import capture_rng, derive_seed, restore_rng, seed_everything
@@ -812,7 +812,7 @@ class DefaultTrainer:
         if not fit.last_val:
             return False
         fit.logger.log(state.step, {"epoch": epoch, **fit.last_val})
-        fit.progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in console_view(fit.last_val).items()))
+        fit.progress.message("\n".join(console_lines(state.step, fit.last_val)))
         improved = self._update_best(fit.last_val)
         if cfg.best_metric in fit.last_val:
             state.evals_since_best = 0 if improved else state.evals_since_best + 1
