@@ -177,11 +177,12 @@ def test_report_pngs_plot_the_numbers_in_metrics_jsonl(trained, isolated):
     assert loss["lines"]["validation loss"]["value"] == [r["val/loss"] for r in val]
     lr = _png_series(trained.run_dir / "curves" / "learning_rate.png")
     assert lr["lines"]["learning rate"]["value"] == [r["lr"] for r in train]
-    validation = _png_series(trained.run_dir / "curves" / "validation.png")
-    assert validation["lines"]["retrieval/t2a/R@10"]["value"] == [r["val/retrieval/t2a/R@10"] for r in val]
+    # One validation round (at the end): no figure of single dots; its numbers are in the evaluation.
+    assert len(val) == 1 and not (trained.run_dir / "curves" / "validation.png").exists()
     report = (trained.run_dir / "report.md").read_text()
-    for name in ("loss", "learning_rate", "validation"):
+    for name in ("loss", "learning_rate"):
         assert f"(curves/{name}.png)" in report
+    assert "(curves/validation.png)" not in report
     assert "text→music R@10 (%)" in report and "retrieval_curves.png" in report
 
     (trained.run_dir / "report.md").unlink()
@@ -199,7 +200,10 @@ def test_curves_include_every_logged_temperature_and_skip_what_was_not_logged():
     ]
     series = curve_series(records)
     assert series["temperature"]["lines"]["infonce/temperature"] == {"step": [10, 20], "value": [0.07, 0.065]}
-    assert list(series["validation"]["lines"]) == ["retrieval/t2a/R@10"]  # no interval bounds
+    assert "validation" not in series  # validation logged at one step only: single dots, no figure
+    records.append({"step": 30, "val/loss": 2.5, "val/retrieval/t2a/R@10": 14.0})
+    series = curve_series(records)
+    assert series["validation"]["lines"] == {"retrieval/t2a/R@10": {"step": [20, 30], "value": [12.5, 14.0]}}  # no interval bounds
     assert set(curve_series([{"step": 1, "loss": 1.0}])) == {"loss"}
 
 

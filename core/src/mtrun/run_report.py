@@ -94,7 +94,8 @@ def _points(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 def curve_series(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The series each figure plots: ``{figure: {"title", "ylabel", "lines": {label: {"step": [...],
-    "value": [...]}}}}``; figures with nothing logged are left out."""
+    "value": [...]}}}}``; figures with nothing logged, and validation metrics logged at one step
+    only, are left out."""
     keys = {k for r in records for k in r}
     figures: dict[str, dict[str, Any]] = {
         "loss": {"title": "Loss", "ylabel": "loss", "lines": {}},
@@ -109,6 +110,10 @@ def curve_series(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         xs, ys = _points(records, key)
         if xs:
             figures[figure]["lines"][label] = {"step": xs, "value": ys}
+    # One validation round (eval_every = 0: only the final one) makes a figure of single dots:
+    # its numbers are in the evaluation's section instead.
+    if all(len(line["step"]) < 2 for line in figures["validation"]["lines"].values()):
+        figures["validation"]["lines"] = {}
     return {name: fig for name, fig in figures.items() if fig["lines"]}
 
 
