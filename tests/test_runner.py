@@ -116,5 +116,7 @@ def test_an_evaluation_setting_the_data_cannot_serve_fails_before_training(tmp_p
         train(path, overrides=[f'run.output_dir="{out}"'], registry=registry)
     message = str(info.value)
     assert message.startswith(f"{path}: [eval] ") and "category = 'mood' labels none of the" in message
+    assert info.value.exit_code == 2  # the recipe's problem, as a recipe error is
+    assert not (out / "toy").exists()  # the folder this call made held only the recipe: removed
     assert message.endswith("(evaluating split 'test' of the data source ([data]))")  # the runner checks the test split first
     assert not (out / "toy" / "checkpoints").exists() or not any((out / "toy" / "checkpoints").iterdir())

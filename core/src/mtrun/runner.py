@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -88,8 +89,9 @@ def train(
     from mtrun.recipe import dump_recipe
 
     resolved, run = prepare(recipe_path, overrides, profile, resume, registry)
-    recipe_file, had_recipe, kept = run.dir / RECIPE_FILE, False, None
+    recipe_file, had_recipe, kept, made_dir = run.dir / RECIPE_FILE, False, None, False
     if int(os.environ.get("RANK", "0")) == 0:
+        made_dir = not run.dir.exists()
         run.dir.mkdir(parents=True, exist_ok=True)
         had_recipe = recipe_file.exists()
         kept = _write_recipe(run.dir, dump_recipe(resolved.data))
@@ -97,12 +99,18 @@ def train(
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"threads: {threads} ({why}); loader workers: {run.loader.num_workers}", flush=True)
     torch.manual_seed(run.config.seed)  # parameter initialisation is part of the trajectory
-    built = assemble(resolved, run, encoder_cache=make_encoder_cache(run))
-    if int(os.environ.get("RANK", "0")) == 0 and built.system.cached_modules:
-        print(f"encoder cache ({run.config.encoder_cache}): {', '.join(built.system.cached_modules)}", flush=True)
-    from mtrun.eval.run import check_evaluation
+    try:
+        built = assemble(resolved, run, encoder_cache=make_encoder_cache(run))
+        if int(os.environ.get("RANK", "0")) == 0 and built.system.cached_modules:
+            print(f"encoder cache ({run.config.encoder_cache}): {', '.join(built.system.cached_modules)}", flush=True)
+        from mtrun.eval.run import check_evaluation
 
-    check_evaluation(built, recipe=run.recipe_path)  # the evaluation after training: fail before it, not after
+        check_evaluation(built, recipe=run.recipe_path)  # the evaluation after training: fail before it, not after
+    except MtrunError:
+        # Refused while setting up: a folder this call made, holding only the recipe, is no run.
+        if made_dir and sorted(p.name for p in run.dir.iterdir()) == [RECIPE_FILE]:
+            shutil.rmtree(run.dir, ignore_errors=True)
+        raise
     if int(os.environ.get("RANK", "0")) == 0 and built.eval_sets is not None and built.eval_sets.sets:
         print(built.eval_sets.describe_leakage(), flush=True)  # reads the training split's metadata: the trainer reuses it
     try:

@@ -13,13 +13,20 @@ from typing import Any, Mapping, Sequence
 
 from mtrun.errors import MtrunError
 
-__all__ = ["EvalError", "check_evaluation", "check_tasks", "default_out_dir", "evaluate_run", "evaluate_trained"]
+__all__ = ["EvalError", "EvalSetupError", "check_evaluation", "check_tasks", "default_out_dir", "evaluate_run", "evaluate_trained"]
 
 log = logging.getLogger(__name__)
 
 
 class EvalError(MtrunError):
     """Evaluation cannot run as asked (no such split, no samples, no checkpoint to read)."""
+
+
+class EvalSetupError(EvalError):
+    """The recipe asks for an evaluation its data cannot serve, found before training: a
+    problem of the recipe's, so it exits like one (status 2)."""
+
+    exit_code = 2
 
 
 def default_out_dir(run_dir: str | os.PathLike[str], split: str, step: int | None) -> Path:
@@ -126,7 +133,7 @@ def check_evaluation(assembly: Any, *, split: str = "test", recipe: str | None =
             check_tasks(labelled, samples, split, "the data source ([data])")
         _checked_sets(sets)
     except EvalError as exc:
-        raise EvalError(f"{recipe}: {exc}" if recipe else str(exc)) from None
+        raise EvalSetupError(f"{recipe}: {exc}" if recipe else str(exc)) from None
 
 
 def _checked_sets(sets: Sequence[Any]) -> list[Sequence[Any]]:
