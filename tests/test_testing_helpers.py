@@ -215,55 +215,48 @@ class VectorLossObjective(nn.Module):
         return ObjectiveOutput(loss=(outputs.audio_embedding - outputs.text_embedding).pow(2).sum(-1))
 
 
-class InPlaceFeatureAugmenter:
-    """A features augmenter that zeroes bands in its input (which clean_features shares)."""
+class _StubAugmenter:
+    """What every augmenter below shares: a valid Config and nothing to build."""
 
     Config = _GoodConfigMixin.Config
-    stage: ClassVar[str] = "features"
 
     def __init__(self, config):
         pass
+
+
+class InPlaceFeatureAugmenter(_StubAugmenter):
+    """A features augmenter that zeroes bands in its input (which clean_features shares)."""
+
+    stage: ClassVar[str] = "features"
 
     def __call__(self, features, context):
         features[..., :2] = 0.0
         return features
 
 
-class UnsortedKeepAugmenter:
+class UnsortedKeepAugmenter(_StubAugmenter):
     """An audio_tokens augmenter whose keep_index is not ascending."""
 
-    Config = _GoodConfigMixin.Config
     stage: ClassVar[str] = "audio_tokens"
-
-    def __init__(self, config):
-        pass
 
     def __call__(self, batch, context):
         batch.audio_keep_index = torch.tensor([[3, 1], [0, 2]])
         return batch
 
 
-class ShapeChangingAugmenter:
+class ShapeChangingAugmenter(_StubAugmenter):
     """A waveform augmenter that crops, which would break collated batches."""
 
-    Config = _GoodConfigMixin.Config
     stage: ClassVar[str] = "waveform"
-
-    def __init__(self, config):
-        pass
 
     def __call__(self, waveforms, context):
         return waveforms[:, :10]
 
 
-class NarrowingEncodedAugmenter:
+class NarrowingEncodedAugmenter(_StubAugmenter):
     """An encoded augmenter that slices the audio tokens' width."""
 
-    Config = _GoodConfigMixin.Config
     stage: ClassVar[str] = "encoded"
-
-    def __init__(self, config):
-        pass
 
     def __call__(self, batch, context):
         a = batch.audio_encoded
