@@ -171,17 +171,70 @@ def test_lp_musiccaps_file_without_split_name_is_an_error(tmp_path):
 # ------------------------------------------------------------------------------ AudioCaps
 
 
-def test_a_short_row_reads_as_empty_fields_and_a_bad_number_names_its_column(tmp_path):
+def test_a_short_row_is_refused_by_line_and_a_bad_number_names_its_column(tmp_path):
     header = "audiocap_id,youtube_id,start_time,caption\n"
     for name in ("train.csv", "val.csv"):
         (tmp_path / name).write_text(header + "1,abc,20,A dog barks\n")
-    (tmp_path / "test.csv").write_text(header + "2,short\n3,bad,2O,Rain on a roof\n")  # "2O": letter O
+    (tmp_path / "test.csv").write_text(header + "3,bad,2O,Rain on a roof\n")  # "2O": letter O
     source = AudioCaps(AudioCaps.Config(metadata_dir=str(tmp_path), audio_root=AUDIO))
     with pytest.raises(MtrunError, match=r"audiocaps: test.csv: column start_time holds '2O', not a number"):
         source.load("test")
-    (tmp_path / "test.csv").write_text(header + "2,short\n")
-    short = by_id(AudioCaps(AudioCaps.Config(metadata_dir=str(tmp_path), audio_root=AUDIO)).load("test"))["short"]
-    assert short.captions == [] and short.extra["start_time"] is None
+    # A row cut short would read its missing fields as empty: refused, not guessed.
+    (tmp_path / "test.csv").write_text(header + "4,fine,0,Wind\n2,short\n")
+    with pytest.raises(MtrunError, match=r"test\.csv \(set by \[data\]\.metadata_dir \+ files\.test\) has 1 row\(s\) with fewer fields "
+                       r"than its 4 columns, on line\(s\) 3"):
+        AudioCaps(AudioCaps.Config(metadata_dir=str(tmp_path), audio_root=AUDIO)).load("test")
+
+
+def test_a_musiccaps_row_cut_short_does_not_move_a_test_clip_into_training(tmp_path):
+    lines = (FIXTURES / "musiccaps" / "musiccaps-public.csv").read_text().splitlines()
+    eval_row = next(i for i, line in enumerate(lines) if line.rstrip().endswith("True"))
+    lines[eval_row] = ",".join(lines[eval_row].split(",")[:3])  # ytid,start_s,end_s only
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(MtrunError, match=rf"fewer fields than its \d+ columns, on line\(s\) {eval_row + 1}"):
+        MusicCaps(MusicCaps.Config(csv=str(tmp_path / "m.csv"), audio_root=AUDIO)).load("train")
+
+
+def test_an_mtg_jamendo_row_without_its_fixed_columns_or_not_utf8_is_refused(tmp_path):
+    from mtrun_datasets.jamendo import read_autotagging_tsv
+
+    header = "TRACK_ID\tARTIST_ID\tALBUM_ID\tPATH\tDURATION\tTAGS\n"
+    (tmp_path / "a.tsv").write_text(header + "track_0000214\tartist_1\talbum_1\t14/214.mp3\t212.0\tgenre---rock\n\n"
+                                    "track_0000948\tartist_87\talbum_149\t48/948.mp3\n")
+    with pytest.raises(MtrunError, match=r"a\.tsv \(set by \[data\]\.data_dir\) has 1 row\(s\) without the five fixed columns .* on line\(s\) 4"):
+        read_autotagging_tsv(tmp_path / "a.tsv", source="mtg-jamendo", key="data_dir")
+    (tmp_path / "b.tsv").write_bytes((header + "track_1\ta\tb\tc.mp3\t1.0\tgenre---caf\xe9\n").encode("latin-1"))
+    with pytest.raises(MtrunError, match=r"b\.tsv \(set by \[data\]\.data_dir\) is not UTF-8 text"):
+        read_autotagging_tsv(tmp_path / "b.tsv", source="mtg-jamendo", key="data_dir")
+
+
+def test_two_segments_of_one_video_are_two_audiocaps_clips_in_one_group(tmp_path):
+    header = "audiocap_id,youtube_id,start_time,caption\n"
+    for name in ("train.csv", "val.csv"):
+        (tmp_path / name).write_text(header + "1,abcdefghijk,30,Dog barks\n2,abcdefghijk,150,Engine revs\n3,zzzzzzzzzzz,0,Rain\n")
+    (tmp_path / "test.csv").write_text(header + "4,yyyyyyyyyyy,0,Wind\n")
+    source = AudioCaps(AudioCaps.Config(metadata_dir=str(tmp_path), audio_root=AUDIO, audio_pattern="{youtube_id}_{start_time}.wav"))
+    clips = by_id(source.load("train"))
+    assert {k: (v.captions, relative(v), v.group) for k, v in clips.items()} == {
+        "abcdefghijk_30": (["Dog barks"], "abcdefghijk_30.wav", "abcdefghijk"),
+        "abcdefghijk_150": (["Engine revs"], "abcdefghijk_150.wav", "abcdefghijk"),
+        "zzzzzzzzzzz": (["Rain"], "zzzzzzzzzzz_0.wav", "zzzzzzzzzzz"),  # one segment: the video's id
+    }
+
+
+def test_the_leakage_filter_names_one_recording_alike_across_its_published_versions():
+    """LP-MusicCaps-MC rows are MusicCaps clips, LP-MusicCaps-MTT rows MagnaTagATune clips, and
+    AudioCaps and MusicCaps both cut AudioSet videos: each pair must share the track key."""
+    from mtrun.eval.sets import track_key
+
+    lp_mc = LPMusicCaps(LPMusicCaps.Config(files=[str(FIXTURES / "lp-musiccaps" / "mc")], audio_root=AUDIO, audio_pattern="{ytid}.wav"))
+    mc = MusicCaps(MusicCaps.Config(csv=str(FIXTURES / "musiccaps" / "musiccaps-public.csv"), audio_root=AUDIO))
+    mc_keys = {track_key(s, "musiccaps") for split in mc.splits() for s in mc.load(split)}
+    lp_keys = {track_key(s, "lp-musiccaps") for split in lp_mc.splits() for s in lp_mc.load(split)}
+    assert lp_keys and lp_keys <= mc_keys and all(k.startswith("youtube:") for k in lp_keys)
+    lp_mtt = LPMusicCaps(LPMusicCaps.Config(files=[str(FIXTURES / "lp-musiccaps" / "mtt")], audio_root=AUDIO))
+    row = next(s for split in lp_mtt.splits() for s in lp_mtt.load(split))
+    assert track_key(row, "lp-musiccaps") == f"mtt:{row.id}" and row.group != row.id  # grouped by song, as magnatagatune does
 
 
 def test_audiocaps_groups_rows_by_youtube_id_into_five_caption_clips():
@@ -195,7 +248,8 @@ def test_audiocaps_groups_rows_by_youtube_id_into_five_caption_clips():
     ducks = val["vfY_TJq7n_U"]
     assert ducks.captions[3] == "Ducks are quacking, water splashes, and something rustles"
     assert ducks.group == "vfY_TJq7n_U"
-    assert ducks.extra == {"start_time": 130.0, "audiocap_ids": ["97151", "97152", "97153", "97154", "97155"]}
+    assert ducks.extra == {"start_time": 130.0, "audiocap_ids": ["97151", "97152", "97153", "97154", "97155"],
+                           "track_key": "youtube:vfY_TJq7n_U"}
     assert relative(ducks) == "val/vfY_TJq7n_U.wav"
     assert [len(s.captions) for s in source.load("train")] == [1, 1, 1]
     (engine,) = source.load("test")

@@ -63,21 +63,27 @@ class AudioCaps(SplitSource):
                 key=f"metadata_dir + files.{split}",
                 required=_COLUMNS,
             )
-            clips: dict[str, Sample] = {}
+            # One clip per (video, start): a video's other segment is other audio with other captions.
+            starts: dict[str, set[str]] = {}
             for row in rows:
-                youtube_id = row["youtube_id"].strip()
+                starts.setdefault(row["youtube_id"].strip(), set()).add(row["start_time"].strip())
+            clips: dict[tuple[str, str], Sample] = {}
+            for row in rows:
+                youtube_id, start = row["youtube_id"].strip(), row["start_time"].strip()
                 if not youtube_id:
                     continue
-                sample = clips.get(youtube_id)
+                sample = clips.get((youtube_id, start))
                 if sample is None:
                     fields = {**row, "split": split, "subset": Path(name).stem}
-                    sample = clips[youtube_id] = Sample(
-                        id=youtube_id,
+                    sample = clips[youtube_id, start] = Sample(
+                        # the video's id, unless the split holds several of its segments
+                        id=youtube_id if len(starts[youtube_id]) == 1 else f"{youtube_id}_{start}",
                         audio=audio_location(cfg.audio_root, cfg.audio_pattern, fields, source="audiocaps"),
-                        group=youtube_id,
+                        group=youtube_id,  # segments of one video are never each other's negatives
                         extra={
                             "start_time": parse_number(row["start_time"], source="audiocaps", where=name, column="start_time"),
                             "audiocap_ids": [],
+                            "track_key": f"youtube:{youtube_id}",  # as MusicCaps names an AudioSet video
                         },
                     )
                 caption = (row.get("caption") or "").strip()

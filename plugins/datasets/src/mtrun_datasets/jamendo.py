@@ -56,16 +56,22 @@ def read_autotagging_tsv(path: str | Path, *, source: str, key: str) -> list[dic
     Also used by Song Describer, whose ``song_describer.mtg-jamendo.tsv`` has this layout.
     """
     file = require_file(path, source=source, key=key)
-    lines = file.read_text(encoding="utf-8-sig").splitlines()
+    try:
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise MtrunError(f"{source}: {file} (set by [data].{key}) is not UTF-8 text: {exc}") from None
     if not lines or tuple(lines[0].split("\t")[:5]) != _HEADER:
         raise MtrunError(
             f"{source}: {file} (set by [data].{key}) is not an MTG-Jamendo auto-tagging TSV; "
             f"expected a header starting with {' '.join(_HEADER)}"
         )
-    rows = []
-    for line in lines[1:]:
+    rows, short = [], []
+    for number, line in enumerate(lines[1:], 2):
         fields = line.rstrip("\r\n").split("\t")
+        if not line.strip():
+            continue
         if len(fields) < 5 or not fields[0].strip():
+            short.append(number)  # a track without its path or duration: a damaged file, not one to skip
             continue
         row = dict(zip(_HEADER, (f.strip() for f in fields[:5])))
         tags: dict[str, list[str]] = {}
@@ -78,6 +84,12 @@ def read_autotagging_tsv(path: str | Path, *, source: str, key: str) -> list[dic
             tags.setdefault(category, []).append(tag if sep else raw)
         row["tags"] = tags
         rows.append(row)
+    if short:
+        raise MtrunError(
+            f"{source}: {file} (set by [data].{key}) has {len(short)} row(s) without the five fixed columns "
+            f"({' '.join(_HEADER)}), on line(s) {', '.join(map(str, short[:5]))}{' ...' if len(short) > 5 else ''}; "
+            "restore the file from the dataset's repository"
+        )
     return rows
 
 

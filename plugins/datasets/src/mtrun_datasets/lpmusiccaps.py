@@ -161,14 +161,34 @@ class LPMusicCaps(SplitSource):
         else:
             tags = {}
         fields = {k: ("" if v is None else v) for k, v in row.items()}
+        group, track = _recording(row, item_id)
+        extra = {f: _plain(row[f]) for f in _EXTRA_FIELDS if f in row}
+        if track:
+            extra["track_key"] = track
         return Sample(
             id=item_id,
             audio=audio_location(cfg.audio_root, cfg.audio_pattern, fields, source="lp-musiccaps"),
             captions=captions,
             tags=tags,
-            group=item_id,
-            extra={f: _plain(row[f]) for f in _EXTRA_FIELDS if f in row},
+            group=group,
+            extra=extra,
         )
+
+
+def _recording(row: dict[str, Any], item_id: str) -> tuple[str, str | None]:
+    """The item's group and the recording's name across sources (the leakage filter's
+    ``track_key``): LP-MusicCaps-MC rows are MusicCaps clips (``youtube:ytid``, as the
+    ``musiccaps`` source names them), LP-MusicCaps-MTT rows MagnaTagATune clips (``mtt:clip_id``,
+    grouped by song, as ``magnatagatune`` does). Other rows (LP-MusicCaps-MSD) keep their id."""
+    from mtrun_datasets.magnatagatune import mtt_song, mtt_track_key
+
+    ytid = str(row.get("ytid") or "").strip()
+    if ytid:
+        return item_id, f"youtube:{ytid}"
+    path = str(row.get("path") or "")
+    if path.endswith(".mp3") and str(row.get("track_id") or "").strip().isdigit():
+        return mtt_song(path), mtt_track_key(row["track_id"])
+    return item_id, None
 
 
 def _split_named(name: str) -> str | None:

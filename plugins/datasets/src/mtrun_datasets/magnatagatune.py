@@ -41,6 +41,18 @@ TAG_CATEGORIES: dict[str, str] = {
 _SONG = re.compile(r"-\d+-\d+\.mp3$")
 
 
+def mtt_song(mp3_path: str) -> str:
+    """The song a MagnaTagATune clip was cut from (its file name without ``-START-END.mp3``):
+    clips of one song share it, so they are never each other's negatives."""
+    return _SONG.sub("", str(mp3_path).rsplit("/", 1)[-1])
+
+
+def mtt_track_key(clip_id: str) -> str:
+    """The leakage filter's name of a MagnaTagATune clip (LP-MusicCaps-MTT's ``track_id`` is
+    the same clip id)."""
+    return f"mtt:{str(clip_id).strip()}"
+
+
 def categorise_mtt_tags(tags: list[str]) -> dict[str, list[str]]:
     """Group MagnaTagATune tags by :data:`TAG_CATEGORIES`, keeping their order."""
     out: dict[str, list[str]] = {}
@@ -115,14 +127,13 @@ class MagnaTagATune(SplitSource):
             tags = [c for c in kept_in_order if (row.get(c) or "").strip() == "1"]
             if split is None or (cfg.drop_untagged and not tags):
                 continue
-            song = _SONG.sub("", mp3_path.rsplit("/", 1)[-1])
             out[split].append(
                 Sample(
                     id=row["clip_id"].strip(),
                     audio=audio_location(cfg.audio_root, cfg.audio_pattern, row, source="magnatagatune"),
                     tags=categorise_mtt_tags(tags),
-                    group=song,
-                    extra={"mp3_path": mp3_path},
+                    group=mtt_song(mp3_path),
+                    extra={"mp3_path": mp3_path, "track_key": mtt_track_key(row["clip_id"])},
                 )
             )
         return {split: items for split, items in out.items() if items}

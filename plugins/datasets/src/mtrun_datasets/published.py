@@ -62,10 +62,11 @@ def read_delimited(
     would otherwise become part of the first column's name.
 
     Raises:
-        MtrunError: The file is missing, not UTF-8 CSV/TSV, has a row with more fields than
-            the header, or lacks one of the ``required`` columns (the message lists the
-            columns it has, which is usually enough to spot a wrong file). A row with fewer
-            fields reads the missing ones as empty strings.
+        MtrunError: The file is missing, not UTF-8 CSV/TSV, has a row with more or fewer
+            fields than the header (a published file's row cut short would read its missing
+            fields, such as MusicCaps' ``is_audioset_eval``, as empty: silently another split),
+            or lacks one of the ``required`` columns (the message lists the columns it has,
+            which is usually enough to spot a wrong file).
     """
     from mtrun import read_table
 
@@ -73,13 +74,21 @@ def read_delimited(
     if delimiter not in (",", "\t"):
         raise ValueError(f"delimiter must be ',' or a tab (got {delimiter!r})")
     try:
-        with file.open(newline="", encoding="utf-8-sig") as handle:
-            columns = [c.strip() for c in next(csv.reader(handle, delimiter=delimiter), [])]
         rows = read_table(file, format="csv" if delimiter == "," else "tsv")
+        with file.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            columns = [c.strip() for c in next(reader, [])]
+            short = [reader.line_num for fields in reader if 0 < len(fields) < len(columns) and any(f.strip() for f in fields)]
     except UnicodeDecodeError as exc:
         raise MtrunError(f"{source}: {file} (set by [data].{key}) is not UTF-8 text: {exc}") from None
     except MtrunError as exc:
         raise MtrunError(f"{source}: {exc} (set by [data].{key})") from None
+    if short:
+        raise MtrunError(
+            f"{source}: {file} (set by [data].{key}) has {len(short)} row(s) with fewer fields than its "
+            f"{len(columns)} columns, on line(s) {', '.join(map(str, short[:5]))}{' ...' if len(short) > 5 else ''}: "
+            "a row cut short (a damaged download?); restore the file"
+        )
     missing = [c for c in required if c not in columns]
     if missing:
         raise MtrunError(
