@@ -186,6 +186,12 @@ def test_a_short_row_is_refused_by_line_and_a_bad_number_names_its_column(tmp_pa
         AudioCaps(AudioCaps.Config(metadata_dir=str(tmp_path), audio_root=AUDIO)).load("test")
 
 
+def test_a_table_with_only_its_header_is_named_with_its_key(tmp_path):
+    (tmp_path / "m.csv").write_text((FIXTURES / "musiccaps" / "musiccaps-public.csv").read_text().splitlines()[0] + "\n")
+    with pytest.raises(MtrunError, match=r"musiccaps: .*m\.csv \(set by \[data\]\.csv\) has no rows below its header"):
+        MusicCaps(MusicCaps.Config(csv=str(tmp_path / "m.csv"), audio_root=AUDIO)).load("train")
+
+
 def test_a_musiccaps_row_cut_short_does_not_move_a_test_clip_into_training(tmp_path):
     lines = (FIXTURES / "musiccaps" / "musiccaps-public.csv").read_text().splitlines()
     eval_row = next(i for i, line in enumerate(lines) if line.rstrip().endswith("True"))

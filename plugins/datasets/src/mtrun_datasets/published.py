@@ -83,6 +83,8 @@ def read_delimited(
         raise MtrunError(f"{source}: {file} (set by [data].{key}) is not UTF-8 text: {exc}") from None
     except MtrunError as exc:
         raise MtrunError(f"{source}: {exc} (set by [data].{key})") from None
+    if not rows:
+        raise MtrunError(f"{source}: {file} (set by [data].{key}) has no rows below its header; is it the whole file?")
     if short:
         raise MtrunError(
             f"{source}: {file} (set by [data].{key}) has {len(short)} row(s) with fewer fields than its "
