@@ -322,7 +322,8 @@ def test_load_names_the_path_for_anything_that_is_not_a_model(tmp_path):
         mtrun.load(tmp_path / "empty")
     (tmp_path / "music").mkdir()
     (tmp_path / "music" / "a.wav").write_bytes(b"")
-    assert main(["embed", str(tmp_path / "nope"), str(tmp_path / "music"), "-o", str(tmp_path / "x.parquet")]) == 1
+    assert main(["embed", str(tmp_path / "nope"), str(tmp_path / "music"), "-o", str(tmp_path / "index" / "x.parquet")]) == 1
+    assert not (tmp_path / "index").exists()  # no folder made for a model that did not load
 
 
 @pytest.mark.parametrize(

@@ -283,11 +283,11 @@ def export_model(
         raise ExportError(f"mtrun export: {source} is already an exported model; copy the folder instead")
     if out.exists() and not force:
         raise ExportError(f"mtrun export: {out} exists; choose another folder or pass --force to replace it")
-    try:  # models/flap-tiny: make models/, as mkdir -p would
+    model = load(located.path, device="cpu", registry=registry)
+    try:  # models/flap-tiny: make models/, as mkdir -p would (once the model loaded: no empty folder)
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"mtrun export: cannot make the folder of {out} ({exc.strerror or exc})") from None
-    model = load(located.path, device="cpu", registry=registry)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

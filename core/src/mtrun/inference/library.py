@@ -319,15 +319,15 @@ def embed_library(
     out = Path(out).expanduser()
     store.layout(out)  # a wrong extension fails before any work
     entries = collect_inputs(inputs, split=split, audio_root=audio_root)
-    try:  # indexes/library.parquet: make indexes/, as mkdir -p would
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EmbedError(f"mtrun embed: cannot make the folder of {out} ({exc.strerror or exc})") from None
     if not hasattr(model, "embed_audio"):
         model = load(
             model, device=device, batch_size=batch_size or DEFAULT_BATCH_SIZE, clip_seconds=clip_seconds,
             hop_seconds=hop_seconds, registry=registry,
         )
+    try:  # indexes/library.parquet: make indexes/, as mkdir -p would (once the model loaded: no empty folder)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EmbedError(f"mtrun embed: cannot make the folder of {out} ({exc.strerror or exc})") from None
     settings = {**model.info(), "windows": bool(windows)}
     dim = model.dim
     work = _work_dir(out)

@@ -82,7 +82,6 @@ __all__ = [
     "TrainState",
     "cpu_bf16_hardware",
     "cpu_has_fast_bf16",
-    "pick_device",  # re-exported from mtrun.devices
     "precision_for_ratio",
     "resolve_precision",
     "settle_precision",
