@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import attrs
 
 from mtrun import MtrunError, Sample, SplitSource, canonical_split
-from mtrun_datasets.magnatagatune import categorise_mtt_tags
+from mtrun_datasets.magnatagatune import categorise_mtt_tags, mtt_song, mtt_track_key
 from mtrun_datasets.published import audio_location, hold_out, parse_bool, parse_list, read_records
 
 __all__ = ["LPMusicCaps"]
@@ -180,8 +180,6 @@ def _recording(row: dict[str, Any], item_id: str) -> tuple[str, str | None]:
     ``track_key``): LP-MusicCaps-MC rows are MusicCaps clips (``youtube:ytid``, as the
     ``musiccaps`` source names them), LP-MusicCaps-MTT rows MagnaTagATune clips (``mtt:clip_id``,
     grouped by song, as ``magnatagatune`` does). Other rows (LP-MusicCaps-MSD) keep their id."""
-    from mtrun_datasets.magnatagatune import mtt_song, mtt_track_key
-
     ytid = str(row.get("ytid") or "").strip()
     if ytid:
         return item_id, f"youtube:{ytid}"
